@@ -1,0 +1,3 @@
+"""qllm-pipeline: resumable QLLM quantization of LLaMA-family models."""
+
+__version__ = "0.1.0"

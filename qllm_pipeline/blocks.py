@@ -1,0 +1,100 @@
+"""Decoder-block plumbing for LLaMA-family models: calling one block on its own, and swapping its linears.
+
+Only one block needs to live on the compute device: callers move a block there, run it over the cached
+hidden states in mini-batches, and move it back.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .qlinear import QuantLinear
+from .quantizer import QuantSpec
+
+# The seven projections of a LLaMA decoder block, as (submodule, linear) attribute paths.
+LINEAR_NAMES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+def get_submodule(block: nn.Module, path: str) -> nn.Module:
+    return block.get_submodule(path)
+
+
+def set_submodule(block: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(block.get_submodule(parent_path) if parent_path else block, name, module)
+
+
+def quantize_block_linears(block: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec) -> dict[str, QuantLinear]:
+    """Replace the seven projections of `block` by QuantLinear (in place); return them by name."""
+    out = {}
+    for name in LINEAR_NAMES:
+        linear = get_submodule(block, name)
+        if isinstance(linear, QuantLinear):
+            out[name] = linear
+            continue
+        qlinear = QuantLinear(linear, weight_spec, act_spec)
+        set_submodule(block, name, qlinear)
+        out[name] = qlinear
+    return out
+
+
+def quant_linears(block: nn.Module) -> dict[str, QuantLinear]:
+    return {name: get_submodule(block, name) for name in LINEAR_NAMES if isinstance(get_submodule(block, name), QuantLinear)}
+
+
+class BlockRunner:
+    """Runs a single decoder block on [batch, seq, hidden] inputs with the model's rotary embeddings.
+
+    Attention is causal through SDPA's `is_causal` (no explicit mask), which the model is loaded with.
+    """
+
+    def __init__(self, model: nn.Module, seq_len: int, device: torch.device | str, dtype: torch.dtype = torch.float32):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        hidden = model.config.hidden_size
+        self.position_ids = torch.arange(seq_len, device=self.device).unsqueeze(0)
+        rotary = model.model.rotary_emb.to(self.device)
+        with torch.no_grad():
+            probe = torch.zeros(1, seq_len, hidden, device=self.device, dtype=dtype)
+            cos, sin = rotary(probe, position_ids=self.position_ids)
+        self.cos, self.sin = cos, sin
+        if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "flash_attention_2"):
+            raise ValueError("BlockRunner needs the model loaded with attn_implementation='sdpa' (causal without a mask)")
+
+    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        length = hidden.shape[1]
+        out = block(
+            hidden,
+            attention_mask=None,
+            position_ids=self.position_ids[:, :length],
+            position_embeddings=(self.cos[:, :length], self.sin[:, :length]),
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    def run_batched(self, block: nn.Module, hidden: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Run `block` (already on self.device) over CPU-resident `hidden` in mini-batches; result on CPU."""
+        outs = []
+        with torch.no_grad():
+            for start in range(0, hidden.shape[0], batch_size):
+                chunk = hidden[start : start + batch_size].to(self.device, self.dtype)
+                outs.append(self(block, chunk).to("cpu", hidden.dtype))
+        return torch.cat(outs)
+
+
+def iter_batches(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))

@@ -1,0 +1,129 @@
+"""Text corpora for calibration and perplexity, and the windows cut from them.
+
+- `wiki_sample` (offline default): the 106 English Wikipedia articles (206 pages minus redirects) that the PyPI package
+  `gensim` ships as a test fixture (`gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2`).
+  Markup is stripped with gensim's own `filter_wiki`. Every fifth article goes to the evaluation split, the rest to
+  calibration, so calibration and evaluation windows never share text.
+- `wikitext2`, `c4`: the standard hub datasets through `datasets` (need hub access), with the usual GPTQ/QLLM protocol.
+"""
+from __future__ import annotations
+
+import bz2
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+WIKI_FIXTURE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+EVAL_EVERY = 5  # every fifth article of the offline corpus is held out for evaluation
+
+
+@dataclass
+class Corpus:
+    name: str
+    calib_text: str
+    eval_text: str
+    source: str
+
+
+def _wiki_sample() -> Corpus:
+    try:
+        import gensim
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    except ImportError as exc:  # pragma: no cover - gensim is a declared dependency
+        raise PipelineError("data=wiki_sample needs the PyPI package gensim (it ships the text): pip install gensim") from exc
+    path = Path(gensim.__file__).parent / "test" / "test_data" / WIKI_FIXTURE
+    if not path.exists():
+        raise PipelineError(f"gensim does not ship {WIKI_FIXTURE} any more; reinstall with pip install 'gensim>=4.3,<5'")
+    articles = []
+    with bz2.open(path) as fh:
+        for _title, markup, _pageid in extract_pages(fh):
+            text = filter_wiki(markup)
+            if text.lstrip().upper().startswith("#REDIRECT"):
+                continue
+            text = re.sub(r"'{2,}", "", text)  # bold/italic quotes that filter_wiki keeps
+            text = re.sub(r"\n\s*\n+", "\n\n", text).strip()
+            if text:
+                articles.append(text)
+    calib = [a for i, a in enumerate(articles) if i % EVAL_EVERY != EVAL_EVERY - 1]
+    evals = [a for i, a in enumerate(articles) if i % EVAL_EVERY == EVAL_EVERY - 1]
+    return Corpus("wiki_sample", "\n\n".join(calib), "\n\n".join(evals), f"gensim test fixture {WIKI_FIXTURE}")
+
+
+def _hub(name: str, loader):
+    try:
+        return loader()
+    except Exception as exc:  # datasets raises many types when offline
+        raise PipelineError(
+            f"could not load the {name} dataset from the hub ({type(exc).__name__}); "
+            "without hub access use data=wiki_sample / eval.datasets=[wiki_sample]"
+        ) from exc
+
+
+def _wikitext2() -> Corpus:
+    from datasets import load_dataset
+
+    train = _hub("wikitext2", lambda: load_dataset("wikitext", "wikitext-2-raw-v1", split="train"))
+    test = _hub("wikitext2", lambda: load_dataset("wikitext", "wikitext-2-raw-v1", split="test"))
+    return Corpus("wikitext2", "\n\n".join(train["text"]), "\n\n".join(test["text"]), "hub: wikitext/wikitext-2-raw-v1")
+
+
+def _c4() -> Corpus:
+    from datasets import load_dataset
+
+    train = _hub(
+        "c4",
+        lambda: load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train"),
+    )
+    val = _hub(
+        "c4",
+        lambda: load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation"),
+    )
+    # GPTQ/QLLM protocol: the first 1100 validation documents joined by spaces.
+    return Corpus("c4", "\n\n".join(train["text"][:20000]), " ".join(val["text"][:1100]), "hub: allenai/c4 en shards")
+
+
+CORPORA = {"wiki_sample": _wiki_sample, "wikitext2": _wikitext2, "c4": _c4}
+
+
+def load_corpus(name: str) -> Corpus:
+    if name not in CORPORA:
+        raise PipelineError(f"unknown corpus '{name}'; choose one of {sorted(CORPORA)}")
+    return CORPORA[name]()
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(tokens: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`n_samples` windows of `seq_len` tokens at seeded random starts (the GPTQ/QLLM calibration protocol)."""
+    if n_samples <= 0 or seq_len <= 1:
+        raise PipelineError(f"calibrate.n_samples={n_samples} and calibrate.seq_len={seq_len} must be positive (seq_len >= 2)")
+    if tokens.numel() <= seq_len:
+        raise PipelineError(
+            f"the calibration text has {tokens.numel()} tokens, too few for calibrate.seq_len={seq_len}; "
+            "use a longer corpus or a smaller seq_len"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seq_len, (n_samples,), generator=gen)
+    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+
+
+def evaluation_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of `seq_len` over the concatenated test text (the standard perplexity protocol)."""
+    n = tokens.numel() // seq_len
+    if n == 0:
+        raise PipelineError(
+            f"the evaluation text has {tokens.numel()} tokens, fewer than eval.seq_len={seq_len}; use a longer corpus or a smaller seq_len"
+        )
+    if max_windows:
+        n = min(n, int(max_windows))
+    return tokens[: n * seq_len].view(n, seq_len)

@@ -1,0 +1,56 @@
+"""Fused (final) quantized blocks: what the fuse stage stores per block and how a block is rebuilt from it.
+
+A fused block stores, for each of the seven projections, the weight already reassembled, merged with its
+low-rank correction and quantized (so rebuilding needs no training state), plus the norm weights (they may have
+been trained) and the reassembly maps applied to the activations.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .blocks import LINEAR_NAMES, get_submodule, quant_linears, quantize_block_linears
+from .quantizer import QuantSpec
+
+NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
+
+
+def fused_block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors of a block whose QuantLinears were fused (weight_is_quantized)."""
+    tensors = {}
+    for name, ql in quant_linears(block).items():
+        if not ql.weight_is_quantized:
+            raise ValueError(f"{name} is not fused; call fuse() first")
+        tensors[f"{name}.weight"] = ql.weight.detach()
+        if ql.bias is not None:
+            tensors[f"{name}.bias"] = ql.bias.detach()
+        if ql.reassembly is not None:
+            tensors.update({f"{name}.reassembly.{k}": v for k, v in ql.reassembly.to_tensors().items()})
+    for norm in NORM_NAMES:
+        tensors[f"{norm}.weight"] = get_submodule(block, norm).weight.detach()
+    return tensors
+
+
+def build_fused_block(fp_block: nn.Module, tensors: dict[str, torch.Tensor], act_spec: QuantSpec, weight_spec: QuantSpec) -> nn.Module:
+    """A copy of `fp_block` whose projections quantize activations per token and use the stored quantized weights."""
+    block = copy.deepcopy(fp_block)
+    qlinears = quantize_block_linears(block, weight_spec, act_spec)
+    for name in LINEAR_NAMES:
+        ql = qlinears[name]
+        prefix = f"{name}.reassembly."
+        parts = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if parts:
+            from .reassembly import ChannelReassembly
+
+            ql.set_reassembly(ChannelReassembly.from_tensors(parts))
+        ql.weight = nn.Parameter(tensors[f"{name}.weight"].to(ql.weight.dtype).clone(), requires_grad=False)
+        if f"{name}.bias" in tensors:
+            ql.bias = nn.Parameter(tensors[f"{name}.bias"].clone(), requires_grad=False)
+        ql.weight_is_quantized = True
+    with torch.no_grad():
+        for norm in NORM_NAMES:
+            get_submodule(block, norm).weight.copy_(tensors[f"{norm}.weight"])
+    block.requires_grad_(False)
+    return block

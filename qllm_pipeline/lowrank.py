@@ -1,0 +1,434 @@
+"""Low-rank error correction (LRC, QLLM §3.3): per decoder block, a LoRA-style correction trained to undo quantization error.
+
+Every QuantLinear of a block gets A (r×in, Kaiming-uniform) and B (out×r, zeros), so at initialisation the block
+computes exactly what it did before. With the base weights frozen, A and B (and optionally the two RMSNorm weights)
+are trained with AdamW and a linear learning-rate decay so that the quantized block's output matches the
+full-precision block's output (MSE). The quantizer sees W + B·A (straight-through estimator), so merging the
+correction into the weight afterwards, W' = Q(W + B·A), reproduces the trained block exactly (`fuse_block`).
+
+Inputs and targets stay wherever the caller keeps them (CPU for large models) and are moved to the device one
+mini-batch at a time; only the block, its trainable parameters, the optimizer state and one batch's activations
+need to be on the device at once (see `memory_plan`).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .blocks import LINEAR_NAMES, get_submodule, quant_linears
+from .fused import NORM_NAMES
+
+AUTOCAST_CHOICES = ("auto", "none", "bf16", "fp16")
+_NORMS_TRAINED_ATTR = "_lrc_norms_trained"
+
+
+@dataclass
+class LowRankConfig:
+    rank: int = 4
+    lr: float = 5e-4
+    epochs: int = 10
+    batch_size: int = 1
+    weight_decay: float = 0.0
+    train_norms: bool = True
+    autocast: str = "auto"  # "auto": bf16 autocast on CUDA if supported, none on CPU; "none" | "bf16" | "fp16"
+    seed: int = 0
+
+    def __post_init__(self):
+        if int(self.rank) < 1:
+            raise ValueError(f"train_lowrank.rank={self.rank} must be a positive integer")
+        if int(self.epochs) < 0:
+            raise ValueError(f"train_lowrank.epochs={self.epochs} must be >= 0")
+        if int(self.batch_size) < 1:
+            raise ValueError(f"train_lowrank.batch_size={self.batch_size} must be a positive integer")
+        if not float(self.lr) > 0:
+            raise ValueError(f"train_lowrank.lr={self.lr} must be positive")
+        if self.autocast not in AUTOCAST_CHOICES:
+            raise ValueError(f"train_lowrank.autocast={self.autocast!r} is not one of {AUTOCAST_CHOICES}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attaching, listing, saving and loading the correction
+
+
+def _require_quant_linears(block: nn.Module) -> dict:
+    qlinears = quant_linears(block)
+    if not qlinears:
+        raise ValueError("the block has no QuantLinear projections; call quantize_block_linears (or make_quant_block) first")
+    return qlinears
+
+
+def attach_lora(block: nn.Module, rank: int, seed: int) -> None:
+    """Attach a fresh rank-`rank` correction (B = 0) to every QuantLinear of `block`, in LINEAR_NAMES order.
+
+    A is drawn from one CPU generator seeded with `seed`, so the result does not depend on the device.
+    An existing correction is replaced.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    for ql in _require_quant_linears(block).values():
+        ql.add_lora(int(rank), generator)
+        ql.lora_A.requires_grad_(False)
+        ql.lora_B.requires_grad_(False)
+
+
+def _norm_modules(block: nn.Module) -> dict[str, nn.Module]:
+    return {name: get_submodule(block, name) for name in NORM_NAMES}
+
+
+def trainable_parameters(block: nn.Module, train_norms: bool) -> list[nn.Parameter]:
+    """A and B of every QuantLinear (LINEAR_NAMES order, A before B), then the norm weights if `train_norms`.
+
+    Does not change `requires_grad`; `train_block` does that for the duration of training.
+    """
+    params: list[nn.Parameter] = []
+    for name, ql in _require_quant_linears(block).items():
+        if ql.lora_A is None or ql.lora_B is None:
+            raise ValueError(f"{name} has no low-rank correction attached; call attach_lora first")
+        params += [ql.lora_A, ql.lora_B]
+    if train_norms:
+        params += [norm.weight for norm in _norm_modules(block).values()]
+    return params
+
+
+def lora_state(block: nn.Module, include_norms: bool | None = None) -> dict[str, torch.Tensor]:
+    """The trained correction as CPU contiguous tensors: `<linear>.lora_A`, `<linear>.lora_B` and, when the norms were
+    trained (or `include_norms=True`), `<norm>.weight`. Tensors keep the block's dtype."""
+    state: dict[str, torch.Tensor] = {}
+    for name, ql in _require_quant_linears(block).items():
+        if ql.lora_A is None or ql.lora_B is None:
+            raise ValueError(f"{name} has no low-rank correction attached; nothing to save")
+        state[f"{name}.lora_A"] = ql.lora_A.detach().to("cpu", copy=True).contiguous()
+        state[f"{name}.lora_B"] = ql.lora_B.detach().to("cpu", copy=True).contiguous()
+    if include_norms is None:
+        include_norms = bool(getattr(block, _NORMS_TRAINED_ATTR, False))
+    if include_norms:
+        for name, norm in _norm_modules(block).items():
+            state[f"{name}.weight"] = norm.weight.detach().to("cpu", copy=True).contiguous()
+    return state
+
+
+def load_lora_state(block: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of `lora_state`: attach a correction of the stored rank where needed and copy the tensors in.
+
+    Every QuantLinear of the block must have both its A and B in `state`; norm weights are optional. Values are
+    copied into the block's parameters (their dtype and device), which is exact when the dtypes match.
+    """
+    qlinears = _require_quant_linears(block)
+    norms = _norm_modules(block)
+    known = {f"{n}.lora_{p}" for n in qlinears for p in "AB"} | {f"{n}.weight" for n in norms}
+    unknown = sorted(set(state) - known)
+    if unknown:
+        raise ValueError(f"unexpected keys in the low-rank state: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    with torch.no_grad():
+        for name, ql in qlinears.items():
+            key_a, key_b = f"{name}.lora_A", f"{name}.lora_B"
+            if key_a not in state or key_b not in state:
+                raise ValueError(f"the low-rank state has no {key_a} / {key_b}; it was saved for a different block layout")
+            a, b = state[key_a], state[key_b]
+            rank = a.shape[0]
+            expected_a = (rank, ql.effective_in_features)
+            expected_b = (ql.out_features, rank)
+            if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
+                raise ValueError(
+                    f"{name}: stored A {tuple(a.shape)} / B {tuple(b.shape)} do not fit this layer "
+                    f"(expected {expected_a} / {expected_b}); was the block reassembled the same way?"
+                )
+            if ql.lora_A is None or ql.lora_A.shape != a.shape:
+                ql.add_lora(rank)
+            ql.lora_A.copy_(a)
+            ql.lora_B.copy_(b)
+            ql.lora_A.requires_grad_(False)
+            ql.lora_B.requires_grad_(False)
+            ql._qweight_cache = None
+        loaded_norms = False
+        for name, norm in norms.items():
+            key = f"{name}.weight"
+            if key in state:
+                if tuple(state[key].shape) != tuple(norm.weight.shape):
+                    raise ValueError(f"{key}: stored shape {tuple(state[key].shape)} != {tuple(norm.weight.shape)}")
+                norm.weight.copy_(state[key])
+                loaded_norms = True
+    if loaded_norms:
+        setattr(block, _NORMS_TRAINED_ATTR, True)
+
+
+def fuse_block(block: nn.Module) -> None:
+    """Merge and quantize: every QuantLinear's weight becomes Q(W + B·A) and its LoRA parameters are dropped."""
+    for ql in _require_quant_linears(block).values():
+        ql.fuse()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def resolve_autocast(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `mode` on `device` (None: no autocast)."""
+    if mode not in AUTOCAST_CHOICES:
+        raise ValueError(f"autocast={mode!r} is not one of {AUTOCAST_CHOICES}")
+    if mode == "none":
+        return None
+    if mode == "auto":
+        if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def _autocast_ctx(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _batch(tensor: torch.Tensor, index, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor[index].to(device=device, dtype=dtype, non_blocking=True)
+
+
+def _output_tensor(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def block_mse(block, run_block, inputs, targets, device, batch_size: int, compute_dtype: torch.dtype | None = None) -> float:
+    """Mean squared error of `run_block(block, x)` against `targets` over all samples (no grad, no autocast)."""
+    device = torch.device(device)
+    total = 0.0
+    count = 0
+    for start in range(0, inputs.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        out = _output_tensor(run_block(block, _batch(inputs, sl, device, compute_dtype)))
+        y = _batch(targets, sl, device, None)
+        total += (out.float() - y.float()).pow(2).sum(dtype=torch.float64).item()
+        count += out.numel()
+    return total / max(count, 1)
+
+
+def train_block(
+    block: nn.Module,
+    run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    cfg: LowRankConfig,
+    device,
+    progress: bool = True,
+    desc: str = "lrc",
+) -> dict:
+    """Train the low-rank correction (and optionally the norms) of `block`, already on `device`, in place.
+
+    inputs / targets: [N, L, H] (any float dtype, typically on CPU): the quantized block's inputs and the
+    full-precision block's outputs. A correction is attached (seeded with cfg.seed) where none is.
+    Trainable parameters are kept in fp32 while training (master copies) and cast back to their dtype at the end.
+    Loss: MSE between the block output and the target, computed in fp32. Optimiser: AdamW over all trainable
+    parameters; learning rate decays linearly from cfg.lr to 0 over all steps (no warm-up). Samples are shuffled each
+    epoch with a torch.Generator seeded with cfg.seed; the last batch of an epoch may be smaller.
+    Returns loss_before / loss_after (MSE over all samples, eval mode, no grad, no autocast: the block as it will be
+    used) and epoch_losses (mean training loss of each epoch, as seen by the optimiser, under autocast).
+    """
+    device = torch.device(device)
+    if inputs.shape != targets.shape:
+        raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must have the same shape")
+    n = inputs.shape[0]
+    if n == 0:
+        raise ValueError("train_block needs at least one sample")
+    qlinears = _require_quant_linears(block)
+    if any(ql.lora_A is None for ql in qlinears.values()):
+        attach_lora(block, cfg.rank, cfg.seed)
+    compute_dtype = next(iter(qlinears.values())).weight.dtype
+    amp_dtype = resolve_autocast(cfg.autocast, device)
+    batch_size = min(int(cfg.batch_size), n)
+    was_training = block.training
+
+    block.requires_grad_(False)
+    block.eval()
+    loss_before = block_mse(block, run_block, inputs, targets, device, batch_size, compute_dtype)
+
+    params = trainable_parameters(block, cfg.train_norms)
+    orig_dtypes = [p.dtype for p in params]
+    epoch_losses: list[float] = []
+    steps_per_epoch = math.ceil(n / batch_size)
+    total_steps = steps_per_epoch * int(cfg.epochs)
+    try:
+        for p in params:  # fp32 master copies (the frozen base weights keep their dtype)
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+            p.requires_grad_(True)
+        if total_steps > 0:
+            optimizer = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
+            scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=total_steps)
+            scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+            generator = torch.Generator().manual_seed(int(cfg.seed))
+            block.train()
+            bar = tqdm(range(int(cfg.epochs)), desc=desc, leave=False, disable=not progress)
+            for _epoch in bar:
+                order = torch.randperm(n, generator=generator)
+                loss_sum = 0.0
+                for start in range(0, n, batch_size):
+                    idx = order[start : start + batch_size]
+                    x = _batch(inputs, idx, device, compute_dtype)
+                    y = _batch(targets, idx, device, None)
+                    optimizer.zero_grad(set_to_none=True)
+                    with _autocast_ctx(device, amp_dtype):
+                        out = _output_tensor(run_block(block, x))
+                    loss = nn.functional.mse_loss(out.float(), y.float())
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise FloatingPointError(
+                            f"{desc}: low-rank training loss became {value}; lower train_lowrank.lr or use autocast=none"
+                        )
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    loss_sum += value * len(idx)
+                epoch_losses.append(loss_sum / n)
+                bar.set_postfix(loss=f"{epoch_losses[-1]:.4g}")
+            bar.close()
+            del optimizer, scheduler
+    finally:
+        block.requires_grad_(False)
+        for p, dtype in zip(params, orig_dtypes):
+            p.grad = None
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        block.train(was_training)
+    setattr(block, _NORMS_TRAINED_ATTR, bool(cfg.train_norms) or bool(getattr(block, _NORMS_TRAINED_ATTR, False)))
+
+    block.eval()
+    loss_after = block_mse(block, run_block, inputs, targets, device, batch_size, compute_dtype)
+    block.train(was_training)
+    return {"loss_before": loss_before, "loss_after": loss_after, "epoch_losses": epoch_losses}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory plan
+
+GIB = 1024**3
+
+
+def _linear_shapes(hidden_size: int, intermediate_size: int, num_attention_heads: int, num_key_value_heads: int) -> dict:
+    head_dim = hidden_size // num_attention_heads
+    kv = num_key_value_heads * head_dim
+    h, i = hidden_size, intermediate_size
+    shapes = {  # (out, in)
+        "self_attn.q_proj": (num_attention_heads * head_dim, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, num_attention_heads * head_dim),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
+    }
+    assert tuple(shapes) == LINEAR_NAMES
+    return shapes
+
+
+def memory_plan(
+    hidden_size: int,
+    intermediate_size: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    n_samples: int,
+    seq_len: int,
+    rank: int,
+    weight_bytes: int = 2,
+    act_bytes: int = 2,
+    batch_size: int = 1,
+    train_norms: bool = True,
+) -> dict:
+    """Bytes needed to train the low-rank correction of one LLaMA decoder block, from config numbers only.
+
+    weight_bytes: bytes per stored block weight (2 for fp16/bf16); act_bytes: bytes per activation element in the
+    compute dtype (2 under bf16 autocast, 4 without) and per element of the cached inputs/targets.
+    Reported (all in bytes):
+      block_weight_bytes           the block's weights (7 projections + 2 norms) as stored;
+      trainable_params             number of LoRA (+ norm) parameters;
+      lora_optimizer_bytes         those parameters in fp32 with their gradient and two AdamW moments (16 B each);
+      cached_inputs_bytes / cached_targets_bytes   block inputs and FP targets for all samples (may stay on CPU);
+      weight_work_bytes            quantized-weight copies saved for backward (one per projection, compute dtype)
+                                   plus fp32 temporaries of the largest projection (W+B·A, quantizer, weight grad);
+      activation_bytes             estimate of one batch's forward+backward activations, including attention scores
+                                   batch·heads·L·L in fp32 (scores and their gradient);
+      batch_io_bytes               one batch of inputs and targets on the device;
+      device_peak_bytes            what must be on the device at once with inputs/targets on CPU;
+      device_peak_with_cache_bytes the same with all inputs/targets on the device.
+    The activation numbers are estimates (eager/math attention; flash/SDPA kernels need less).
+    """
+    shapes = _linear_shapes(hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)
+    h, i = hidden_size, intermediate_size
+    head_dim = hidden_size // num_attention_heads
+    kv = num_key_value_heads * head_dim
+    linear_params = sum(o * n for o, n in shapes.values())
+    norm_params = 2 * h
+    block_weight_bytes = (linear_params + norm_params) * weight_bytes
+    lora_params = sum(rank * (o + n) for o, n in shapes.values())
+    trainable = lora_params + (norm_params if train_norms else 0)
+    lora_optimizer_bytes = trainable * 4 * 4  # fp32 param + grad + exp_avg + exp_avg_sq
+
+    tokens_per_sample = seq_len * h
+    cached_inputs_bytes = n_samples * tokens_per_sample * act_bytes
+    cached_targets_bytes = n_samples * tokens_per_sample * act_bytes
+
+    largest_linear = max(o * n for o, n in shapes.values())
+    saved_weight_bytes = linear_params * act_bytes  # Q(W+B·A) cast to the compute dtype, saved by each F.linear
+    weight_temp_bytes = largest_linear * 4 * 4  # fp32: W+B·A, quantizer intermediates (×2), weight gradient
+    weight_work_bytes = saved_weight_bytes + weight_temp_bytes
+
+    t = batch_size * seq_len  # tokens per batch
+    # Hidden-width tensors: 2 RMSNorms (fp32 input and normalised output: 2×4 B each), 6 quantized linear inputs
+    # (q, k, v, o, gate, up), q output + rotary q + attention output (3), and 2 fp32 per-token quantizer temporaries.
+    hidden_bytes = t * h * (2 * 2 * 4 + 6 * act_bytes + 3 * act_bytes + 2 * 4)
+    # Intermediate-width: gate and up outputs, silu(gate), product, quantized down input, fp32 quantizer temps (2).
+    inter_bytes = t * i * (5 * act_bytes + 2 * 4)
+    kv_bytes = t * kv * 4 * act_bytes  # k, v outputs and their rotary / repeated copies
+    scores_bytes = batch_size * num_attention_heads * seq_len * seq_len * 4 * 2  # probabilities + their gradient, fp32
+    activation_bytes = hidden_bytes + inter_bytes + kv_bytes + scores_bytes
+    rotary_bytes = 2 * seq_len * head_dim * 4
+    batch_io_bytes = 2 * t * h * act_bytes
+
+    device_peak = block_weight_bytes + lora_optimizer_bytes + weight_work_bytes + activation_bytes + rotary_bytes + batch_io_bytes
+    return {
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "n_samples": n_samples,
+        "seq_len": seq_len,
+        "rank": rank,
+        "batch_size": batch_size,
+        "block_params": linear_params + norm_params,
+        "trainable_params": trainable,
+        "block_weight_bytes": block_weight_bytes,
+        "lora_optimizer_bytes": lora_optimizer_bytes,
+        "cached_inputs_bytes": cached_inputs_bytes,
+        "cached_targets_bytes": cached_targets_bytes,
+        "weight_work_bytes": weight_work_bytes,
+        "activation_bytes": activation_bytes,
+        "attention_scores_bytes": scores_bytes,
+        "batch_io_bytes": batch_io_bytes,
+        "device_peak_bytes": device_peak,
+        "device_peak_with_cache_bytes": device_peak + cached_inputs_bytes + cached_targets_bytes,
+    }
+
+
+def format_plan(plan: dict) -> str:
+    """A short table of `memory_plan` in GiB."""
+    rows = [
+        ("block weights", plan["block_weight_bytes"], "device"),
+        (f"LoRA r={plan['rank']} + AdamW (fp32, {plan['trainable_params']:,} params)", plan["lora_optimizer_bytes"], "device"),
+        ("quantized-weight work", plan["weight_work_bytes"], "device"),
+        (f"activations / batch of {plan['batch_size']} (est.)", plan["activation_bytes"], "device"),
+        ("  of which attention scores", plan["attention_scores_bytes"], ""),
+        ("batch inputs + targets", plan["batch_io_bytes"], "device"),
+        (f"cached inputs ({plan['n_samples']}×{plan['seq_len']})", plan["cached_inputs_bytes"], "CPU"),
+        (f"cached targets ({plan['n_samples']}×{plan['seq_len']})", plan["cached_targets_bytes"], "CPU"),
+        ("device peak (cache on CPU)", plan["device_peak_bytes"], ""),
+        ("device peak (cache on device)", plan["device_peak_with_cache_bytes"], ""),
+    ]
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"low-rank correction memory per block (hidden {plan['hidden_size']}, inter {plan['intermediate_size']})"]
+    lines += [f"  {name:<{width}}  {value / GIB:9.3f} GiB  {where}".rstrip() for name, value, where in rows]
+    return "\n".join(lines)

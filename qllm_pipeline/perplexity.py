@@ -1,0 +1,55 @@
+"""Perplexity, computed block by block so only one decoder block is on the compute device at a time.
+
+Standard protocol: the concatenated test text cut into non-overlapping windows of seq_len tokens; ppl is
+exp(mean next-token NLL over all predicted positions). Several model variants (FP, RTN, ...) are streamed side
+by side so each block is visited once.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .blocks import BlockRunner, decoder_layers
+
+
+def blockwise_perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    variants: dict[str, Callable[[int], nn.Module]],
+    device: torch.device,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> dict[str, float]:
+    """`variants` maps a name to a function giving the decoder block i to use for that variant."""
+    dtype = next(model.parameters()).dtype
+    runner = BlockRunner(model, windows.shape[1], device, dtype)
+    with torch.no_grad():
+        embedded = model.get_input_embeddings()(windows)
+    streams = {name: embedded for name in variants}
+    layers = decoder_layers(model)
+    for i in tqdm(range(len(layers)), desc=desc, disable=not progress, leave=False):
+        for name, block_for in variants.items():
+            block = block_for(i).to(device)
+            streams[name] = runner.run_batched(block, streams[name], batch_size)
+            block.to("cpu")
+    return {name: math.exp(_mean_nll(model, hidden, windows, device, batch_size)) for name, hidden in streams.items()}
+
+
+def _mean_nll(model: nn.Module, hidden: torch.Tensor, windows: torch.Tensor, device, batch_size: int) -> float:
+    norm, head = model.model.norm.to(device), model.get_output_embeddings().to(device)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], batch_size):
+            h = hidden[start : start + batch_size].to(device)
+            ids = windows[start : start + batch_size].to(device)
+            logits = head(norm(h)).float()
+            nll = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+            total += nll.item()
+            count += ids[:, 1:].numel()
+    norm.to("cpu"), head.to("cpu")
+    return total / count

@@ -1,0 +1,42 @@
+"""Building a quantized copy of a decoder block, with optional channel reassembly at the three QLLM points."""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from .blocks import quantize_block_linears
+from .quantizer import QuantSpec
+
+# Reassembly points: the activation each one transforms feeds these projections.
+POINT_LINEARS = {
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),  # input_layernorm output
+    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),  # post_attention_layernorm output
+    "down": ("mlp.down_proj",),  # SwiGLU output act(gate)·up
+}
+
+
+def make_quant_block(fp_block: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec, reassemblies: dict | None = None) -> nn.Module:
+    """A deep copy of `fp_block` with quantized projections; `reassemblies` maps point name -> ChannelReassembly."""
+    block = copy.deepcopy(fp_block)
+    qlinears = quantize_block_linears(block, weight_spec, act_spec)
+    for point, reassembly in (reassemblies or {}).items():
+        for name in POINT_LINEARS[point]:
+            qlinears[name].set_reassembly(reassembly)
+    block.requires_grad_(False)
+    return block
+
+
+def load_reassemblies(tensors: dict) -> dict:
+    """Inverse of `reassembly_tensors`: {point: ChannelReassembly} from flat `<point>.<name>` tensors."""
+    from .reassembly import ChannelReassembly
+
+    points: dict[str, dict] = {}
+    for key, value in tensors.items():
+        point, _, name = key.partition(".")
+        points.setdefault(point, {})[name] = value
+    return {point: ChannelReassembly.from_tensors(parts) for point, parts in points.items()}
+
+
+def reassembly_tensors(reassemblies: dict) -> dict:
+    return {f"{point}.{k}": v for point, r in reassemblies.items() for k, v in r.to_tensors().items()}

@@ -1,0 +1,85 @@
+"""QuantLinear: a drop-in for nn.Linear that fake-quantizes its input per token and its weight per channel.
+
+Optional pieces, each owned by a later method stage:
+- `reassembly`: a channel-reassembly map applied to the input (and folded into the weight) before quantization;
+- `lora_A`, `lora_B`: a low-rank correction trained with the base weight frozen; the weight that is quantized
+  is W + B·A, so merging it into W later is exact.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .quantizer import QuantSpec, quantize_activation, quantize_weight
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.weight_spec = weight_spec
+        self.act_spec = act_spec
+        self.reassembly = None  # object with apply_to_activation / apply_to_weight
+        self.lora_A: nn.Parameter | None = None
+        self.lora_B: nn.Parameter | None = None
+        self.weight_is_quantized = False  # set once the stored weight is already on the grid (fused models)
+        self._qweight_cache: torch.Tensor | None = None
+
+    def set_reassembly(self, reassembly) -> None:
+        self.reassembly = reassembly
+        self._qweight_cache = None
+
+    def add_lora(self, rank: int, generator: torch.Generator | None = None) -> None:
+        """Attach A (r×in, small random) and B (out×r, zeros): the block output is unchanged at init."""
+        in_features = self.effective_in_features
+        a = torch.empty(rank, in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=5**0.5, generator=generator)
+        self.lora_A = nn.Parameter(a.to(self.weight.device, self.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device, dtype=self.weight.dtype))
+        self._qweight_cache = None
+
+    @property
+    def effective_in_features(self) -> int:
+        return self.in_features if self.reassembly is None else self.reassembly.out_channels
+
+    def merged_weight(self) -> torch.Tensor:
+        """The full-precision weight the quantizer sees: reassembled W plus the low-rank correction."""
+        w = self.weight if self.reassembly is None else self.reassembly.apply_to_weight(self.weight)
+        if self.lora_A is not None:
+            w = w + self.lora_B @ self.lora_A
+        return w
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.weight_is_quantized:  # fused: the stored weight is already reassembled, merged and quantized
+            return self.weight
+        if self.lora_A is not None:  # being trained: recompute so gradients reach A and B
+            return quantize_weight(self.merged_weight(), self.weight_spec)
+        # Frozen weights: quantize once and reuse (evaluation runs many windows through the same block).
+        if self._qweight_cache is None:
+            with torch.no_grad():
+                self._qweight_cache = quantize_weight(self.merged_weight(), self.weight_spec)
+        return self._qweight_cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reassembly is not None:
+            x = self.reassembly.apply_to_activation(x)
+        x = quantize_activation(x, self.act_spec)
+        return nn.functional.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def fuse(self) -> None:
+        """Store the quantized W' = Q(reassemble(W) + B·A) as the weight and drop the LoRA parameters."""
+        with torch.no_grad():
+            w = quantize_weight(self.merged_weight(), self.weight_spec)
+        self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+        self.lora_A = self.lora_B = None
+        self.weight_is_quantized = True
+        self._qweight_cache = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, w{self.weight_spec.bits}a{self.act_spec.bits}, "
+            f"reassembly={self.reassembly is not None}, lora={self.lora_A is not None}"
+        )

@@ -1,0 +1,79 @@
+"""Uniform fake quantizers: per-output-channel (optionally grouped) weights, per-token dynamic activations.
+
+All functions return tensors of the input's dtype on the quantization grid ("fake quant"), with a
+straight-through estimator so gradients pass unchanged (needed by low-rank error correction).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_BITS, MAX_BITS = 2, 16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized. bits=None (or >= 16 with `full_precision_at_16`) means no quantization."""
+
+    bits: int | None
+    symmetric: bool = False
+    group_size: int | None = None  # weights only: quantize each row in groups of this many input channels
+
+    def __post_init__(self):
+        if self.bits is not None and not (MIN_BITS <= int(self.bits) <= MAX_BITS):
+            raise ValueError(f"bits={self.bits} is outside {MIN_BITS}..{MAX_BITS}; choose a bit width in that range")
+        if self.group_size is not None and int(self.group_size) <= 0:
+            raise ValueError(f"group_size={self.group_size} must be a positive integer or null")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits is not None
+
+
+def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    # Forward: q. Backward: identity (straight-through estimator). Without autograd return q itself, so stored
+    # weights sit exactly on the grid (x + (q - x) can be one rounding step off).
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return q
+    return x + (q - x).detach()
+
+
+def quantize_lastdim(x: torch.Tensor, bits: int, symmetric: bool = False) -> torch.Tensor:
+    """Fake-quantize `x` with one (scale, zero) per vector along the last dimension (min-max calibration)."""
+    xf = x.detach().float()
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=1e-8)
+        q = torch.clamp(torch.round(x.float() / scale), -qmax - 1, qmax) * scale
+    else:
+        qmax = 2**bits - 1
+        lo = xf.amin(dim=-1, keepdim=True)
+        hi = xf.amax(dim=-1, keepdim=True)
+        scale = ((hi - lo) / qmax).clamp(min=1e-8)
+        zero = torch.round(-lo / scale)
+        q = (torch.clamp(torch.round(x.float() / scale) + zero, 0, qmax) - zero) * scale
+    return _ste(x, q.to(x.dtype))
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Per-output-channel (row) fake quantization of a [out, in] weight, optionally in groups of input channels."""
+    if not spec.enabled:
+        return w
+    out_features, in_features = w.shape
+    if spec.group_size:
+        if in_features % spec.group_size:
+            raise ValueError(
+                f"quant.group_size={spec.group_size} does not divide in_features={in_features}; "
+                "pick a group size that divides every layer's input width, or null for per-channel"
+            )
+        grouped = w.reshape(out_features, in_features // spec.group_size, spec.group_size)
+        return quantize_lastdim(grouped, spec.bits, spec.symmetric).reshape(out_features, in_features)
+    return quantize_lastdim(w, spec.bits, spec.symmetric)
+
+
+def quantize_activation(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Per-token dynamic fake quantization: one (scale, zero) per token over its channels."""
+    if not spec.enabled:
+        return x
+    return quantize_lastdim(x, spec.bits, spec.symmetric)

