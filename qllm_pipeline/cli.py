@@ -14,9 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from .cache import ArtifactCache
 from .errors import PipelineError
 from .export import specs_from_quant_cfg
-from .model_loading import ModelSource, load_model, load_tokenizer
+from .model_loading import ModelSource, load_config, load_model, load_tokenizer
 from .report import write_results
-from .runner import RunContext, Runner, peak_rss_mib
+from .runner import RunContext, Runner, peak_rss_mib, validate_config
 from .tracking import make_tracker
 
 log = logging.getLogger("qllm_pipeline")
@@ -83,9 +83,12 @@ def run(cfg: DictConfig) -> dict:
         from .plan import print_plan
 
         return print_plan(c, source)
+    from stages import STAGES
+
+    validate_config(c, STAGES)
     device = pick_device(c["pipeline"]["device"])
+    validate_model_fit(c, load_config(source))  # before reading any weights
     model = load_model(source)
-    validate_model_fit(c, model.config)
     tokenizer = load_tokenizer(source)
     tracker = make_tracker(c["logger"], c, str(run_dir), group=_sweep_group(), name=run_dir.name)
     ctx = RunContext(
@@ -100,8 +103,6 @@ def run(cfg: DictConfig) -> dict:
         tracker=tracker,
         progress=bool(c["pipeline"]["progress"]),
     )
-    from stages import STAGES
-
     runner = Runner(ctx, STAGES)
     results = runner.run()
     results["stages"] = runner.stage_table()

@@ -89,12 +89,25 @@ def _c4() -> Corpus:
     return Corpus("c4", "\n\n".join(train["text"][:20000]), " ".join(val["text"][:1100]), "hub: allenai/c4 en shards")
 
 
-CORPORA = {"wiki_sample": _wiki_sample, "wikitext2": _wikitext2, "c4": _c4}
+def _text_files(calib_path: str | None = None, eval_path: str | None = None, **_) -> Corpus:
+    """Your own plain-text files (UTF-8): one for calibration, one for evaluation."""
+    texts = []
+    for key, path in (("data.calib_path", calib_path), ("data.eval_path", eval_path)):
+        if not path or not Path(path).is_file():
+            raise PipelineError(f"{key}={path} is not a readable file; point it at a UTF-8 text file")
+        texts.append(Path(path).read_text(encoding="utf-8"))
+    return Corpus("text_files", texts[0], texts[1], f"files {calib_path}, {eval_path}")
 
 
-def load_corpus(name: str) -> Corpus:
+CORPORA = {"wiki_sample": _wiki_sample, "wikitext2": _wikitext2, "c4": _c4, "text_files": _text_files}
+
+
+def load_corpus(name: str, options: dict | None = None) -> Corpus:
+    """`options` are the data group's settings (used by text_files for its paths)."""
     if name not in CORPORA:
         raise PipelineError(f"unknown corpus '{name}'; choose one of {sorted(CORPORA)}")
+    if name == "text_files":
+        return _text_files(**(options or {}))
     return CORPORA[name]()
 
 

@@ -82,10 +82,11 @@ def check_architecture(config, name: str) -> None:
 
 
 def load_model(source: ModelSource):
-    """Load the causal LM on CPU (blocks are moved to the compute device one at a time) with SDPA attention."""
+    """Load the causal LM on CPU (blocks are moved to the compute device one at a time) with SDPA attention.
+
+    Call `load_config` first: it refuses non-LLaMA models before any weights are read."""
     from transformers import AutoModelForCausalLM
 
-    load_config(source)  # refuse non-LLaMA models before reading any weights
     where, kwargs = source.location()
     log.info("loading model %s from %s", source.name, where)
     model = AutoModelForCausalLM.from_pretrained(

@@ -117,23 +117,32 @@ class BlockState:
         return self._targets
 
 
+def validate_config(cfg: dict, stages: dict[str, Any]) -> None:
+    """Check the stage selection and every stage's own settings before anything heavy runs."""
+    pipeline = cfg["pipeline"]
+    selected = list(pipeline["stages"])
+    for name in [*selected, *(pipeline.get("force") or [])]:
+        if name not in STAGE_ORDER:
+            raise PipelineError(f"unknown stage '{name}' in pipeline.stages/pipeline.force; stages are {list(STAGE_ORDER)}")
+    if "fuse" not in selected or "calibrate" not in selected:
+        raise PipelineError("pipeline.stages must include calibrate and fuse (they produce the quantized model); add them")
+    for name in selected:
+        for dep in stages[name].SPEC.upstream:
+            if dep not in selected:
+                raise PipelineError(f"stage {name} needs stage {dep}; add {dep} to pipeline.stages or remove {name}")
+        validate = getattr(stages[name], "validate", None)
+        if validate is not None:
+            validate(cfg)
+
+
 class Runner:
     def __init__(self, ctx: RunContext, stages: dict[str, Any]):
         self.ctx = ctx
         self.stages = stages
         self.records = {name: StageRecord() for name in STAGE_ORDER}
-        pipeline = ctx.cfg["pipeline"]
-        self.selected = list(pipeline["stages"])
-        self.force = set(pipeline.get("force") or [])
-        for name in [*self.selected, *self.force]:
-            if name not in STAGE_ORDER:
-                raise PipelineError(f"unknown stage '{name}' in pipeline.stages/pipeline.force; stages are {list(STAGE_ORDER)}")
-        if "fuse" not in self.selected or "calibrate" not in self.selected:
-            raise PipelineError("pipeline.stages must include calibrate and fuse (they produce the quantized model); add them")
-        for name in self.selected:
-            for dep in stages[name].SPEC.upstream:
-                if dep not in self.selected:
-                    raise PipelineError(f"stage {name} needs stage {dep}; add {dep} to pipeline.stages or remove {name}")
+        validate_config(ctx.cfg, stages)
+        self.selected = list(ctx.cfg["pipeline"]["stages"])
+        self.force = set(ctx.cfg["pipeline"].get("force") or [])
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def enabled(self, name: str) -> bool:

@@ -25,7 +25,7 @@ def run(ctx, writer) -> None:
     max_len = getattr(ctx.model.config, "max_position_embeddings", None)
     if max_len and cfg["seq_len"] > max_len:
         raise PipelineError(f"calibrate.seq_len={cfg['seq_len']} exceeds the model's context of {max_len} tokens; lower it")
-    corpus = load_corpus(ctx.cfg["data"]["name"])
+    corpus = load_corpus(ctx.cfg["data"]["name"], ctx.cfg["data"])
     tokens = tokenize(ctx.tokenizer, corpus.calib_text)
     windows = calibration_windows(tokens, cfg["n_samples"], cfg["seq_len"], cfg["seed"])
     log.info("calibration: %d windows × %d tokens from %s (%d tokens available)", *windows.shape, corpus.name, tokens.numel())

@@ -88,6 +88,6 @@ def run(ctx, runner, artifacts) -> dict:
 
 
 def _windows(ctx, dataset: str, cfg: dict):
-    corpus = load_corpus(dataset)
+    corpus = load_corpus(dataset, ctx.cfg["data"])
     tokens = tokenize(ctx.tokenizer, corpus.eval_text)
     return evaluation_windows(tokens, cfg["seq_len"], cfg.get("max_windows"))

@@ -11,7 +11,7 @@ import torch
 
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.plots import plot_theta_curves
-from qllm_pipeline.reassembly import build_reassembly, search_theta
+from qllm_pipeline.reassembly import build_reassembly, search_theta, theta_grid
 from qllm_pipeline.runner import StageSpec
 from qllm_pipeline.subblock import POINTS, point_inputs, point_loss_fn, point_weights
 
@@ -37,6 +37,17 @@ def disabled_reason(cfg, selected) -> str:
     if "search_theta" not in selected:
         return "not in pipeline.stages"
     return "disabled by config (search_theta.enabled=false or no activation quantization)"
+
+
+def validate(cfg: dict) -> None:
+    enabled_points(cfg)
+    for point in POINTS:
+        fixed_theta(cfg, point)
+    ratio = float(cfg["search_theta"]["channel_ratio"])
+    if not 0 <= ratio < 1:
+        raise PipelineError(f"search_theta.channel_ratio={ratio} must be in [0, 1)")
+    if int(cfg["search_theta"]["steps"]) < 1 or int(cfg["search_theta"]["n_samples"]) < 1:
+        raise PipelineError("search_theta.steps and search_theta.n_samples must be positive integers")
 
 
 def enabled_points(cfg: dict) -> list[str]:
@@ -90,8 +101,16 @@ def run(ctx, state, artifacts, writer) -> None:
                     assemble, progress=ctx.progress, desc=f"θ {point} block {state.index}",
                 ).to_json()
             else:
+                requested = theta
+                # A fixed θ still obeys the channel budget: raise it to the smallest θ the budget allows.
+                grid = theta_grid(m, int(cfg["search_theta"]["steps"]), float(cfg["search_theta"]["channel_ratio"]))
+                if grid and theta < grid[-1]:
+                    theta = grid[-1]
+                    log.warning("block %d %s: fixed θ=%g splits too many channels; using θ=%g (channel_ratio cap)",
+                                state.index, point, requested, theta)
                 r = build_reassembly(m, theta, tokens, weights, assemble)
-                result = {"theta": theta, "loss": loss_fn(r), "n_extra": r.n_disassembled_extra, "curve": []}
+                result = {"theta": theta, "requested_theta": requested, "loss": loss_fn(r),
+                          "n_extra": r.n_disassembled_extra, "curve": []}
             result["baseline_loss"] = result["curve"][0]["loss"] if result["curve"] else None
             result["channels"] = int(m.numel())
             results[point] = result

@@ -27,6 +27,10 @@ def disabled_reason(cfg, selected) -> str:
     return "disabled by config (train_lowrank.enabled=false or no quantization)"
 
 
+def validate(cfg: dict) -> None:
+    lowrank_config(cfg["train_lowrank"], 0)
+
+
 def lowrank_config(cfg: dict, block_index: int) -> LowRankConfig:
     try:
         lrc = LowRankConfig(**{k: cfg[k] for k in CONFIG_FIELDS})

