@@ -16,6 +16,7 @@ from .errors import PipelineError
 from .export import specs_from_quant_cfg
 from .model_loading import ModelSource, load_config, load_model, load_tokenizer
 from .report import write_results
+from .run_report import write_plots
 from .runner import RunContext, Runner, peak_rss_mib, validate_config
 from .tracking import make_tracker
 
@@ -116,6 +117,8 @@ def run(cfg: DictConfig) -> dict:
         "overrides": list(HydraConfig.get().overrides.task),
     }
     text = write_results(run_dir, results)
+    for png in write_plots(run_dir, runner.artifacts, results, f"{source.name} {c['quant']['name']}"):
+        tracker.log_image(png.stem, str(png))
     print(text)
     tracker.summary({f"ppl/{d}/{v}": p for d, row in results.get("ppl", {}).items() for v, p in row.items()})
     tracker.summary({f"stage/{s['stage']}/{k}": s[k] for s in results["stages"] for k in ("seconds", "computed", "cached")})
@@ -130,8 +133,14 @@ def _sweep_group() -> str | None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except PipelineError as exc:
         fail(str(exc))
+
+
+def main() -> None:
+    """Console entry point (`python -m qllm_pipeline`, `qllm-pipeline`)."""
+    check_group_overrides(sys.argv[1:])
+    hydra_main()

@@ -1,9 +1,14 @@
-"""Saving and loading the fake-quantized model.
+"""Saving and loading the quantized model with packed integer weights.
 
-Layout of a saved model directory: the usual `save_pretrained` files (config, tokenizer, safetensors weights,
-where every decoder-block projection holds its quantized weight), `qllm_quant.json` (quantization settings), and
-`qllm_reassembly.safetensors` (the channel-reassembly maps, if any). `load_quantized_model` rebuilds the
-fake-quant model: activations quantized per token, weights used as stored.
+A saved model directory holds:
+- `config.json`, `generation_config.json`, tokenizer files (as `save_pretrained` writes them);
+- `model.safetensors`: for every decoder-block projection the weight codes packed into bytes (`<name>.qweight`:
+  two 4-bit codes per byte for bits <= 4, one byte for bits <= 8, int32 above), per-channel (or per-group) `scales`
+  and `zeros`, the reassembly maps (`<name>.reassembly.{src,dst,coef,...}`), and everything else (embeddings, norms,
+  lm_head) in the model's dtype;
+- `qllm_quant.json`: bit widths, symmetry, group size and the format version.
+`load_quantized_model` rebuilds the fake-quant model; its weights are the exact dequantization of the codes, so it
+reproduces the pipeline's perplexity exactly.
 """
 from __future__ import annotations
 
@@ -14,11 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .blocks import LINEAR_NAMES, decoder_layers
-from .fused import NORM_NAMES, build_fused_block
+from .fused import build_fused_block
 from .quantizer import QuantSpec
 
 QUANT_FILE = "qllm_quant.json"
-REASSEMBLY_FILE = "qllm_reassembly.safetensors"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "qllm-packed"
+FORMAT_VERSION = 1
 
 
 def specs_from_quant_cfg(quant: dict) -> tuple[QuantSpec, QuantSpec]:
@@ -27,41 +34,98 @@ def specs_from_quant_cfg(quant: dict) -> tuple[QuantSpec, QuantSpec]:
     return weight, act
 
 
-def save_quantized_model(model, tokenizer, block_tensors: list[dict[str, torch.Tensor]], quant: dict, out_dir: str | Path) -> None:
+def pack_codes(codes: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Integral float codes [out, in] -> bytes. Symmetric codes are offset to be non-negative first."""
+    if symmetric:
+        codes = codes + 2 ** (bits - 1)
+    ints = codes.to(torch.int32)
+    if bits > 8:
+        return ints
+    ints = ints.to(torch.uint8)
+    if bits > 4:
+        return ints
+    if ints.shape[-1] % 2:
+        ints = torch.nn.functional.pad(ints, (0, 1))
+    return ints[..., 0::2] | (ints[..., 1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, symmetric: bool, in_features: int) -> torch.Tensor:
+    if bits <= 4:
+        low, high = packed & 0x0F, packed >> 4
+        ints = torch.stack([low, high], dim=-1).flatten(-2)[..., :in_features]
+    else:
+        ints = packed
+    codes = ints.to(torch.float32)
+    return codes - 2 ** (bits - 1) if symmetric else codes
+
+
+def save_quantized_model(model, tokenizer, block_tensors: list[dict[str, torch.Tensor]], quant: dict, out_dir: str | Path) -> dict:
+    """Write the packed model; returns sizes in bytes (file, and the same model in FP16)."""
     out_dir = Path(out_dir)
-    state = dict(model.state_dict())
-    reassembly = {}
-    for i, tensors in enumerate(block_tensors):
-        prefix = f"model.layers.{i}."
-        for key, value in tensors.items():
-            if ".reassembly." in key:
-                reassembly[prefix + key] = value.contiguous()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weight_spec, _ = specs_from_quant_cfg(quant)
+    tensors = {}
+    block_prefix = "model.layers."
+    for key, value in model.state_dict().items():
+        if not key.startswith(block_prefix):
+            tensors[key] = value.detach().contiguous()
+    for i, block in enumerate(block_tensors):
+        prefix = f"{block_prefix}{i}."
+        for key, value in block.items():
+            name, _, field = key.rpartition(".")
+            if field == "codes":
+                tensors[f"{prefix}{name}.qweight"] = pack_codes(value, weight_spec.bits, weight_spec.symmetric).contiguous()
+                tensors[f"{prefix}{name}.in_features"] = torch.tensor([value.shape[1]], dtype=torch.int32)
+            elif field in ("scale", "zero"):
+                tensors[f"{prefix}{name}.{field}s"] = value.contiguous()
             else:
-                state[prefix + key] = value
-    model.save_pretrained(out_dir, state_dict=state)
+                tensors[prefix + key] = value.detach().contiguous()
+    if getattr(model.config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)  # tied: rebuilt from the embeddings on load
+    save_file(tensors, str(out_dir / WEIGHTS_FILE))
+    model.config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    if reassembly:
-        save_file(reassembly, str(out_dir / REASSEMBLY_FILE))
-    (out_dir / QUANT_FILE).write_text(json.dumps({"format": "qllm-fake-quant", "version": 1, "quant": quant}, indent=2))
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "quant": quant, "dtype": str(next(model.parameters()).dtype)}
+    (out_dir / QUANT_FILE).write_text(json.dumps(meta, indent=2))
+    fp16_bytes = sum(p.numel() for p in model.parameters()) * 2
+    return {"file_bytes": (out_dir / WEIGHTS_FILE).stat().st_size, "fp16_bytes": fp16_bytes}
 
 
-def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM
+def load_quantized_model(path: str | Path, dtype: torch.dtype | None = None):
+    """Rebuild the fake-quant model from a directory written by `save_quantized_model`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     meta = json.loads((path / QUANT_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} model directory (format={meta.get('format')})")
     weight_spec, act_spec = specs_from_quant_cfg(meta["quant"])
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    model.eval().requires_grad_(False)
-    reassembly = load_file(str(path / REASSEMBLY_FILE)) if (path / REASSEMBLY_FILE).exists() else {}
+    dtype = dtype or getattr(torch, meta["dtype"].removeprefix("torch."))
+    config = AutoConfig.from_pretrained(path)
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    block_prefix = "model.layers."
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(block_prefix)}, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
-        prefix = f"model.layers.{i}."
-        tensors = {k[len(prefix) :]: v for k, v in reassembly.items() if k.startswith(prefix)}
+        prefix = f"{block_prefix}{i}."
+        mine = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        block = {}
+        for key, value in mine.items():
+            name, _, field = key.rpartition(".")
+            if field == "qweight":
+                block[f"{name}.codes"] = unpack_codes(value, weight_spec.bits, weight_spec.symmetric, int(mine[f"{name}.in_features"]))
+            elif field in ("scales", "zeros"):
+                block[f"{name}.{field[:-1]}"] = value
+            elif field != "in_features":
+                block[key] = value
         for name in LINEAR_NAMES:
-            tensors[f"{name}.weight"] = layer.get_submodule(name).weight.detach()
-        for norm in NORM_NAMES:
-            tensors[f"{norm}.weight"] = layer.get_submodule(norm).weight.detach()
-        layers[i] = build_fused_block(layer, tensors, act_spec, weight_spec)
+            if f"{name}.codes" not in block and f"{name}.weight" not in block:
+                raise ValueError(f"{path}: layer {i} has no weight for {name}")
+        layers[i] = build_fused_block(layer, block, act_spec, weight_spec)
+    model.eval().requires_grad_(False)
     return model

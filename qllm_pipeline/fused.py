@@ -1,8 +1,8 @@
 """Fused (final) quantized blocks: what the fuse stage stores per block and how a block is rebuilt from it.
 
 A fused block stores, for each of the seven projections, the weight already reassembled, merged with its
-low-rank correction and quantized (so rebuilding needs no training state), plus the norm weights (they may have
-been trained) and the reassembly maps applied to the activations.
+low-rank correction and quantized, in integer form (`codes`, `scale`, `zero`; rebuilding needs no training state),
+plus the norm weights (they may have been trained) and the reassembly maps applied to the activations.
 """
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ def fused_block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
     for name, ql in quant_linears(block).items():
         if not ql.weight_is_quantized:
             raise ValueError(f"{name} is not fused; call fuse() first")
-        tensors[f"{name}.weight"] = ql.weight.detach()
+        if ql.codes is not None:  # integer form: exact, and what export packs
+            tensors.update({f"{name}.{k}": v for k, v in ql.codes.items()})
+        else:
+            tensors[f"{name}.weight"] = ql.weight.detach()
         if ql.bias is not None:
             tensors[f"{name}.bias"] = ql.bias.detach()
         if ql.reassembly is not None:
@@ -45,7 +48,10 @@ def build_fused_block(fp_block: nn.Module, tensors: dict[str, torch.Tensor], act
             from .reassembly import ChannelReassembly
 
             ql.set_reassembly(ChannelReassembly.from_tensors(parts))
-        ql.weight = nn.Parameter(tensors[f"{name}.weight"].to(ql.weight.dtype).clone(), requires_grad=False)
+        if f"{name}.codes" in tensors:
+            ql.load_codes({k: tensors[f"{name}.{k}"] for k in ("codes", "scale", "zero")})
+        else:
+            ql.weight = nn.Parameter(tensors[f"{name}.weight"].to(ql.weight.dtype).clone(), requires_grad=False)
         if f"{name}.bias" in tensors:
             ql.bias = nn.Parameter(tensors[f"{name}.bias"].clone(), requires_grad=False)
         ql.weight_is_quantized = True

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quantizer import QuantSpec, quantize_activation, quantize_weight
+from .quantizer import QuantSpec, dequantize_weight, quantize_activation, quantize_weight, weight_codes
 
 
 class QuantLinear(nn.Module):
@@ -26,6 +26,7 @@ class QuantLinear(nn.Module):
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.weight_is_quantized = False  # set once the stored weight is already on the grid (fused models)
+        self.codes: dict[str, torch.Tensor] | None = None  # integer form of a fused weight
         self._qweight_cache: torch.Tensor | None = None
 
     def set_reassembly(self, reassembly) -> None:
@@ -70,11 +71,24 @@ class QuantLinear(nn.Module):
         return nn.functional.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def fuse(self) -> None:
-        """Store the quantized W' = Q(reassemble(W) + B·A) as the weight and drop the LoRA parameters."""
+        """Store the quantized W' = Q(reassemble(W) + B·A) as the weight and drop the LoRA parameters.
+
+        `codes` keeps the integer form (codes, scale, zero) that export packs; the weight is its exact dequantization.
+        """
         with torch.no_grad():
-            w = quantize_weight(self.merged_weight(), self.weight_spec)
-        self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+            merged = self.merged_weight().detach()
+            if self.weight_spec.enabled:
+                self.codes = weight_codes(merged, self.weight_spec)
+                merged = dequantize_weight(**self.codes).to(merged.dtype)
+        self.weight = nn.Parameter(merged.clone(), requires_grad=False)
         self.lora_A = self.lora_B = None
+        self.weight_is_quantized = True
+        self._qweight_cache = None
+
+    def load_codes(self, codes: dict[str, torch.Tensor]) -> None:
+        """Set a fused weight from its integer form (the inverse of what `fuse` stores)."""
+        self.codes = codes
+        self.weight = nn.Parameter(dequantize_weight(**codes).to(self.weight.dtype), requires_grad=False)
         self.weight_is_quantized = True
         self._qweight_cache = None
 

@@ -39,20 +39,35 @@ def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return x + (q - x).detach()
 
 
-def quantize_lastdim(x: torch.Tensor, bits: int, symmetric: bool = False) -> torch.Tensor:
-    """Fake-quantize `x` with one (scale, zero) per vector along the last dimension (min-max calibration)."""
+def quant_params(x: torch.Tensor, bits: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes, scale and zero point per vector along the last dimension (min-max calibration).
+
+    codes are integral float32 values: in [0, 2^bits - 1] (asymmetric) or [-2^(bits-1), 2^(bits-1) - 1] (symmetric,
+    zero = 0). `dequantize(codes, scale, zero)` gives the fake-quantized tensor.
+    """
     xf = x.detach().float()
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=1e-8)
-        q = torch.clamp(torch.round(x.float() / scale), -qmax - 1, qmax) * scale
+        zero = torch.zeros_like(scale)
+        codes = torch.clamp(torch.round(x.float() / scale), -qmax - 1, qmax)
     else:
         qmax = 2**bits - 1
         lo = xf.amin(dim=-1, keepdim=True)
         hi = xf.amax(dim=-1, keepdim=True)
         scale = ((hi - lo) / qmax).clamp(min=1e-8)
         zero = torch.round(-lo / scale)
-        q = (torch.clamp(torch.round(x.float() / scale) + zero, 0, qmax) - zero) * scale
+        codes = torch.clamp(torch.round(x.float() / scale) + zero, 0, qmax)
+    return codes, scale, zero
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (codes - zero) * scale
+
+
+def quantize_lastdim(x: torch.Tensor, bits: int, symmetric: bool = False) -> torch.Tensor:
+    """Fake-quantize `x` with one (scale, zero) per vector along the last dimension (min-max calibration)."""
+    q = dequantize(*quant_params(x, bits, symmetric))
     return _ste(x, q.to(x.dtype))
 
 
@@ -70,6 +85,26 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         grouped = w.reshape(out_features, in_features // spec.group_size, spec.group_size)
         return quantize_lastdim(grouped, spec.bits, spec.symmetric).reshape(out_features, in_features)
     return quantize_lastdim(w, spec.bits, spec.symmetric)
+
+
+def weight_codes(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """The integer form of `quantize_weight`: codes [out, in], scale and zero [out, in / group_size] (float32).
+
+    `dequantize_weight(**weight_codes(w, spec), group_size=spec.group_size)` equals `quantize_weight(w, spec)` bit for bit.
+    """
+    out_features, in_features = w.shape
+    group = spec.group_size or in_features
+    if in_features % group:
+        raise ValueError(f"quant.group_size={spec.group_size} does not divide in_features={in_features}")
+    codes, scale, zero = quant_params(w.reshape(out_features, in_features // group, group), spec.bits, spec.symmetric)
+    return {"codes": codes.reshape(out_features, in_features), "scale": scale.squeeze(-1), "zero": zero.squeeze(-1)}
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    out_features, in_features = codes.shape
+    groups = scale.shape[-1]
+    grouped = codes.float().reshape(out_features, groups, in_features // groups)
+    return dequantize(grouped, scale.unsqueeze(-1), zero.unsqueeze(-1)).reshape(out_features, in_features)
 
 
 def quantize_activation(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

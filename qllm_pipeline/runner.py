@@ -140,6 +140,7 @@ class Runner:
         self.ctx = ctx
         self.stages = stages
         self.records = {name: StageRecord() for name in STAGE_ORDER}
+        self.artifacts: dict[str, list[Artifact | None]] = {}
         validate_config(ctx.cfg, stages)
         self.selected = list(ctx.cfg["pipeline"]["stages"])
         self.force = set(ctx.cfg["pipeline"].get("force") or [])
@@ -206,6 +207,7 @@ class Runner:
         ctx.block_runner = BlockRunner(ctx.model, windows.shape[1], ctx.device, next(ctx.model.parameters()).dtype)
 
         final_key, artifacts = self.walk_blocks(calib_key, windows)
+        self.artifacts = artifacts
         ctx.keys["fuse"] = final_key
         for name in BLOCK_STAGES:
             self._report(name, "per block")

@@ -1,7 +1,7 @@
 """fuse: per block, merge the low-rank correction into the (reassembled) weight and quantize it: W' = Q(W + B·A).
 
 The stored block has no LoRA modules left; after the last block the whole model is written with
-`save_pretrained` plus our quantization metadata (see qllm_pipeline.export).
+packed integer weights plus our quantization metadata (see qllm_pipeline.export).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from qllm_pipeline.runner import StageSpec
 
 log = logging.getLogger(__name__)
 
-SPEC = StageSpec("fuse", version=1, config_keys=("quant",), per_block=True)
+SPEC = StageSpec("fuse", version=2, config_keys=("quant",), per_block=True)
 
 
 def is_enabled(cfg) -> bool:
@@ -48,9 +48,13 @@ def finalize(ctx, runner, artifacts) -> None:
     model_dir = ctx.cache.get("model", key)
     if model_dir is None:
         with ctx.cache.writer("model", key) as writer:
-            save_quantized_model(ctx.model, ctx.tokenizer, [a.tensors("block.safetensors") for a in artifacts["fuse"]], ctx.cfg["quant"], writer.tmp)
+            sizes = save_quantized_model(
+                ctx.model, ctx.tokenizer, [a.tensors("block.safetensors") for a in artifacts["fuse"]], ctx.cfg["quant"], writer.tmp
+            )
+            writer.save_json("sizes.json", sizes)
         model_dir = ctx.cache.get("model", key)
     link = ctx.run_dir / "quantized_model"
     if not link.exists():
         link.symlink_to(model_dir.path, target_is_directory=True)
-    log.info("quantized model: %s", model_dir.path)
+    sizes = model_dir.json("sizes.json")
+    log.info("quantized model: %s (%.1f MB; the same model in FP16: %.1f MB)", model_dir.path, sizes["file_bytes"] / 1e6, sizes["fp16_bytes"] / 1e6)
