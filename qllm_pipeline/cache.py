@@ -107,8 +107,8 @@ class ArtifactCache:
         removed = 0
         for tmp in self.root.glob(f"*/*{_TMP_MARK}*"):
             pid = tmp.name.rsplit(_TMP_MARK, 1)[1].split("-")[0]
-            if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
-                continue  # a concurrent run is still writing it
+            if pid.isdigit() and _alive(int(pid)):
+                continue  # a live process (a concurrent run) is still writing it
             shutil.rmtree(tmp, ignore_errors=True)
             removed += 1
         if removed:
