@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=REPO / "outputs" / "cache")
     parser.add_argument("--tiny", action="store_true", help="smoke mode: tiny random model given by --tiny-model-dir")
     parser.add_argument("--tiny-model-dir", type=Path)
+    parser.add_argument("--merge", type=Path, help="an earlier accuracy.json whose rows are kept where this run has none")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     args.overrides = [f"model={args.model}", *args.overrides]
@@ -116,8 +117,19 @@ def main() -> None:
             print(f"[accuracy] {quant} {method} ...", flush=True)
             rows.append(run_one(method, quant, args, args.cache, args.out / "runs"))
             print(f"[accuracy] {quant} {method}: ppl {rows[-1]['ppl']:.3f} in {rows[-1]['wall_s']:.0f}s", flush=True)
-    (args.out / "accuracy.json").write_text(json.dumps({"rows": rows, "argv": sys.argv[1:]}, indent=2))
+    sources = [{"argv": sys.argv[1:]}]
+    if args.merge:
+        earlier = json.loads(args.merge.read_text())
+        mine = {(r["quant"], r["method"]) for r in rows}
+        kept = [r for r in earlier["rows"] if (r["quant"], r["method"]) not in mine]
+        rows = sorted(rows + kept, key=lambda r: (quants.index(r["quant"]) if r["quant"] in quants else len(quants) + 1, r["quant"],
+                                                 list(METHODS).index(r["method"])))
+        sources.append({"argv": earlier.get("argv", []), "rows_kept": [[r["quant"], r["method"]] for r in kept]})
+    (args.out / "accuracy.json").write_text(json.dumps({"rows": rows, "argv": sys.argv[1:], "sources": sources}, indent=2))
     text = markdown(rows, args)
+    if args.merge:
+        text += (f"\nRows not run by this command come from `{args.merge}` (command: `python benchmarks/accuracy.py "
+                 + " ".join(json.loads(args.merge.read_text()).get("argv", [])) + "`): " + ", ".join(f"{q} {m}" for q, m in sources[1]["rows_kept"]) + ".\n")
     (args.out / "accuracy.md").write_text(text)
     print(text)
 

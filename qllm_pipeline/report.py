@@ -20,6 +20,15 @@ def ppl_table(ppl: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def zeroshot_table(zeroshot: dict[str, dict]) -> list[str]:
+    tasks = list(dict.fromkeys(t for row in zeroshot.values() for t in row["tasks"]))
+    lines = ["| model | " + " | ".join(tasks) + " | average |", "|---|" + "---:|" * (len(tasks) + 1)]
+    for variant, row in zeroshot.items():
+        cells = [f"{row['tasks'][t]['acc']:.4f}" if t in row["tasks"] else "-" for t in tasks]
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {row['average_acc']:.4f} |")
+    return lines
+
+
 def stage_lines(stages: list[dict]) -> list[str]:
     lines = ["| stage | status | computed | cached | time (s) | peak RSS (MiB) | peak device (MiB) |", "|---|---|---:|---:|---:|---:|---:|"]
     for s in stages:
@@ -35,6 +44,8 @@ def write_results(run_dir: Path, results: dict) -> str:
     md = [f"# qllm-pipeline results: {meta.get('model', '?')} {meta.get('quant', '?')}", ""]
     if results.get("ppl"):
         md += ["## Perplexity", "", *ppl_table(results["ppl"]), ""]
+    if results.get("zeroshot"):
+        md += ["## Zero-shot accuracy (lm-eval)", "", *zeroshot_table(results["zeroshot"]), ""]
     md += ["## Stages", "", *stage_lines(results["stages"]), ""]
     md += [f"Total wall time: {meta.get('wall_seconds', 0):.1f} s; peak RSS {meta.get('peak_rss_mib', 0):.0f} MiB; device {meta.get('device', '?')}.", ""]
     text = "\n".join(md)

@@ -84,7 +84,40 @@ def run(ctx, runner, artifacts) -> dict:
                 runner.records["evaluate"].computed += 1
             results.update(computed)
         table[dataset] = {name: results[name] for name in plan}
-    return {"ppl": table}
+    out = {"ppl": table}
+    if cfg.get("tasks"):
+        out["zeroshot"] = zeroshot(ctx, runner, plan, cfg)
+    return out
+
+
+def zeroshot(ctx, runner, plan: dict, cfg: dict) -> dict:
+    """lm-eval accuracy per variant: the variant's blocks are swapped into the in-memory model for the call."""
+    from qllm_pipeline.zeroshot import run_zeroshot
+
+    tasks = list(cfg["tasks"])
+    layers = decoder_layers(ctx.model)
+    table = {}
+    for name, (deps, block_for) in plan.items():
+        key = runner.key("evaluate", deps, extra={"variant": name, "tasks": tasks, "limit": cfg.get("limit"), "zeroshot": True})
+        cached = None if runner.is_forced("evaluate") else ctx.cache.get("evaluate", key)
+        if cached is not None:
+            runner.records["evaluate"].cached += 1
+            table[name] = cached.json("zeroshot.json")
+            continue
+        original = list(layers)
+        try:
+            for i in range(len(original)):
+                layers[i] = block_for(i)
+            log.info("zero-shot %s on %s", name, tasks)
+            table[name] = run_zeroshot(ctx.model, ctx.tokenizer, tasks, cfg.get("limit"), cfg["batch_size"], ctx.device)
+        finally:
+            for i, layer in enumerate(original):
+                layers[i] = layer
+        ctx.cache.remove("evaluate", key)
+        with ctx.cache.writer("evaluate", key) as writer:
+            writer.save_json("zeroshot.json", table[name])
+        runner.records["evaluate"].computed += 1
+    return table
 
 
 def _windows(ctx, dataset: str, cfg: dict):

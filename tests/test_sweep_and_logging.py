@@ -38,3 +38,18 @@ def test_wandb_offline_run_records_metrics(tiny_model_dir, tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert b"ppl/wiki_sample/rtn" in log and json.dumps(results["ppl"]["wiki_sample"]["rtn"]).encode() in log
     assert b"stage/fuse/seconds" in log
+
+
+def test_zeroshot_smoke_task_through_the_pipeline(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    extra = ["pipeline.stages=[calibrate,collect_activations,fuse,evaluate]", "eval.tasks=[qllm_smoke]", "eval.limit=8"]
+    proc = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache", run_dir), *extra])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    for variant in ("fp", "rtn"):
+        acc = results["zeroshot"][variant]["tasks"]["qllm_smoke"]["acc"]
+        assert 0.0 <= acc <= 1.0 and results["zeroshot"][variant]["tasks"]["qllm_smoke"]["n"] == 8
+    assert "Zero-shot accuracy" in (run_dir / "results.md").read_text()
+    again = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache", tmp_path / "run2"), *extra])
+    assert again.returncode == 0
+    assert json.loads((tmp_path / "run2" / "results.json").read_text())["zeroshot"] == results["zeroshot"]  # cached, same

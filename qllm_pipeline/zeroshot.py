@@ -1,0 +1,330 @@
+"""Zero-shot accuracy with lm-eval (the harness) on the in-memory (e.g. quantized) model.
+
+The already-loaded ``transformers`` model is wrapped in ``lm_eval.models.huggingface.HFLM`` (nothing is reloaded from
+disk) and evaluated with ``lm_eval.simple_evaluate``. Besides lm-eval's own tasks, the project's task directory
+(``qllm_pipeline/tasks/``, holding the offline ``qllm_smoke`` plumbing test) is added with
+``TaskManager(include_path=...)``.
+
+lm-eval's real tasks (piqa, arc_easy, ...) download their data from the Hugging Face hub. Without hub access (or
+with ``HF_HUB_OFFLINE=1``) that failure becomes one ``PipelineError`` naming the task, instead of a traceback after
+a minute of retries: the hub is probed once with a short timeout and, if it cannot be reached, ``datasets`` and
+``huggingface_hub`` are switched to offline mode while the tasks load (so already-cached datasets still work).
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import logging
+import math
+import os
+import random
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import PipelineError
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+SMOKE_TASK = "qllm_smoke"
+# The paper's zero-shot list.
+DEFAULT_TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq"]
+
+_TRUE = {"1", "ON", "YES", "TRUE"}
+_HUB_PROBE_TIMEOUT_S = 3.0
+_QUIET_LOGGERS = ("lm_eval", "datasets", "huggingface_hub", "transformers", "accelerate")
+
+
+# --------------------------------------------------------------------------------------------- local task data
+def load_local_json(data_files: str | list | dict, config_source: str | None = None, **_: Any):
+    """``custom_dataset`` for our local tasks: the ``json`` builder with ``data_files`` resolved against the directory
+    of the task's YAML (lm-eval passes that YAML's path as ``config_source``), so it works from any cwd.
+
+    lm-eval calls it as ``custom_dataset(**metadata, **dataset_kwargs)``; other metadata keys are ignored.
+    """
+    import datasets
+
+    base = Path(config_source).parent if config_source else TASKS_DIR
+
+    def resolve(p):
+        if isinstance(p, (list, tuple)):
+            return [resolve(x) for x in p]
+        return str(p if Path(p).is_absolute() else base / p)
+
+    files = {k: resolve(v) for k, v in data_files.items()} if isinstance(data_files, dict) else resolve(data_files)
+    return datasets.load_dataset("json", data_files=files)
+
+
+# --------------------------------------------------------------------------------------------- task manager
+@functools.lru_cache(maxsize=2)
+def _task_manager(include_defaults: bool):
+    """Indexing lm-eval's ~15k built-in task YAMLs takes seconds, so each variant is built once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults)
+
+
+def _is_local(tm, name: str) -> bool:
+    entry = tm.task_index.get(name)
+    path = getattr(entry, "yaml_path", None)
+    return path is not None and TASKS_DIR in Path(path).resolve().parents
+
+
+# --------------------------------------------------------------------------------------------- hub / offline
+def _env_offline() -> str | None:
+    """The name of the offline-mode variable that is set, if any."""
+    return next((k for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+                 if os.environ.get(k, "").upper() in _TRUE), None)
+
+
+def _hub_reachable(timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
+    """One HEAD request to the hub endpoint (honours HTTP(S)_PROXY). Any HTTP answer, even an error code, counts."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline_mode(enabled: bool) -> Iterator[None]:
+    """Make ``datasets``/``huggingface_hub`` behave as with HF_HUB_OFFLINE=1 (cache only, fail at once) for the block.
+
+    Both libraries read the variable when they are imported, so setting it later (or finding the hub unreachable)
+    must patch their module-level flags; the previous values come back afterwards.
+    """
+    if not enabled:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = [(mod, name, getattr(mod, name)) for mod, name in (
+        (datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"), (huggingface_hub.constants, "HF_HUB_OFFLINE"),
+    ) if hasattr(mod, name)]
+    try:
+        for mod, name, _ in saved:
+            setattr(mod, name, True)
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+
+
+def _looks_like_hub_failure(exc: BaseException) -> bool:
+    names = {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError", "ConnectError", "ConnectTimeout",
+             "ReadTimeout", "HfHubHTTPError", "RepositoryNotFoundError", "GatedRepoError"}
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError)) or any(c.__name__ in names for c in type(exc).__mro__):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _quiet_logging() -> Iterator[None]:
+    saved = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
+    try:
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _seed_all(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _check_args(tasks, limit, batch_size) -> list[str]:
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    tasks = [str(t) for t in (tasks or [])]
+    if not tasks:
+        raise PipelineError(f"no zero-shot tasks given; set eval.tasks (e.g. [{SMOKE_TASK}] or {DEFAULT_TASKS})")
+    if len(set(tasks)) != len(tasks):
+        raise PipelineError(f"duplicate zero-shot task names in {tasks}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0
+                              or (isinstance(limit, float) and limit >= 1 and not limit.is_integer())):
+        raise PipelineError(f"zero-shot limit must be null, a positive count or a fraction in (0, 1), got {limit!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise PipelineError(f"zero-shot batch_size must be a positive integer, got {batch_size!r}")
+    return tasks
+
+
+def _load_tasks(names: list[str]) -> tuple[Any, list, list[str]]:
+    """Resolve and build every task (this is where datasets are loaded); returns (task manager, objects, leaf names)."""
+    local = _task_manager(include_defaults=False)
+    tm = local if all(n in local.task_index for n in names) else _task_manager(include_defaults=True)
+
+    for name in names:
+        if name not in tm.task_index:
+            close = difflib.get_close_matches(name, tm.all_tasks, n=3, cutoff=0.75)
+            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+            raise PipelineError(f"unknown lm-eval task {name!r}{hint}; see `lm-eval ls tasks` or use eval.tasks=[{SMOKE_TASK}]")
+
+    hub_names = [n for n in names if not _is_local(tm, n)]
+    why = ""
+    if hub_names:
+        if variable := _env_offline():
+            why = f"{variable} is set"
+        elif not _hub_reachable():
+            why = f"no connection to {os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}"
+    offline = bool(why)
+
+    objects, leaves = [], []
+    with _hub_offline_mode(offline):
+        for name in names:
+            try:
+                loaded = tm.load([name])
+            except Exception as e:  # noqa: BLE001 - every failure becomes one user-facing line
+                if name in hub_names and (offline or _looks_like_hub_failure(e)):
+                    raise PipelineError(
+                        f"lm-eval task {name!r} needs its dataset from the Hugging Face hub, which is unreachable"
+                        f" ({why or _one_line(e)}), and it is not in the local cache; run with hub access or use "
+                        f"eval.tasks=[{SMOKE_TASK}]"
+                    ) from e
+                raise PipelineError(f"lm-eval task {name!r} could not be loaded: {_one_line(e)}") from e
+            if name in loaded["groups"]:
+                objects.append(loaded["groups"][name])
+            else:
+                objects.extend(loaded["tasks"].values())
+            leaves.extend(t for t in loaded["tasks"] if t not in leaves)
+    return tm, objects, leaves
+
+
+@contextlib.contextmanager
+def _on_device(model: nn.Module, device) -> Iterator[None]:
+    """HFLM ignores `device` for a pre-built model (it uses model.device), so place the whole model there ourselves
+    for the evaluation and put it back where it was (the pipeline keeps it on the CPU) afterwards."""
+    target = torch.device(device) if device is not None else None
+    params = list(model.parameters()) + list(model.buffers())
+    original = params[0].device if params else None
+    move = target is not None and any(p.device != target for p in params)
+    was_training = model.training
+    if move:
+        model.to(target)
+    try:
+        yield
+    finally:
+        if move:
+            model.to(original)
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _no_retie(model: nn.Module) -> Iterator[None]:
+    """HFLM calls model.tie_weights(), which re-ties lm_head to embed_tokens whenever the config says so; a rotated or
+    quantized head must stay exactly as it is, so the call is a no-op while HFLM is built."""
+    had = "tie_weights" in model.__dict__
+    previous = model.__dict__.get("tie_weights")
+    model.tie_weights = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if had:
+            model.tie_weights = previous
+        else:
+            del model.tie_weights
+
+
+@contextlib.contextmanager
+def _no_git_hash() -> Iterator[None]:
+    """simple_evaluate records `git describe` of the cwd in its output (unused here); skip the subprocess and the
+    "fatal: not a git repository" it prints outside a checkout."""
+    import lm_eval.evaluator as evaluator
+
+    previous = getattr(evaluator, "get_git_commit_hash", None)
+    if previous is None:
+        yield
+        return
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = previous
+
+
+def _metric(row: dict, name: str) -> float | None:
+    value = row.get(f"{name},none")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+# --------------------------------------------------------------------------------------------- entry point
+def run_zeroshot(
+    model: nn.Module,
+    tokenizer,
+    tasks: list[str],
+    limit: int | float | None,
+    batch_size: int,
+    device,
+    num_fewshot: int = 0,
+    seed: int = 0,
+) -> dict:
+    """Evaluate `model` on lm-eval `tasks`; `limit` caps the documents per task (a count, or a fraction if < 1).
+
+    Returns ``{"tasks": {task: {"acc": float, "acc_norm": float | None, "n": int}}, "average_acc": float}`` where
+    ``n`` is the number of documents scored and ``average_acc`` the unweighted mean of the tasks' ``acc``. Groups
+    (e.g. ``ai2_arc``) are reported per leaf task. Deterministic for a given seed. Raises ``PipelineError`` for an
+    unknown task or a hub dataset that cannot be fetched.
+    """
+    names = _check_args(tasks, limit, batch_size)
+    if isinstance(limit, float) and limit >= 1:
+        limit = int(limit)  # lm-eval reads a float >= 1 as a count anyway; make it explicit
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    with _quiet_logging():
+        _seed_all(seed)
+        tm, objects, leaves = _load_tasks(names)
+        with _on_device(model, device), _no_retie(model), _no_git_hash():
+            lm = HFLM(pretrained=model, backend="causal", tokenizer=tokenizer, batch_size=batch_size,
+                      device=str(device) if device is not None else None)
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=objects,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=tm,
+                log_samples=False,
+                bootstrap_iters=0,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
+
+    results, counts = out["results"], out.get("n-samples", {})
+    report: dict[str, dict] = {}
+    for task in leaves:
+        row = results.get(task, {})
+        acc = _metric(row, "acc")
+        if acc is None:
+            raise PipelineError(f"lm-eval task {task!r} reports no 'acc' metric; zero-shot evaluation needs "
+                                "log-likelihood (multiple-choice) tasks")
+        count = counts.get(task, {})
+        report[task] = {"acc": acc, "acc_norm": _metric(row, "acc_norm"),
+                        "n": int(count.get("effective", count.get("original", 0)))}
+    return {"tasks": report, "average_acc": math.fsum(r["acc"] for r in report.values()) / len(report)}
