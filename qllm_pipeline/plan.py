@@ -24,8 +24,8 @@ def model_params(arch: dict) -> int:
     return layers * block + 2 * vocab * h + h
 
 
-def print_plan(cfg: dict, source: ModelSource) -> dict:
-    arch = architecture(cfg["model"], source)
+def print_plan(cfg: dict, source: ModelSource, arch: dict | None = None) -> dict:
+    arch = arch or architecture(cfg["model"], source)
     half = cfg["model"].get("dtype", "float16") in ("float16", "bfloat16")
     nbytes = 2 if half else 4
     lrc = cfg["train_lowrank"]

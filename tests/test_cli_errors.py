@@ -81,3 +81,11 @@ def test_missing_text_file(tiny_model_dir, tmp_path):
     )
     assert proc.returncode == 2
     assert "data.calib_path" in error_lines(proc)[0]
+
+
+def test_plan_only_for_70b_needs_no_weights_and_fits_80gb(tmp_path):
+    proc = run_cli(["model=llama2_70b", "quant=w4a4", "pipeline.plan_only=true", "calibrate.n_samples=128",
+                    "calibrate.seq_len=2048", f"hydra.run.dir={tmp_path}/run"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "80 blocks" in proc.stdout and "fits one 80 GB GPU: yes" in proc.stdout
+    assert "cached inputs (128×2048)" in proc.stdout
