@@ -22,7 +22,7 @@ def plot_theta_curves(results: dict, path, title: str) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.invert_xaxis()  # the search goes from the largest channel max downwards
-        ax.set_xlabel("θ (log scale; search runs right to left)")
+        ax.set_xlabel("θ (log); searched from the largest, left to right")
         ax.set_ylabel("sub-block output MSE (log)")
         ax.set_title(POINT_LABELS.get(point, point), fontsize=9)
         ax.legend(fontsize=8)

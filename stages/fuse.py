@@ -54,6 +54,8 @@ def finalize(ctx, runner, artifacts) -> None:
             writer.save_json("sizes.json", sizes)
         model_dir = ctx.cache.get("model", key)
     link = ctx.run_dir / "quantized_model"
+    if link.is_symlink():  # a re-used run directory: point at this run's model
+        link.unlink()
     if not link.exists():
         link.symlink_to(model_dir.path, target_is_directory=True)
     sizes = model_dir.json("sizes.json")
