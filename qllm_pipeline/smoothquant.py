@@ -1,0 +1,88 @@
+"""SmoothQuant (Xiao et al., ICML 2023, arXiv 2211.10438) as an exact full-precision transform of one decoder block.
+
+Per-token activation quantization suffers from a few input channels with very large magnitudes; per-output-channel
+weight quantization does not mind a few large input columns nearly as much. SmoothQuant migrates the difficulty:
+for a linear ``y = x Wᵀ`` it picks per-input-channel scales ``s`` and rewrites
+
+    y = (x / s) (W · s)ᵀ            (x / s: divide channel j by s_j;  W · s: multiply column j by s_j)
+
+with ``s_j = max|X_j|^α / max|W_{:,j}|^(1-α)`` (α = 0.5 balances the two). In a LLaMA block the inputs of q/k/v
+(and of gate/up) are RMSNorm outputs, ``x = g ⊙ x̂``, so ``x / s`` is folded into the norm weight ``g ← g / s`` and
+nothing runs at inference time. All linears sharing one input share one ``s`` (max over their weights' columns).
+
+This module mirrors the reference implementation (mit-han-lab/smoothquant, ``smooth_ln_fcs``): weight column maxima
+and the scales are both clamped to >= 1e-5.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SMOOTH_POINTS", "smoothing_scales", "smooth_block", "smooth_norm_linears"]
+
+# point name -> (norm attribute path, linears it feeds, act_max key: the input of the first linear)
+SMOOTH_POINTS = {
+    "qkv": ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.q_proj"),
+    "gate_up": ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp.gate_proj"),
+}
+
+_CLAMP = 1e-5
+
+
+def smoothing_scales(act_channel_max: Tensor, weights: Sequence[Tensor], alpha: float = 0.5) -> Tensor:
+    """Per-input-channel smoothing factors s (float32, shape [in_features]).
+
+    act_channel_max: max |x_j| over calibration tokens, one per input channel.
+    weights: the [out, in] weights of every linear that reads this input; their column maxima are max-reduced.
+    s_j = act_max_j^α / w_max_j^(1-α), with w_max clamped to >= 1e-5 and s clamped to >= 1e-5.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha} must lie in [0, 1]")
+    if len(weights) == 0:
+        raise ValueError("smoothing_scales needs at least one weight")
+    act = act_channel_max.detach().float().abs().flatten()
+    w_max = torch.stack([w.detach().float().abs().amax(dim=0).to(act.device) for w in weights]).amax(dim=0)
+    if w_max.shape != act.shape:
+        raise ValueError(f"act_channel_max has {act.numel()} channels but the weights have {w_max.numel()} input columns")
+    w_max = w_max.clamp(min=_CLAMP)
+    return (act.pow(alpha) / w_max.pow(1.0 - alpha)).clamp(min=_CLAMP)
+
+
+@torch.no_grad()
+def smooth_norm_linears(norm: nn.Module, linears: Sequence[nn.Module], scales: Tensor) -> None:
+    """In place: norm.weight /= s, and every linear's weight columns *= s (computed in float64, cast back).
+
+    Exact in full precision: (x̂ ⊙ g / s) (W · s)ᵀ = (x̂ ⊙ g) Wᵀ. A norm bias (LayerNorm) is divided by s as well.
+    """
+    s = scales.detach().double()
+    norm.weight.data.copy_((norm.weight.data.double() / s.to(norm.weight.device)).to(norm.weight.dtype))
+    bias = getattr(norm, "bias", None)
+    if bias is not None:
+        bias.data.copy_((bias.data.double() / s.to(bias.device)).to(bias.dtype))
+    for linear in linears:
+        w = linear.weight
+        w.data.copy_((w.data.double() * s.to(w.device).unsqueeze(0)).to(w.dtype))
+        if hasattr(linear, "_qweight_cache"):  # a QuantLinear caches its quantized weight
+            linear._qweight_cache = None
+
+
+def smooth_block(block: nn.Module, act_max: dict[str, Tensor], alpha: float = 0.5) -> dict[str, Tensor]:
+    """Apply SmoothQuant in place to one LLaMA decoder layer; return the scales {"qkv": s1, "gate_up": s2}.
+
+    act_max["self_attn.q_proj"] / act_max["mlp.gate_proj"]: per-channel max |x| of the inputs of those linears (the
+    input_layernorm / post_attention_layernorm outputs), measured on the block *before* smoothing.
+    The block's full-precision output is unchanged up to float rounding.
+    """
+    missing = [key for _, _, key in SMOOTH_POINTS.values() if key not in act_max]
+    if missing:
+        raise KeyError(f"act_max lacks {missing}; record the per-channel max |x| of those linears' inputs (forward pre-hooks)")
+    scales = {}
+    for point, (norm_path, linear_paths, key) in SMOOTH_POINTS.items():
+        norm = block.get_submodule(norm_path)
+        linears = [block.get_submodule(p) for p in linear_paths]
+        s = smoothing_scales(act_max[key], [lin.weight for lin in linears], alpha)
+        smooth_norm_linears(norm, linears, s)
+        scales[point] = s
+    return scales
