@@ -91,11 +91,9 @@ def run(cfg: DictConfig) -> dict:
     config = load_config(source)
     validate_model_fit(c, config)  # before reading any weights
     if "train_lowrank" in c["pipeline"]["stages"] and c["train_lowrank"]["enabled"]:
-        from .plan import print_plan
+        from .plan import arch_from_config, print_plan
 
-        keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
-                "max_position_embeddings", "vocab_size")
-        print_plan(c, source, {k: getattr(config, k) for k in keys})  # the memory plan, before training
+        print_plan(c, source, arch_from_config(config))  # the memory plan, before training
     model = load_model(source)
     tokenizer = load_tokenizer(source)
     tracker = make_tracker(c["logger"], c, str(run_dir), group=_sweep_group(), name=run_dir.name)

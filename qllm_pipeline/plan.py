@@ -11,7 +11,10 @@ def architecture(model_cfg: dict, source: ModelSource) -> dict:
     """The config group's `arch` block when present (works offline), else the model's own config."""
     if model_cfg.get("arch"):
         return dict(model_cfg["arch"])
-    config = load_config(source)
+    return arch_from_config(load_config(source))
+
+
+def arch_from_config(config) -> dict:
     keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
             "max_position_embeddings", "vocab_size")
     return {k: getattr(config, k) for k in keys}
