@@ -5,8 +5,6 @@ hidden states in mini-batches, and move it back.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
@@ -94,7 +92,3 @@ class BlockRunner:
                 outs.append(self(block, chunk).to("cpu", hidden.dtype))
         return torch.cat(outs)
 
-
-def iter_batches(n: int, batch_size: int) -> Iterator[slice]:
-    for start in range(0, n, batch_size):
-        yield slice(start, min(start + batch_size, n))

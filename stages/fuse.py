@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 
-from qllm_pipeline.blocks import quant_linears
 from qllm_pipeline.export import save_quantized_model
 from qllm_pipeline.fused import fused_block_tensors
+from qllm_pipeline.lowrank import fuse_block, load_lora_state
 from qllm_pipeline.qblock import load_reassemblies, make_quant_block
 from qllm_pipeline.runner import StageSpec
 
@@ -32,11 +32,8 @@ def run(ctx, state, artifacts, writer) -> None:
     block = make_quant_block(state.fp_block, ctx.weight_spec, ctx.act_spec, reassemblies)
     trained = artifacts.get("train_lowrank")
     if trained is not None:
-        from qllm_pipeline.lowrank import load_lora_state
-
         load_lora_state(block, trained.tensors("lora.safetensors"))
-    for qlinear in quant_linears(block).values():
-        qlinear.fuse()
+    fuse_block(block)
     writer.save_tensors("block.safetensors", fused_block_tensors(block))
 
 
