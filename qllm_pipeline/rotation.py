@@ -227,8 +227,9 @@ def fuse_norms_into_linears(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, seed: int = 0) -> Tensor:
-    """In place: rotate the residual stream by Q = random_hadamard(hidden_size, seed); return Q (float64, CPU).
+def rotate_model(model: nn.Module, seed: int = 0, q: Tensor | None = None) -> Tensor:
+    """In place: rotate the residual stream by Q = random_hadamard(hidden_size, seed) (or the given orthogonal q);
+    return Q (float64, CPU).
 
     Norm weights are fused into the linears first (:func:`fuse_norms_into_linears`), which rotation needs to be exact.
     Then embed_tokens E ← E Q, readers (q/k/v/gate/up, lm_head) W ← W Q, writers (o_proj, down_proj) W ← Qᵀ W and
@@ -236,7 +237,9 @@ def rotate_model(model: nn.Module, seed: int = 0) -> Tensor:
     """
     fuse_norms_into_linears(model)
     hidden = model.config.hidden_size
-    q = random_hadamard(hidden, seed, torch.float64)
+    q = random_hadamard(hidden, seed, torch.float64) if q is None else q.double().cpu()
+    if q.shape != (hidden, hidden):
+        raise ValueError(f"rotation has shape {tuple(q.shape)} but the model's hidden size is {hidden}")
 
     def read(linear: nn.Module) -> None:
         w = linear.weight

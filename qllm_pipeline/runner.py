@@ -1,9 +1,11 @@
 """The stage runner: computes cache keys, skips what is cached, and walks the decoder blocks in order.
 
 Stages come in three kinds:
-- `calibrate` runs once, before the blocks;
-- block stages (collect_activations → search_theta → reassemble → train_lowrank → fuse) run for every decoder
-  block in turn; block i's inputs are the outputs of the already-quantized blocks < i, so the key of block i's
+- `calibrate` and the optional `rotate` run once, before the blocks; `rotate` swaps the model for a rotated copy,
+  and its key starts the block chain;
+- block stages (collect_activations → smooth → search_theta → reassemble → train_lowrank → fuse) run for every
+  decoder block in turn; a block stage may have an `apply` hook that changes the block the later stages see
+  (smooth does); block i's inputs are the outputs of the already-quantized blocks < i, so the key of block i's
   first stage includes the key of block i-1's fused artifact;
 - `evaluate` runs once, after the blocks.
 Each block stage stores one artifact per block, so a killed run resumes at the first block it had not finished.
@@ -27,12 +29,15 @@ from .blocks import BlockRunner, decoder_layers
 from .cache import Artifact, ArtifactCache, artifact_key
 from .errors import PipelineError
 from .fused import build_fused_block
+from .memory import PeakRSS
 from .quantizer import QuantSpec
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ("calibrate", "collect_activations", "search_theta", "reassemble", "train_lowrank", "fuse", "evaluate")
-BLOCK_STAGES = ("collect_activations", "search_theta", "reassemble", "train_lowrank", "fuse")
+STAGE_ORDER = (
+    "calibrate", "rotate", "collect_activations", "smooth", "search_theta", "reassemble", "train_lowrank", "fuse", "evaluate",
+)
+BLOCK_STAGES = ("collect_activations", "smooth", "search_theta", "reassemble", "train_lowrank", "fuse")
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ class RunContext:
     """Everything stages share for one run. Stages read config through `cfg` (a plain dict)."""
 
     cfg: dict
-    model: nn.Module
+    model: nn.Module  # the model the blocks are quantized from (a rotated copy when the rotate stage runs)
     tokenizer: Any
     cache: ArtifactCache
     run_dir: Path
@@ -94,6 +99,11 @@ class RunContext:
     progress: bool = True
     block_runner: BlockRunner | None = None
     keys: dict[str, str] = field(default_factory=dict)
+    fp_model: nn.Module | None = None  # the model as loaded: the FP and RTN reference rows are computed on it
+
+    def __post_init__(self):
+        if self.fp_model is None:
+            self.fp_model = self.model
 
 
 class BlockState:
@@ -104,13 +114,15 @@ class BlockState:
         self.ctx = ctx
         self.fp_block = decoder_layers(ctx.model)[index]
         self.x_q = x_q  # inputs from the already-quantized blocks < index (what the quantized block will see)
-        self.x_fp = x_fp  # inputs from the full-precision blocks < index
+        self.x_fp = x_fp  # inputs from the full-precision blocks < index (None when no stage needs targets)
         self._targets: torch.Tensor | None = None
 
     @property
     def targets(self) -> torch.Tensor:
         """The FP block's output on the FP stream: the training target and the next block's FP input."""
         if self._targets is None:
+            if self.x_fp is None:
+                raise RuntimeError("FP targets were not tracked in this run (only train_lowrank needs them)")
             block = self.fp_block.to(self.ctx.device)
             self._targets = self.ctx.block_runner.run_batched(block, self.x_fp, self.ctx.cfg["pipeline"]["batch_size"])
             self.fp_block.to("cpu")
@@ -167,10 +179,11 @@ class Runner:
         if self.ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.ctx.device)
         start = time.perf_counter()
-        result = fn(*args)
+        with PeakRSS() as peak:
+            result = fn(*args)
         rec = self.records[name]
         rec.seconds += time.perf_counter() - start
-        rec.peak_rss_mib = max(rec.peak_rss_mib, peak_rss_mib())
+        rec.peak_rss_mib = max(rec.peak_rss_mib, peak.mib)
         if self.ctx.device.type == "cuda":
             rec.peak_device_mib = max(rec.peak_device_mib, torch.cuda.max_memory_allocated(self.ctx.device) / 2**20)
         return result
@@ -204,9 +217,16 @@ class Runner:
         calib = self._produce("calibrate", calib_key, lambda w: calibrate.run(ctx, w))
         self._report("calibrate", calib_key)
         windows = calib.tensors("windows.safetensors")["input_ids"]
+        chain_key = calib_key
+        if self.enabled("rotate"):
+            rotate = self.stages["rotate"]
+            chain_key = ctx.keys["rotate"] = self.key("rotate", {"calibrate": calib_key})
+            rotation = self._produce("rotate", chain_key, lambda w: rotate.run(ctx, w))
+            self._measure("rotate", rotate.apply, ctx, rotation)
+            self._report("rotate", chain_key)
         ctx.block_runner = BlockRunner(ctx.model, windows.shape[1], ctx.device, next(ctx.model.parameters()).dtype)
 
-        final_key, artifacts = self.walk_blocks(calib_key, windows)
+        final_key, artifacts = self.walk_blocks(calib_key, windows, chain_key)
         self.artifacts = artifacts
         ctx.keys["fuse"] = final_key
         for name in BLOCK_STAGES:
@@ -220,11 +240,14 @@ class Runner:
             self._report("evaluate", "per variant")
         return results
 
-    def walk_blocks(self, calib_key: str, windows: torch.Tensor) -> tuple[str, dict[str, list[Artifact | None]]]:
-        """Run the block stages block by block; returns the last fused key and every block's artifacts by stage."""
+    def walk_blocks(self, calib_key: str, windows: torch.Tensor, chain_key: str | None = None):
+        """Run the block stages block by block; returns the last fused key and every block's artifacts by stage.
+
+        chain_key: the key block 0 depends on besides calibrate (the rotate key when the model was rotated).
+        """
         ctx = self.ctx
         layers = decoder_layers(ctx.model)
-        prev_key = calib_key
+        prev_key = chain_key or calib_key
         per_stage: dict[str, list[Artifact | None]] = {n: [] for n in BLOCK_STAGES}
         fused = per_stage["fuse"]
         pending: list[int] = []  # cached blocks the streams have not been advanced through yet
@@ -252,11 +275,18 @@ class Runner:
                 stage = self.stages[name]
                 bar.set_postfix_str(f"{name}")
                 artifacts[name] = self._produce(name, keys[name], lambda w, s=stage: s.run(ctx, state, artifacts, w))
+                apply = getattr(stage, "apply", None)
+                if apply is not None:  # e.g. smooth: later stages see the smoothed block
+                    apply(ctx, state, artifacts[name])
             for n in BLOCK_STAGES:
                 per_stage[n].append(artifacts[n])
-            streams = (self._advance(i, streams[0], artifacts["fuse"]), state.targets)
+            streams = (self._advance(i, streams[0], artifacts["fuse"]), state.targets if self.needs_fp_stream() else None)
             prev_key = keys["fuse"]
         return prev_key, per_stage
+
+    def needs_fp_stream(self) -> bool:
+        """Only LRC trains against FP targets; without it the FP stream is not computed (it costs a block forward)."""
+        return self.enabled("train_lowrank")
 
     def _advance(self, i: int, x_q: torch.Tensor, fused: Artifact) -> torch.Tensor:
         """Quantized stream through block i, rebuilt from its stored artifact (the same path a resumed run takes)."""
@@ -272,12 +302,13 @@ class Runner:
         if streams is None:
             with torch.no_grad():
                 emb = ctx.model.get_input_embeddings()(windows)
-            streams = (emb, emb.clone())
+            streams = (emb, emb.clone() if self.needs_fp_stream() else None)
         if pending:
             log.info("replaying %d cached block(s) to rebuild the block inputs", len(pending))
         x_q, x_fp = streams
         for i in tqdm(pending, desc="replay cached blocks", disable=not ctx.progress or not pending, leave=False):
-            x_fp = BlockState(i, ctx, x_q, x_fp).targets
+            if self.needs_fp_stream():
+                x_fp = BlockState(i, ctx, x_q, x_fp).targets
             x_q = self._advance(i, x_q, fused[i])
         return x_q, x_fp
 

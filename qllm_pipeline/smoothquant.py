@@ -20,7 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SMOOTH_POINTS", "smoothing_scales", "smooth_block", "smooth_norm_linears"]
+__all__ = ["SMOOTH_POINTS", "smoothing_scales", "block_smoothing_scales", "apply_smoothing", "smooth_block",
+           "smooth_norm_linears", "smoothed_channel_max"]
 
 # point name -> (norm attribute path, linears it feeds, act_max key: the input of the first linear)
 SMOOTH_POINTS = {
@@ -68,21 +69,43 @@ def smooth_norm_linears(norm: nn.Module, linears: Sequence[nn.Module], scales: T
             linear._qweight_cache = None
 
 
-def smooth_block(block: nn.Module, act_max: dict[str, Tensor], alpha: float = 0.5) -> dict[str, Tensor]:
-    """Apply SmoothQuant in place to one LLaMA decoder layer; return the scales {"qkv": s1, "gate_up": s2}.
+def block_smoothing_scales(block: nn.Module, act_max: dict[str, Tensor], alpha: float = 0.5) -> dict[str, Tensor]:
+    """The scales {"qkv": s1, "gate_up": s2} of one LLaMA decoder layer, without changing it.
 
     act_max["self_attn.q_proj"] / act_max["mlp.gate_proj"]: per-channel max |x| of the inputs of those linears (the
     input_layernorm / post_attention_layernorm outputs), measured on the block *before* smoothing.
-    The block's full-precision output is unchanged up to float rounding.
     """
     missing = [key for _, _, key in SMOOTH_POINTS.values() if key not in act_max]
     if missing:
         raise KeyError(f"act_max lacks {missing}; record the per-channel max |x| of those linears' inputs (forward pre-hooks)")
-    scales = {}
-    for point, (norm_path, linear_paths, key) in SMOOTH_POINTS.items():
-        norm = block.get_submodule(norm_path)
-        linears = [block.get_submodule(p) for p in linear_paths]
-        s = smoothing_scales(act_max[key], [lin.weight for lin in linears], alpha)
-        smooth_norm_linears(norm, linears, s)
-        scales[point] = s
+    return {
+        point: smoothing_scales(act_max[key], [block.get_submodule(p).weight for p in linear_paths], alpha)
+        for point, (_, linear_paths, key) in SMOOTH_POINTS.items()
+    }
+
+
+def apply_smoothing(block: nn.Module, scales: dict[str, Tensor]) -> None:
+    """In place: fold each point's scales into its norm (÷ s) and the linears it feeds (× s)."""
+    for point, s in scales.items():
+        norm_path, linear_paths, _ = SMOOTH_POINTS[point]
+        smooth_norm_linears(block.get_submodule(norm_path), [block.get_submodule(p) for p in linear_paths], s)
+
+
+def smooth_block(block: nn.Module, act_max: dict[str, Tensor], alpha: float = 0.5) -> dict[str, Tensor]:
+    """Apply SmoothQuant in place to one LLaMA decoder layer; return the scales {"qkv": s1, "gate_up": s2}.
+
+    The block's full-precision output is unchanged up to float rounding.
+    """
+    scales = block_smoothing_scales(block, act_max, alpha)
+    apply_smoothing(block, scales)
     return scales
+
+
+def smoothed_channel_max(act_max: dict[str, Tensor], scales: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-channel max |x| of every linear's input after smoothing: the inputs of a smoothed point are x / s."""
+    out = dict(act_max)
+    for point, s in scales.items():
+        for path in SMOOTH_POINTS[point][1]:
+            if path in out:
+                out[path] = out[path] / s.to(out[path].dtype)
+    return out

@@ -27,15 +27,22 @@ def disabled_reason(cfg, selected) -> str:
     return "not in pipeline.stages"
 
 
+METHOD_LABELS = (("rotate", "rotation"), ("smooth", "smoothquant"), ("reassemble", "cra"), ("train_lowrank", "lrc"))
+
+
 def method_names(runner) -> list[str]:
-    return [label for stage, label in (("reassemble", "cra"), ("train_lowrank", "lrc")) if runner.enabled(stage)]
+    return [label for stage, label in METHOD_LABELS if runner.enabled(stage)]
 
 
-def variant_plan(ctx, runner, artifacts) -> dict[str, tuple[dict, object]]:
-    """name -> (cache dependencies, function giving block i)."""
-    layers = decoder_layers(ctx.model)
+def variant_plan(ctx, runner, artifacts) -> dict[str, tuple[dict, object, object]]:
+    """name -> (cache dependencies, function giving block i, the model whose embeddings and head frame the blocks).
+
+    fp and rtn are computed on the model as loaded, so they are the same rows (and cache entries) for every method;
+    the pipeline's own result is computed on ctx.model (the rotated copy when the rotate stage ran).
+    """
+    fp_layers, layers = decoder_layers(ctx.fp_model), decoder_layers(ctx.model)
     wspec, aspec = ctx.weight_spec, ctx.act_spec
-    plan = {"fp": ({}, lambda i: layers[i])}
+    plan = {"fp": ({}, lambda i: fp_layers[i], ctx.fp_model)}
     if not (wspec.enabled or aspec.enabled):
         return plan
     fused = artifacts["fuse"]
@@ -46,16 +53,17 @@ def variant_plan(ctx, runner, artifacts) -> dict[str, tuple[dict, object]]:
     methods = method_names(runner)
     quant = {"quant": ctx.cfg["quant"]}
     if not methods:  # the fused model is plain RTN: evaluate it from the artifacts, not a second copy
-        plan["rtn"] = ({**quant, "fuse": ctx.keys["fuse"]}, from_fused)
+        plan["rtn"] = ({**quant, "fuse": ctx.keys["fuse"]}, from_fused, ctx.model)
         return plan
-    plan["rtn"] = (quant, lambda i: make_quant_block(layers[i], wspec, aspec))
-    if methods == ["cra", "lrc"]:
+    plan["rtn"] = (quant, lambda i: make_quant_block(fp_layers[i], wspec, aspec), ctx.fp_model)
+    if methods == ["cra", "lrc"]:  # what CRA alone gave on this run's blocks, before LRC
         reassembled = artifacts["reassemble"]
         plan["cra"] = (
             {**quant, "reassemble": reassembled[-1].path.name},
             lambda i: make_quant_block(layers[i], wspec, aspec, load_reassemblies(reassembled[i].tensors("reassembly.safetensors"))),
+            ctx.model,
         )
-    plan["+".join(methods)] = ({**quant, "fuse": ctx.keys["fuse"]}, from_fused)
+    plan["+".join(methods)] = ({**quant, "fuse": ctx.keys["fuse"]}, from_fused, ctx.model)
     return plan
 
 
@@ -64,19 +72,20 @@ def run(ctx, runner, artifacts) -> dict:
     plan = variant_plan(ctx, runner, artifacts)
     table: dict[str, dict[str, float]] = {}
     for dataset in cfg["datasets"]:
-        keys = {name: runner.key("evaluate", deps, extra={"variant": name, "dataset": dataset}) for name, (deps, _) in plan.items()}
+        keys = {name: runner.key("evaluate", deps, extra={"variant": name, "dataset": dataset}) for name, (deps, *_) in plan.items()}
         cached = {name: ctx.cache.get("evaluate", key) for name, key in keys.items() if not runner.is_forced("evaluate")}
-        todo = {name: fn for name, (_, fn) in plan.items() if cached.get(name) is None}
+        todo = [name for name in plan if cached.get(name) is None]
         for name in plan:
             if name not in todo:
                 runner.records["evaluate"].cached += 1
         results = {name: cached[name].json("ppl.json")["ppl"] for name in plan if name not in todo}
         if todo:
             windows = _windows(ctx, dataset, cfg)
-            log.info("perplexity on %s: %d windows × %d tokens, variants %s", dataset, *windows.shape, list(todo))
-            computed = blockwise_perplexity(
-                ctx.model, windows, todo, ctx.device, cfg["batch_size"], ctx.progress, desc=f"ppl {dataset}"
-            )
+            log.info("perplexity on %s: %d windows × %d tokens, variants %s", dataset, *windows.shape, todo)
+            computed = {}
+            for model in {id(plan[n][2]): plan[n][2] for n in todo}.values():  # variants sharing a model stream together
+                variants = {n: plan[n][1] for n in todo if plan[n][2] is model}
+                computed.update(blockwise_perplexity(model, windows, variants, ctx.device, cfg["batch_size"], ctx.progress, desc=f"ppl {dataset}"))
             for name, ppl in computed.items():
                 ctx.cache.remove("evaluate", keys[name])
                 with ctx.cache.writer("evaluate", keys[name]) as writer:
@@ -95,9 +104,9 @@ def zeroshot(ctx, runner, plan: dict, cfg: dict) -> dict:
     from qllm_pipeline.zeroshot import run_zeroshot
 
     tasks = list(cfg["tasks"])
-    layers = decoder_layers(ctx.model)
     table = {}
-    for name, (deps, block_for) in plan.items():
+    for name, (deps, block_for, model) in plan.items():
+        layers = decoder_layers(model)
         key = runner.key("evaluate", deps, extra={"variant": name, "tasks": tasks, "limit": cfg.get("limit"), "zeroshot": True})
         cached = None if runner.is_forced("evaluate") else ctx.cache.get("evaluate", key)
         if cached is not None:
@@ -109,7 +118,7 @@ def zeroshot(ctx, runner, plan: dict, cfg: dict) -> dict:
             for i in range(len(original)):
                 layers[i] = block_for(i)
             log.info("zero-shot %s on %s", name, tasks)
-            table[name] = run_zeroshot(ctx.model, ctx.tokenizer, tasks, cfg.get("limit"), cfg["batch_size"], ctx.device)
+            table[name] = run_zeroshot(model, ctx.tokenizer, tasks, cfg.get("limit"), cfg["batch_size"], ctx.device)
         finally:
             for i, layer in enumerate(original):
                 layers[i] = layer

@@ -10,7 +10,7 @@ from qllm_pipeline.reassembly import build_reassembly
 from qllm_pipeline.runner import StageSpec
 from qllm_pipeline.subblock import point_weights
 
-from .search_theta import POINT_STAT, score_tokens, search_inputs
+from .search_theta import POINT_STAT, channel_max, score_tokens, search_inputs
 
 SPEC = StageSpec("reassemble", version=1, config_keys=("reassemble",), upstream=("search_theta",), per_block=True)
 
@@ -27,7 +27,7 @@ def disabled_reason(cfg, selected) -> str:
 
 def run(ctx, state, artifacts, writer) -> None:
     thetas = artifacts["search_theta"].json("theta.json")
-    stats = artifacts["collect_activations"].tensors("channel_max.safetensors")
+    stats = channel_max(artifacts)
     inputs, block = search_inputs(ctx, state)
     try:
         maps = {}

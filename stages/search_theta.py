@@ -13,6 +13,7 @@ from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.plots import plot_theta_curves
 from qllm_pipeline.reassembly import build_reassembly, search_theta, theta_grid
 from qllm_pipeline.runner import StageSpec
+from qllm_pipeline.smoothquant import smoothed_channel_max
 from qllm_pipeline.subblock import POINTS, point_inputs, point_loss_fn, point_weights
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,13 @@ def fixed_theta(cfg: dict, point: str) -> float | None:
     return None if value is None else float(value)
 
 
+def channel_max(artifacts) -> dict[str, torch.Tensor]:
+    """Collected per-channel max |x| of every projection's input, divided by the smoothing scales if smooth ran."""
+    stats = artifacts["collect_activations"].tensors("channel_max.safetensors")
+    smooth = artifacts.get("smooth")
+    return smoothed_channel_max(stats, smooth.tensors("scales.safetensors")) if smooth is not None else stats
+
+
 def search_inputs(ctx, state) -> tuple[dict, torch.Tensor]:
     """FP inputs of every point for the first n_samples windows of the quantized stream (on the device)."""
     n = int(ctx.cfg["search_theta"]["n_samples"])
@@ -85,7 +93,7 @@ def score_tokens(h: torch.Tensor) -> torch.Tensor:
 
 def run(ctx, state, artifacts, writer) -> None:
     cfg = ctx.cfg
-    stats = artifacts["collect_activations"].tensors("channel_max.safetensors")
+    stats = channel_max(artifacts)
     inputs, block = search_inputs(ctx, state)
     assemble = bool(cfg["reassemble"]["assemble"])
     results = {}
