@@ -5,7 +5,7 @@ its own subprocess so peak RSS is its own. For every configuration we run, for a
 stages run: the θ search at the three reassembly points, then low-rank training of the block. The exponent b of
 time ∝ size^b is fitted by least squares in log-log space.
 
-    python benchmarks/scaling.py            # defaults: hidden 128..1024, blocks 1..8 (a few minutes on 2 CPU cores)
+    python benchmarks/scaling.py            # defaults: hidden 256..2048, blocks 1..16 (about 10 min on 2 CPU cores)
     python benchmarks/scaling.py --tiny     # smoke mode used by the tests
 Writes benchmarks/results/scaling.md and .json.
 """
@@ -34,6 +34,9 @@ def measure(hidden: int, blocks: int, samples: int, seq_len: int, steps: int, ep
     from qllm_pipeline.reassembly import search_theta
     from qllm_pipeline.subblock import POINTS, point_inputs, point_loss_fn, point_weights
 
+    import psutil
+
+    baseline_mib = psutil.Process().memory_info().rss / 2**20  # interpreter + torch, before any model exists
     torch.manual_seed(0)
     inter = (hidden * 8 // 3 + 63) // 64 * 64
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=blocks, num_attention_heads=hidden // 64,
@@ -61,8 +64,10 @@ def measure(hidden: int, blocks: int, samples: int, seq_len: int, steps: int, ep
         train_s += time.perf_counter() - start
         with torch.no_grad():
             x = runner(block, x)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"hidden": hidden, "blocks": blocks, "intermediate": inter, "params_per_block": sum(p.numel() for p in decoder_layers(model)[0].parameters()),
-            "search_theta_s": search_s, "train_lowrank_s": train_s, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "search_theta_s": search_s, "train_lowrank_s": train_s, "peak_rss_mib": peak,
+            "added_rss_mib": peak - baseline_mib}
 
 
 def fit_exponent(xs: list[float], ys: list[float]) -> float:
@@ -73,11 +78,11 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", default="128,256,512,1024")
-    parser.add_argument("--blocks", default="1,2,4,8")
-    parser.add_argument("--blocks-hidden", type=int, default=256, help="hidden size for the blocks sweep")
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--hidden", default="256,512,1024,2048")
+    parser.add_argument("--blocks", default="1,2,4,8,16")
+    parser.add_argument("--blocks-hidden", type=int, default=512, help="hidden size for the blocks sweep")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--tiny", action="store_true")
@@ -104,19 +109,22 @@ def main() -> None:
     by_hidden = [r for r in rows if r["blocks"] == 1]
     by_blocks = [r for r in rows if r["hidden"] == args.blocks_hidden]
     fits = {}
-    for name, group, key in (("hidden", by_hidden, "hidden"), ("blocks", by_blocks, "blocks")):
+    for name, group, key in (("hidden", by_hidden, "hidden"), ("params per block", by_hidden, "params_per_block"), ("blocks", by_blocks, "blocks")):
         if len(group) >= 2:
             xs = [r[key] for r in group]
-            fits[name] = {k: fit_exponent(xs, [r[k] for r in group]) for k in ("search_theta_s", "train_lowrank_s", "peak_rss_mib")}
+            fits[name] = {k: fit_exponent(xs, [r[k] for r in group]) for k in ("search_theta_s", "train_lowrank_s", "added_rss_mib")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scaling.json").write_text(json.dumps({"rows": rows, "exponents": fits, "argv": sys.argv[1:]}, indent=2))
     lines = ["# Scaling of search-theta and train-lowrank", "",
              f"Random LLaMA blocks (head dim 64, intermediate ≈ 8/3·hidden), {args.samples} samples × {args.seq_len} tokens, "
              f"θ grid {args.steps} steps, {args.epochs} LRC epochs, W4A4. Command: `python benchmarks/scaling.py {' '.join(sys.argv[1:])}`", "",
-             "| hidden | blocks | params/block | search-theta (s) | train-lowrank (s) | peak RSS (MiB) |", "|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['hidden']} | {r['blocks']} | {r['params_per_block']:,} | {r['search_theta_s']:.2f} | {r['train_lowrank_s']:.2f} | {r['peak_rss_mib']:.0f} |" for r in rows]
+             "Peak RSS is the whole process; added RSS is the peak minus the process's RSS before the model was built.", "",
+             "| hidden | blocks | params/block | search-theta (s) | train-lowrank (s) | peak RSS (MiB) | added RSS (MiB) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['hidden']} | {r['blocks']} | {r['params_per_block']:,} | {r['search_theta_s']:.2f} | {r['train_lowrank_s']:.2f} "
+              f"| {r['peak_rss_mib']:.0f} | {r['added_rss_mib']:.0f} |" for r in rows]
     lines += ["", "Fitted exponents b in cost ∝ x^b:", ""]
-    lines += [f"- against {name}: search-theta {f['search_theta_s']:.2f}, train-lowrank {f['train_lowrank_s']:.2f}, peak RSS {f['peak_rss_mib']:.2f}"
+    lines += [f"- against {name}: search-theta {f['search_theta_s']:.2f}, train-lowrank {f['train_lowrank_s']:.2f}, added RSS {f['added_rss_mib']:.2f}"
               for name, f in fits.items()]
     text = "\n".join(lines) + "\n"
     (args.out / "scaling.md").write_text(text)
