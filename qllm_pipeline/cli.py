@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .cache import ArtifactCache
 from .errors import PipelineError
+from .memory import release_freed_memory
 from .export import specs_from_quant_cfg
 from .model_loading import ModelSource, load_config, load_model, load_tokenizer
 from .report import write_results
@@ -143,6 +144,8 @@ def hydra_main(cfg: DictConfig) -> None:
         run(cfg)
     except PipelineError as exc:
         fail(str(exc))
+    finally:
+        release_freed_memory()  # the next job of a multirun starts from a low RSS
 
 
 def main() -> None:
