@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,7 +125,7 @@ def main() -> None:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}; choose from {list(METHODS)}")
-    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python benchmarks/accuracy.py", *sys.argv[1:]])
     if args.tiny:
         if not args.tiny_model_dir:
             raise SystemExit("error: --tiny needs --tiny-model-dir (a saved tiny LLaMA)")
@@ -136,10 +137,12 @@ def main() -> None:
         cache = args.cache or Path(tmp) / "cache"
         sweep_dir = args.out / "runs" / ("tiny" if args.tiny else "sweep")
         shutil.rmtree(sweep_dir, ignore_errors=True)  # runs of an earlier invocation must not mix into this table
+        started = time.perf_counter()
         runs = sweep(args, cache, sweep_dir)
+        total_s = time.perf_counter() - started
     rows = rows_from(runs)
-    (args.out / "accuracy.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
-    text = markdown(rows, args, command)
+    (args.out / "accuracy.json").write_text(json.dumps({"command": command, "total_wall_s": round(total_s, 1), "rows": rows}, indent=2))
+    text = markdown(rows, args, command) + f"\nTotal wall time of the sweep: {total_s / 60:.1f} min.\n"
     (args.out / "accuracy.md").write_text(text)
     print(text)
 

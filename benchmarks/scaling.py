@@ -117,7 +117,7 @@ def main() -> None:
     (args.out / "scaling.json").write_text(json.dumps({"rows": rows, "exponents": fits, "argv": sys.argv[1:]}, indent=2))
     lines = ["# Scaling of search-theta and train-lowrank", "",
              f"Random LLaMA blocks (head dim 64, intermediate ≈ 8/3·hidden), {args.samples} samples × {args.seq_len} tokens, "
-             f"θ grid {args.steps} steps, {args.epochs} LRC epochs, W4A4. Command: `python benchmarks/scaling.py {' '.join(sys.argv[1:])}`", "",
+             f"θ grid {args.steps} steps, {args.epochs} LRC epochs, W4A4. Command: `{' '.join(['python benchmarks/scaling.py', *sys.argv[1:]])}`", "",
              "Peak RSS is the whole process; added RSS is the peak minus the process's RSS before the model was built.", "",
              "| hidden | blocks | params/block | search-theta (s) | train-lowrank (s) | peak RSS (MiB) | added RSS (MiB) |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
