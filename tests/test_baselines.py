@@ -79,6 +79,15 @@ def test_smoothquant_and_rotation_qllm_run_cache_and_export(tiny_model_dir, tmp_
     assert stage_rows(r2)["smooth"]["cached"] == 3 and stage_rows(r2)["smooth"]["computed"] == 0
     assert r2["ppl"] == r_sq["ppl"]
 
+    # SmoothQuant composes with CRA+LRC; block 0's statistics and scales are the SmoothQuant run's (same chain key)
+    stages = "pipeline.stages=[calibrate,collect_activations,smooth,search_theta,reassemble,train_lowrank,fuse,evaluate]"
+    combo = run_cli([*tiny_overrides(tiny_model_dir, cache, tmp_path / "sq_qllm"), stages])
+    assert combo.returncode == 0, combo.stderr[-3000:]
+    r_combo = read_results(tmp_path / "sq_qllm")
+    assert set(r_combo["ppl"]["wiki_sample"]) == {"fp", "rtn", "smoothquant+cra+lrc"}
+    rows = stage_rows(r_combo)
+    assert rows["smooth"]["cached"] == 1 and rows["smooth"]["computed"] == 2 and rows["search_theta"]["computed"] == 3
+
     rot = run_cli([*tiny_overrides(tiny_model_dir, cache, tmp_path / "rot"), "method=rotation_qllm"])
     assert rot.returncode == 0, rot.stderr[-3000:]
     r_rot = read_results(tmp_path / "rot")
