@@ -44,7 +44,7 @@ def main() -> None:
 
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         m = compose("config").model
-    model = load_model(ModelSource(**{k: m.get(k) for k in ("name", "hub_id", "path", "package", "gguf_file", "revision", "dtype")}))
+    model = load_model(ModelSource.from_config(m))
     folded = copy.deepcopy(model)
     fuse_norms_into_linears(folded)
     rotated = copy.deepcopy(model)

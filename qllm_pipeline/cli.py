@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .cache import ArtifactCache
 from .errors import PipelineError
-from .memory import release_freed_memory
 from .export import specs_from_quant_cfg
+from .memory import release_freed_memory
 from .model_loading import ModelSource, load_config, load_model, load_tokenizer
 from .report import write_results
 from .run_report import write_plots
@@ -80,7 +80,7 @@ def run(cfg: DictConfig) -> dict:
     c = OmegaConf.to_container(cfg, resolve=True)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     weight_spec, act_spec = quant_specs(c["quant"])
-    source = ModelSource(**{k: c["model"].get(k) for k in ("name", "hub_id", "path", "package", "gguf_file", "revision", "dtype")})
+    source = ModelSource.from_config(c["model"])
     if c["pipeline"]["plan_only"]:
         from .plan import print_plan
 

@@ -144,7 +144,7 @@ def load_lora_state(block: nn.Module, state: dict[str, torch.Tensor]) -> None:
             ql.lora_B.copy_(b)
             ql.lora_A.requires_grad_(False)
             ql.lora_B.requires_grad_(False)
-            ql._qweight_cache = None
+            ql.weight_changed()
         loaded_norms = False
         for name, norm in norms.items():
             key = f"{name}.weight"

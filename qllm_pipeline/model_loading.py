@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,11 @@ class ModelSource:
     gguf_file: str | None = None
     revision: str | None = None
     dtype: str = "float32"
+
+    @classmethod
+    def from_config(cls, model_cfg: dict) -> "ModelSource":
+        """From a `model` config group (its other keys, e.g. `arch`, are not about where the weights are)."""
+        return cls(**{f.name: model_cfg.get(f.name) for f in dataclasses.fields(cls)})
 
     def location(self) -> tuple[str, dict]:
         """(pretrained_model_name_or_path, extra from_pretrained kwargs)."""

@@ -92,8 +92,18 @@ class QuantLinear(nn.Module):
         self.weight_is_quantized = True
         self._qweight_cache = None
 
+    def weight_changed(self) -> None:
+        """The weight (or LoRA factors) was edited in place: drop the cached quantized weight."""
+        self._qweight_cache = None
+
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, w{self.weight_spec.bits}a{self.act_spec.bits}, "
             f"reassembly={self.reassembly is not None}, lora={self.lora_A is not None}"
         )
+
+
+def weight_changed(linear: nn.Module) -> None:
+    """After editing a linear's weight in place: a QuantLinear drops its cached quantized weight; nn.Linear has none."""
+    if isinstance(linear, QuantLinear):
+        linear.weight_changed()

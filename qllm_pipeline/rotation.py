@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import decoder_layers
+from .qlinear import weight_changed
 
 __all__ = [
     "READ_LINEARS",
@@ -176,11 +177,6 @@ def random_hadamard(n: int, seed: int, dtype: torch.dtype = torch.float64) -> Te
 # Folding into a model
 
 
-def _clear_cache(linear: nn.Module) -> None:
-    if hasattr(linear, "_qweight_cache"):  # QuantLinear caches its quantized weight
-        linear._qweight_cache = None
-
-
 def _set(param: Tensor, value: Tensor) -> None:
     param.data.copy_(value.to(param.device, param.dtype))
 
@@ -208,7 +204,7 @@ def _fold_norm(norm: nn.Module, linears: list[nn.Module]) -> None:
     for linear in linears:
         w = linear.weight
         _set(w, w.data.double() * g.to(w.device).unsqueeze(0))
-        _clear_cache(linear)
+        weight_changed(linear)
     norm.weight.data.fill_(1.0)
 
 
@@ -244,14 +240,14 @@ def rotate_model(model: nn.Module, seed: int = 0, q: Tensor | None = None) -> Te
     def read(linear: nn.Module) -> None:
         w = linear.weight
         _set(w, w.data.double() @ q.to(w.device))
-        _clear_cache(linear)
+        weight_changed(linear)
 
     def write(linear: nn.Module) -> None:
         w = linear.weight
         _set(w, q.to(w.device).T @ w.data.double())
         if getattr(linear, "bias", None) is not None:
             _set(linear.bias, linear.bias.data.double() @ q.to(linear.bias.device))
-        _clear_cache(linear)
+        weight_changed(linear)
 
     embed = model.model.embed_tokens.weight
     _set(embed, embed.data.double() @ q.to(embed.device))

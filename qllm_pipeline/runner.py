@@ -240,14 +240,14 @@ class Runner:
             self._report("evaluate", "per variant")
         return results
 
-    def walk_blocks(self, calib_key: str, windows: torch.Tensor, chain_key: str | None = None):
+    def walk_blocks(self, calib_key: str, windows: torch.Tensor, chain_key: str):
         """Run the block stages block by block; returns the last fused key and every block's artifacts by stage.
 
-        chain_key: the key block 0 depends on besides calibrate (the rotate key when the model was rotated).
+        chain_key: the key block 0's chain starts from (calibrate's, or rotate's when the model was rotated).
         """
         ctx = self.ctx
         layers = decoder_layers(ctx.model)
-        prev_key = chain_key or calib_key
+        prev_key = chain_key
         per_stage: dict[str, list[Artifact | None]] = {n: [] for n in BLOCK_STAGES}
         fused = per_stage["fuse"]
         pending: list[int] = []  # cached blocks the streams have not been advanced through yet

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .qlinear import weight_changed
+
 __all__ = ["SMOOTH_POINTS", "smoothing_scales", "block_smoothing_scales", "apply_smoothing", "smooth_block",
            "smooth_norm_linears", "smoothed_channel_max"]
 
@@ -65,8 +67,7 @@ def smooth_norm_linears(norm: nn.Module, linears: Sequence[nn.Module], scales: T
     for linear in linears:
         w = linear.weight
         w.data.copy_((w.data.double() * s.to(w.device).unsqueeze(0)).to(w.dtype))
-        if hasattr(linear, "_qweight_cache"):  # a QuantLinear caches its quantized weight
-            linear._qweight_cache = None
+        weight_changed(linear)
 
 
 def block_smoothing_scales(block: nn.Module, act_max: dict[str, Tensor], alpha: float = 0.5) -> dict[str, Tensor]:

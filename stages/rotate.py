@@ -33,10 +33,10 @@ def validate(cfg: dict) -> None:
 
 
 def run(ctx, writer) -> None:
-    hidden = ctx.fp_model.config.hidden_size
-    q = random_hadamard(hidden, int(ctx.cfg["rotate"]["seed"]))
+    hidden, seed = ctx.fp_model.config.hidden_size, int(ctx.cfg["rotate"]["seed"])
+    q = random_hadamard(hidden, seed)
     writer.save_tensors("rotation.safetensors", {"Q": q.float().contiguous()})
-    writer.save_json("meta.json", {"hidden_size": hidden, "seed": int(ctx.cfg["rotate"]["seed"])})
+    writer.save_json("meta.json", {"hidden_size": hidden, "seed": seed})
 
 
 def apply(ctx, artifact) -> None:
