@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import set_attention_quant
 from .qlinear import QuantLinear
 from .quantizer import QuantSpec
 
@@ -36,12 +37,20 @@ def set_submodule(block: nn.Module, path: str, module: nn.Module) -> None:
     setattr(block.get_submodule(parent_path) if parent_path else block, name, module)
 
 
-def quantize_block_linears(block: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec) -> dict[str, QuantLinear]:
-    """Replace the seven projections of `block` by QuantLinear (in place); return them by name."""
+def quantize_block_linears(
+    block: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec, attn_spec: QuantSpec | None = None
+) -> dict[str, QuantLinear]:
+    """Replace the seven projections of `block` by QuantLinear (in place); return them by name.
+
+    A projection that is a QuantLinear already (e.g. a rotated model's down_proj with its online Hadamard) keeps its
+    input transforms and takes the given specs. `attn_spec` quantizes the attention inputs (Q, K after RoPE, V).
+    """
+    set_attention_quant(block, attn_spec)
     out = {}
     for name in LINEAR_NAMES:
         linear = get_submodule(block, name)
         if isinstance(linear, QuantLinear):
+            linear.set_specs(weight_spec, act_spec)
             out[name] = linear
             continue
         qlinear = QuantLinear(linear, weight_spec, act_spec)

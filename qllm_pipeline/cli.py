@@ -11,6 +11,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .attention import attention_spec
 from .cache import ArtifactCache
 from .errors import PipelineError
 from .export import specs_from_quant_cfg
@@ -46,8 +47,9 @@ def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
 
 
 def quant_specs(quant: dict):
+    """(weight, activation, attention-input) specs of the `quant` group; one error line for a bad setting."""
     try:
-        return specs_from_quant_cfg(quant)
+        return (*specs_from_quant_cfg(quant), attention_spec(quant))
     except ValueError as exc:
         raise PipelineError(f"quant: {exc}") from exc
 
@@ -79,7 +81,7 @@ def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     c = OmegaConf.to_container(cfg, resolve=True)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    weight_spec, act_spec = quant_specs(c["quant"])
+    weight_spec, act_spec, attn_spec = quant_specs(c["quant"])
     source = ModelSource.from_config(c["model"])
     if c["pipeline"]["plan_only"]:
         from .plan import print_plan
@@ -91,10 +93,9 @@ def run(cfg: DictConfig) -> dict:
     device = pick_device(c["pipeline"]["device"])
     config = load_config(source)
     validate_model_fit(c, config)  # before reading any weights
-    if "train_lowrank" in c["pipeline"]["stages"] and c["train_lowrank"]["enabled"]:
-        from .plan import arch_from_config, print_plan
-
-        print_plan(c, source, arch_from_config(config))  # the memory plan, before training
+    for name in c["pipeline"]["stages"]:
+        if STAGES[name].enabled(c):
+            STAGES[name].preflight(c, config)  # e.g. the LRC memory plan, Hadamard sizes
     model = load_model(source)
     tokenizer = load_tokenizer(source)
     tracker = make_tracker(c["logger"], c, str(run_dir), group=_sweep_group(), name=run_dir.name)
@@ -107,6 +108,7 @@ def run(cfg: DictConfig) -> dict:
         device=device,
         weight_spec=weight_spec,
         act_spec=act_spec,
+        attn_spec=attn_spec,
         tracker=tracker,
         progress=bool(c["pipeline"]["progress"]),
     )

@@ -125,9 +125,35 @@ def calibration_windows(tokens: torch.Tensor, n_samples: int, seq_len: int, seed
             f"the calibration text has {tokens.numel()} tokens, too few for calibrate.seq_len={seq_len}; "
             "use a longer corpus or a smaller seq_len"
         )
+    starts = calibration_starts(tokens.numel(), n_samples, seq_len, seed)
+    return torch.stack([tokens[s : s + seq_len] for s in starts])
+
+
+def calibration_starts(n_tokens: int, n_samples: int, seq_len: int, seed: int) -> list[int]:
+    """The seeded start positions `calibration_windows` draws."""
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seq_len, (n_samples,), generator=gen)
-    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+    return torch.randint(0, n_tokens - seq_len, (n_samples,), generator=gen).tolist()
+
+
+HELDOUT = "calib_heldout"  # eval.datasets entry: held-out windows of the calibration split (for choosing settings)
+
+
+def heldout_windows(tokens: torch.Tensor, calib_starts: list[int], calib_len: int, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    """Non-overlapping windows of the calibration text that overlap no calibration window, taken from the end of the
+    text backwards: a development set drawn from the calibration split, so settings can be chosen without ever
+    looking at the evaluation text."""
+    taken = sorted((s, s + calib_len) for s in calib_starts)
+    out, end = [], tokens.numel()
+    while end - seq_len >= 0 and (not max_windows or len(out) < int(max_windows)):
+        start = end - seq_len
+        if any(a < end and start < b for a, b in taken):
+            end -= seq_len
+            continue
+        out.append(tokens[start:end])
+        end = start
+    if not out:
+        raise PipelineError(f"no held-out calibration window of eval.seq_len={seq_len} tokens is left; lower it")
+    return torch.stack(out[::-1])
 
 
 def evaluation_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:

@@ -4,7 +4,8 @@ A saved model directory holds:
 - `config.json`, `generation_config.json`, tokenizer files (as `save_pretrained` writes them);
 - `model.safetensors`: for every decoder-block projection the weight codes packed into bytes (`<name>.qweight`:
   two 4-bit codes per byte for bits <= 4, one byte for bits <= 8, int32 above), per-channel (or per-group) `scales`
-  and `zeros`, the reassembly maps (`<name>.reassembly.{src,dst,coef,...}`), and everything else (embeddings, norms,
+  and `zeros`, the input transforms (`<name>.transforms.<i>.<kind>.<field>`: reassembly maps, online Hadamard sizes),
+  and everything else (embeddings, norms,
   lm_head) in the model's dtype;
 - `qllm_quant.json`: bit widths, symmetry, group size and the format version.
 `load_quantized_model` rebuilds the fake-quant model; its weights are the exact dequantization of the codes, so it
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .attention import attention_spec
 from .blocks import LINEAR_NAMES, decoder_layers
 from .fused import build_fused_block
 from .quantizer import QuantSpec
@@ -25,7 +27,7 @@ from .quantizer import QuantSpec
 QUANT_FILE = "qllm_quant.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "qllm-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ordered input transforms instead of one reassembly map
 
 
 def specs_from_quant_cfg(quant: dict) -> tuple[QuantSpec, QuantSpec]:
@@ -126,6 +128,6 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype | None = None):
         for name in LINEAR_NAMES:
             if f"{name}.codes" not in block and f"{name}.weight" not in block:
                 raise ValueError(f"{path}: layer {i} has no weight for {name}")
-        layers[i] = build_fused_block(layer, block, act_spec, weight_spec)
+        layers[i] = build_fused_block(layer, block, act_spec, weight_spec, attention_spec(meta["quant"]))
     model.eval().requires_grad_(False)
     return model

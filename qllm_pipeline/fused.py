@@ -1,8 +1,9 @@
 """Fused (final) quantized blocks: what the fuse stage stores per block and how a block is rebuilt from it.
 
-A fused block stores, for each of the seven projections, the weight already reassembled, merged with its
-low-rank correction and quantized, in integer form (`codes`, `scale`, `zero`; rebuilding needs no training state),
-plus the norm weights (they may have been trained) and the reassembly maps applied to the activations.
+A fused block stores, for each of the seven projections, the weight already transformed (online Hadamard,
+reassembly), merged with its low-rank correction and quantized, in integer form (`codes`, `scale`, `zero`;
+rebuilding needs no training state), its ordered input transforms (`<name>.transforms.<i>.<kind>.<field>`), the
+norm weights (they may have been trained) and whether the attention rotates Q and K online (`self_attn.qk_hadamard`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch
 from torch import nn
 
 from .blocks import LINEAR_NAMES, get_submodule, quant_linears, quantize_block_linears
+from .attention import QK_HADAMARD_ATTR
 from .quantizer import QuantSpec
+from .transforms import transforms_from_tensors, transforms_to_tensors
 
 NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
 
@@ -29,25 +32,29 @@ def fused_block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
             tensors[f"{name}.weight"] = ql.weight.detach()
         if ql.bias is not None:
             tensors[f"{name}.bias"] = ql.bias.detach()
-        if ql.reassembly is not None:
-            tensors.update({f"{name}.reassembly.{k}": v for k, v in ql.reassembly.to_tensors().items()})
+        tensors.update({f"{name}.transforms.{k}": v for k, v in transforms_to_tensors(ql.input_transforms).items()})
+    if getattr(block.self_attn, QK_HADAMARD_ATTR, False):
+        tensors[f"self_attn.{QK_HADAMARD_ATTR}"] = torch.ones(1, dtype=torch.int8)
     for norm in NORM_NAMES:
         tensors[f"{norm}.weight"] = get_submodule(block, norm).weight.detach()
     return tensors
 
 
-def build_fused_block(fp_block: nn.Module, tensors: dict[str, torch.Tensor], act_spec: QuantSpec, weight_spec: QuantSpec) -> nn.Module:
+def build_fused_block(
+    fp_block: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    act_spec: QuantSpec,
+    weight_spec: QuantSpec,
+    attn_spec: QuantSpec | None = None,
+) -> nn.Module:
     """A copy of `fp_block` whose projections quantize activations per token and use the stored quantized weights."""
     block = copy.deepcopy(fp_block)
-    qlinears = quantize_block_linears(block, weight_spec, act_spec)
+    setattr(block.self_attn, QK_HADAMARD_ATTR, f"self_attn.{QK_HADAMARD_ATTR}" in tensors)
+    qlinears = quantize_block_linears(block, weight_spec, act_spec, attn_spec)
     for name in LINEAR_NAMES:
         ql = qlinears[name]
-        prefix = f"{name}.reassembly."
-        parts = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if parts:
-            from .reassembly import ChannelReassembly
-
-            ql.set_reassembly(ChannelReassembly.from_tensors(parts))
+        prefix = f"{name}.transforms."
+        ql.set_transforms(transforms_from_tensors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}))
         if f"{name}.codes" in tensors:
             ql.load_codes({k: tensors[f"{name}.{k}"] for k in ("codes", "scale", "zero")})
         else:

@@ -16,10 +16,17 @@ POINT_LINEARS = {
 }
 
 
-def make_quant_block(fp_block: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec, reassemblies: dict | None = None) -> nn.Module:
-    """A deep copy of `fp_block` with quantized projections; `reassemblies` maps point name -> ChannelReassembly."""
+def make_quant_block(
+    fp_block: nn.Module,
+    weight_spec: QuantSpec,
+    act_spec: QuantSpec,
+    reassemblies: dict | None = None,
+    attn_spec: QuantSpec | None = None,
+) -> nn.Module:
+    """A deep copy of `fp_block` with quantized projections; `reassemblies` maps point name -> ChannelReassembly,
+    appended after any input transform the block's projections already carry (e.g. an online Hadamard)."""
     block = copy.deepcopy(fp_block)
-    qlinears = quantize_block_linears(block, weight_spec, act_spec)
+    qlinears = quantize_block_linears(block, weight_spec, act_spec, attn_spec)
     for point, reassembly in (reassemblies or {}).items():
         for name in POINT_LINEARS[point]:
             qlinears[name].set_reassembly(reassembly)

@@ -1,11 +1,15 @@
 """QuantLinear: a drop-in for nn.Linear that fake-quantizes its input per token and its weight per channel.
 
-Optional pieces, each owned by a later method stage:
-- `reassembly`: a channel-reassembly map applied to the input (and folded into the weight) before quantization;
+Optional pieces, each owned by a method stage:
+- `input_transforms`: an ordered list of input transforms (qllm_pipeline.transforms): each maps the input before the
+  activation quantizer and is folded into the weight, e.g. an online Hadamard (rotate) then a channel reassembly (CRA);
 - `lora_A`, `lora_B`: a low-rank correction trained with the base weight frozen; the weight that is quantized
-  is W + B·A, so merging it into W later is exact.
+  is T(W) + B·A, so merging it into the weight later is exact.
+The stored `weight` is the untransformed one until `fuse`, which stores the quantized merged weight.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -22,16 +26,47 @@ class QuantLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.weight_spec = weight_spec
         self.act_spec = act_spec
-        self.reassembly = None  # object with apply_to_activation / apply_to_weight
+        self.input_transforms: list = []  # applied in order to the input; folded into the weight
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.weight_is_quantized = False  # set once the stored weight is already on the grid (fused models)
         self.codes: dict[str, torch.Tensor] | None = None  # integer form of a fused weight
         self._qweight_cache: torch.Tensor | None = None
 
+    @classmethod
+    def from_module(cls, module: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec) -> "QuantLinear":
+        """A QuantLinear for an nn.Linear, or a copy of a QuantLinear (its transforms kept) with the given specs."""
+        if isinstance(module, QuantLinear):
+            copy_ = copy.deepcopy(module)
+            copy_.set_specs(weight_spec, act_spec)
+            return copy_
+        return cls(module, weight_spec, act_spec)
+
+    @property
+    def reassembly(self):
+        """The channel-reassembly transform, if any (CRA's place in the list is last, next to the quantizer)."""
+        return next((t for t in self.input_transforms if t.kind == "reassembly"), None)
+
     def set_reassembly(self, reassembly) -> None:
-        self.reassembly = reassembly
+        """Replace the channel reassembly (None removes it); other transforms keep their place before it."""
+        self.input_transforms = [t for t in self.input_transforms if t.kind != "reassembly"]
+        if reassembly is not None:
+            self.input_transforms.append(reassembly)
         self._qweight_cache = None
+
+    def set_transforms(self, transforms: list) -> None:
+        self.input_transforms = list(transforms)
+        self._qweight_cache = None
+
+    def set_specs(self, weight_spec: QuantSpec, act_spec: QuantSpec) -> None:
+        self.weight_spec, self.act_spec = weight_spec, act_spec
+        self._qweight_cache = None
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the activation quantizer sees it: every input transform applied in order."""
+        for transform in self.input_transforms:
+            x = transform.apply_to_activation(x)
+        return x
 
     def add_lora(self, rank: int, generator: torch.Generator | None = None) -> None:
         """Attach A (r×in, small random) and B (out×r, zeros): the block output is unchanged at init."""
@@ -44,11 +79,20 @@ class QuantLinear(nn.Module):
 
     @property
     def effective_in_features(self) -> int:
-        return self.in_features if self.reassembly is None else self.reassembly.out_channels
+        return self.input_transforms[-1].out_channels if self.input_transforms else self.in_features
+
+    def transformed_weight(self) -> torch.Tensor:
+        """The weight with every input transform folded in (columns match `transform_input`)."""
+        if self.weight_is_quantized:  # fused: stored already transformed
+            return self.weight
+        w = self.weight
+        for transform in self.input_transforms:
+            w = transform.apply_to_weight(w)
+        return w
 
     def merged_weight(self) -> torch.Tensor:
-        """The full-precision weight the quantizer sees: reassembled W plus the low-rank correction."""
-        w = self.weight if self.reassembly is None else self.reassembly.apply_to_weight(self.weight)
+        """The full-precision weight the quantizer sees: transformed W plus the low-rank correction."""
+        w = self.transformed_weight()
         if self.lora_A is not None:
             w = w + self.lora_B @ self.lora_A
         return w
@@ -65,20 +109,19 @@ class QuantLinear(nn.Module):
         return self._qweight_cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.reassembly is not None:
-            x = self.reassembly.apply_to_activation(x)
-        x = quantize_activation(x, self.act_spec)
+        x = quantize_activation(self.transform_input(x), self.act_spec)
         return nn.functional.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def fuse(self) -> None:
-        """Store the quantized W' = Q(reassemble(W) + B·A) as the weight and drop the LoRA parameters.
+    def fuse(self, codes: dict[str, torch.Tensor] | None = None) -> None:
+        """Store the quantized W' = Q(T(W) + B·A) as the weight and drop the LoRA parameters.
 
         `codes` keeps the integer form (codes, scale, zero) that export packs; the weight is its exact dequantization.
+        By default the merged weight is rounded to nearest; a caller with another rounding (GPTQ) passes its codes.
         """
         with torch.no_grad():
             merged = self.merged_weight().detach()
             if self.weight_spec.enabled:
-                self.codes = weight_codes(merged, self.weight_spec)
+                self.codes = weight_codes(merged, self.weight_spec) if codes is None else codes
                 merged = dequantize_weight(**self.codes).to(merged.dtype)
         self.weight = nn.Parameter(merged.clone(), requires_grad=False)
         self.lora_A = self.lora_B = None
@@ -99,7 +142,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, w{self.weight_spec.bits}a{self.act_spec.bits}, "
-            f"reassembly={self.reassembly is not None}, lora={self.lora_A is not None}"
+            f"transforms={[t.kind for t in self.input_transforms]}, lora={self.lora_A is not None}"
         )
 
 

@@ -34,6 +34,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .transforms import register_transform
+
 __all__ = [
     "ChannelReassembly",
     "ChannelPairScorer",
@@ -59,6 +61,7 @@ def _take(x: Tensor, index: Tensor) -> Tensor:
     return torch.gather(x, -1, index.expand(*x.shape[:-1], index.numel()))
 
 
+@register_transform
 class ChannelReassembly:
     """A channel map ``x [..., in_channels] -> x' [..., out_channels]`` with its weight counterpart.
 
@@ -66,6 +69,8 @@ class ChannelReassembly:
     ``Σ W[:, src[e]]`` over the same entries. Disassembled copies of channel ``c`` are single entries
     ``(c, k, 1/T_c)``; a merged channel of ``g`` members has ``g`` entries with coefficient ``1/g`` (their mean).
     """
+
+    kind = "reassembly"  # its tag in a projection's list of input transforms (qllm_pipeline.transforms)
 
     def __init__(
         self,

@@ -1,4 +1,6 @@
-"""QuaRot-style orthogonal rotation of the residual stream (Ashkboos et al. 2024, arXiv 2404.00456), folded into weights.
+"""QuaRot-style rotations (Ashkboos et al. 2024, arXiv 2404.00456; SpinQuant's R1-R4 without learning): the residual
+stream (R1, :func:`rotate_model`) and the value heads (R2, :func:`rotate_value_heads`) folded into the weights, and
+online Hadamards of the down_proj input (R4, :func:`add_online_hadamard`) and of Q/K (:func:`add_online_qk_hadamard`).
 
 For an orthogonal Q (Q Qᵀ = I) the residual stream h can be carried as h Q instead of h without changing the model:
 
@@ -14,16 +16,7 @@ With a randomized Hadamard Q, an outlier channel of the residual stream is sprea
 makes per-token activation quantization (and per-channel weight quantization) much easier. The model's logits are
 unchanged up to float rounding; all maths is done in float64 and cast back to each weight's dtype.
 
-Non-power-of-two widths (:func:`random_hadamard`)
-------------------------------------------------
-A true Hadamard matrix (entries ±1/√n) is built, if possible, as ``H_2 ⊗ … ⊗ H_2 ⊗ P`` where P is a Paley
-Hadamard matrix: Paley I for order q + 1 (q prime, q ≡ 3 mod 4) or Paley II for order 2(q + 1) (q prime,
-q ≡ 1 mod 4). The smallest such Paley factor is used, so powers of two get
-Sylvester's matrix; e.g. 576 = 16·36 (Paley II, q = 17), 96 = 8·12 (Paley I, q = 11), 768 = 64·12.
-If no such construction exists for n (e.g. n = 100 or an odd n), the largest divisor d of n that has one is used and
-Q = H_d ⊗ R_{n/d} with R a seeded Haar-random orthogonal matrix (QR of a Gaussian, signs fixed); for d = 1 that is
-a plain random orthogonal matrix. In every case the result is multiplied by a seeded random ±1 diagonal (on the
-left: Q = D M), so it is orthogonal, and deterministic given (n, seed).
+Hadamard matrices for any width, and the fallback where none is built, are in :mod:`qllm_pipeline.hadamard`.
 """
 from __future__ import annotations
 
@@ -33,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import decoder_layers
+from .hadamard import OnlineHadamard, hadamard_matrix, random_hadamard, random_orthogonal  # noqa: F401  (re-exported)
 from .qlinear import weight_changed
 
 __all__ = [
@@ -44,6 +38,9 @@ __all__ = [
     "untie_lm_head",
     "fuse_norms_into_linears",
     "rotate_model",
+    "rotate_value_heads",
+    "add_online_hadamard",
+    "add_online_qk_hadamard",
 ]
 
 # Linears of a LLaMA decoder layer that read / write the residual stream.
@@ -54,123 +51,6 @@ NORM_LINEARS = {
     "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
 }
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Hadamard matrices
-
-
-def _is_prime(q: int) -> bool:
-    if q < 2:
-        return False
-    return all(q % p for p in range(2, math.isqrt(q) + 1))
-
-
-def _jacobsthal(q: int) -> Tensor:
-    """Q[i, j] = χ(j - i) for the quadratic character χ of GF(q), q prime."""
-    squares = {(x * x) % q for x in range(1, q)}
-    chi = torch.tensor([0] + [1 if a in squares else -1 for a in range(1, q)], dtype=torch.float64)
-    idx = torch.arange(q)
-    return chi[(idx.unsqueeze(0) - idx.unsqueeze(1)) % q]
-
-
-def _paley(n: int) -> Tensor | None:
-    """A ±1 Hadamard matrix of order n from a Paley construction with a prime q, or None."""
-    q = n - 1
-    if n >= 4 and q % 4 == 3 and _is_prime(q):  # Paley I
-        s = torch.zeros(n, n, dtype=torch.float64)
-        s[0, 1:] = 1.0
-        s[1:, 0] = -1.0
-        s[1:, 1:] = _jacobsthal(q)
-        return torch.eye(n, dtype=torch.float64) + s
-    if n % 2 == 0:
-        q = n // 2 - 1
-        if q >= 5 and q % 4 == 1 and _is_prime(q):  # Paley II
-            m = q + 1
-            c = torch.zeros(m, m, dtype=torch.float64)
-            c[0, 1:] = 1.0
-            c[1:, 0] = 1.0
-            c[1:, 1:] = _jacobsthal(q)
-            one = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-            zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
-            return torch.kron(c, one) + torch.kron(torch.eye(m, dtype=torch.float64), zero)
-    return None
-
-
-def _paley_order(n: int) -> bool:
-    """Whether :func:`_paley` builds an order-n matrix (arithmetic only, nothing is built)."""
-    if n >= 4 and (n - 1) % 4 == 3 and _is_prime(n - 1):
-        return True
-    return n % 2 == 0 and n // 2 - 1 >= 5 and (n // 2 - 1) % 4 == 1 and _is_prime(n // 2 - 1)
-
-
-def _hadamard_plan(n: int) -> tuple[int, int] | None:
-    """(2^k, m) with n = 2^k · m and m = 1 or a Paley order, preferring the smallest m (Sylvester for powers of two);
-    None if there is none."""
-    power = n & -n  # the largest power of two dividing n
-    m = n // power
-    while power >= 1:
-        if m == 1 or _paley_order(m):
-            return power, m
-        m, power = m * 2, power // 2
-    return None
-
-
-def _sylvester(n: int) -> Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.kron(h2, h)
-    return h
-
-
-def _hadamard(n: int) -> Tensor | None:
-    plan = _hadamard_plan(n)
-    if plan is None:
-        return None
-    power, m = plan
-    sylvester = _sylvester(power)
-    return sylvester if m == 1 else torch.kron(sylvester, _paley(m))
-
-
-def hadamard_matrix(n: int) -> Tensor | None:
-    """An unnormalized ±1 Hadamard matrix (H Hᵀ = n I, float64) of order n, or None if none is constructed.
-
-    Orders covered: 2^k · m with m = 1 (Sylvester), m = q + 1 (Paley I, q prime ≡ 3 mod 4) or m = 2(q + 1)
-    (Paley II, q prime ≡ 1 mod 4); the smallest such m is used. Not covered (None): e.g. 52, 100, every odd n > 1.
-    """
-    if n < 1:
-        raise ValueError(f"n={n} must be positive")
-    return _hadamard(int(n))
-
-
-def random_orthogonal(n: int, generator: torch.Generator) -> Tensor:
-    """A Haar-random n×n orthogonal matrix (float64): QR of a Gaussian with R's diagonal made positive."""
-    g = torch.randn(n, n, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(g)
-    signs = torch.sign(torch.diagonal(r))
-    signs[signs == 0] = 1.0
-    return (q * signs.unsqueeze(0)).contiguous()
-
-
-def random_hadamard(n: int, seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    """A seeded orthogonal n×n matrix D·M: M a normalized Hadamard matrix where one can be built, D a random ±1 diagonal.
-
-    If no Hadamard matrix of order n is constructed (see :func:`hadamard_matrix`), M = H_d/√d ⊗ R with d the largest
-    divisor of n that has one and R a seeded random orthogonal matrix of order n/d (d = 1: M = R). Deterministic in
-    (n, seed).
-    """
-    if n < 1:
-        raise ValueError(f"n={n} must be positive")
-    generator = torch.Generator().manual_seed(int(seed))
-    signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64).to(torch.float64) * 2 - 1
-    h = _hadamard(n)
-    if h is not None:
-        m = h / math.sqrt(n)
-    else:
-        d = max(k for k in range(1, n // 2 + 1) if n % k == 0 and _hadamard_plan(k) is not None)
-        m = torch.kron(_hadamard(d) / math.sqrt(d), random_orthogonal(n // d, generator))
-    return (signs.unsqueeze(1) * m).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -258,3 +138,54 @@ def rotate_model(model: nn.Module, seed: int = 0, q: Tensor | None = None) -> Te
             write(layer.get_submodule(path))
     read(model.lm_head)
     return q
+
+
+@torch.no_grad()
+def rotate_value_heads(model: nn.Module) -> None:
+    """In place: QuaRot/SpinQuant's R2, a Hadamard rotation H (head_dim × head_dim, normalized) of every attention
+    head's values, folded offline into the weights: v_proj's rows of each KV head W_h ← Hᵀ W_h (so v_h ↦ v_h H), and
+    o_proj's input columns of each attention head W_o[:, h] ← W_o[:, h] H. Softmax weights mix tokens, not channels,
+    so every head's output is rotated by the same H and o_proj undoes it: exact in FP, also with grouped KV heads.
+    It spreads outliers of the o_proj input (the attention output) over each head's channels.
+    """
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    head_dim = getattr(model.config, "head_dim", None) or head_dim
+    h = OnlineHadamard(head_dim).matrix(torch.float64)
+
+    for layer in decoder_layers(model):
+        v, o = layer.self_attn.v_proj, layer.self_attn.o_proj
+        wv = v.weight.data.double()
+        heads = wv.shape[0] // head_dim
+        _set(v.weight, (h.T.to(wv.device) @ wv.reshape(heads, head_dim, -1)).reshape(wv.shape))
+        if getattr(v, "bias", None) is not None:
+            b = v.bias.data.double().reshape(heads, head_dim)
+            _set(v.bias, (b @ h.to(b.device)).reshape(-1))
+        wo = o.weight.data.double()
+        _set(o.weight, (wo.reshape(wo.shape[0], -1, head_dim) @ h.to(wo.device)).reshape(wo.shape))
+        weight_changed(v)
+        weight_changed(o)
+
+
+def add_online_hadamard(model: nn.Module) -> None:
+    """In place: QuaRot's R4, an online Hadamard on every down_proj input (the SwiGLU output). down_proj becomes a
+    full-precision QuantLinear whose input transform is the Hadamard, so its weight is used as W H and the output is
+    unchanged; quantized copies of the block keep the transform before their activation quantizer."""
+    from .qlinear import QuantLinear
+    from .quantizer import QuantSpec
+
+    for layer in decoder_layers(model):
+        down = layer.mlp.down_proj
+        if isinstance(down, QuantLinear) and any(t.kind == "hadamard" for t in down.input_transforms):
+            continue
+        online = QuantLinear.from_module(down, QuantSpec(None), QuantSpec(None))
+        online.set_transforms([OnlineHadamard(online.in_features), *online.input_transforms])
+        layer.mlp.down_proj = online
+
+
+def add_online_qk_hadamard(model: nn.Module) -> None:
+    """Mark every attention module to rotate Q and K per head by a Hadamard online before quantizing them
+    (QuaRot's online rotation for K; exact in FP). Only takes effect in blocks whose attention inputs are quantized."""
+    from .attention import QK_HADAMARD_ATTR
+
+    for layer in decoder_layers(model):
+        setattr(layer.self_attn, QK_HADAMARD_ATTR, True)

@@ -1,13 +1,13 @@
 """The stage runner: computes cache keys, skips what is cached, and walks the decoder blocks in order.
 
-Stages come in three kinds:
-- `calibrate` and the optional `rotate` run once, before the blocks; `rotate` swaps the model for a rotated copy,
-  and its key starts the block chain;
+The stages and their order come from the registry (`stages.STAGES`, see qllm_pipeline.stage for the contract):
+- once-stages (calibrate, then e.g. rotate) run before the blocks; each one's key chains to the previous, and the
+  last one's key starts the block chain; `apply` may swap the model (rotate swaps in a rotated copy);
 - block stages (collect_activations → smooth → search_theta → reassemble → train_lowrank → fuse) run for every
-  decoder block in turn; a block stage may have an `apply` hook that changes the block the later stages see
-  (smooth does); block i's inputs are the outputs of the already-quantized blocks < i, so the key of block i's
-  first stage includes the key of block i-1's fused artifact;
-- `evaluate` runs once, after the blocks.
+  decoder block in turn; `apply` may change the block the later stages see (smooth does); block i's inputs are the
+  outputs of the already-quantized blocks < i, so the key of block i's first stage includes the key of block i-1's
+  fused artifact;
+- final stages (evaluate) run once, after the blocks.
 Each block stage stores one artifact per block, so a killed run resumes at the first block it had not finished.
 The quantized stream is always advanced with the block rebuilt from its stored artifact, so a resumed run
 computes exactly what an uninterrupted one does.
@@ -31,37 +31,9 @@ from .errors import PipelineError
 from .fused import build_fused_block
 from .memory import PeakRSS
 from .quantizer import QuantSpec
+from .stage import BLOCK, FINAL, ONCE, Stage, StageSpec  # noqa: F401  (StageSpec re-exported for stage modules)
 
 log = logging.getLogger(__name__)
-
-STAGE_ORDER = (
-    "calibrate", "rotate", "collect_activations", "smooth", "search_theta", "reassemble", "train_lowrank", "fuse", "evaluate",
-)
-BLOCK_STAGES = ("collect_activations", "smooth", "search_theta", "reassemble", "train_lowrank", "fuse")
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """What a stage depends on: the config keys (dotted paths) and the upstream stages whose artifacts it reads."""
-
-    name: str
-    version: int
-    config_keys: tuple[str, ...]
-    upstream: tuple[str, ...] = ()
-    per_block: bool = False
-    implemented: bool = True
-
-
-def select(cfg: dict, dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def config_slice(cfg: dict, spec: StageSpec) -> dict:
-    return {key: select(cfg, key) for key in spec.config_keys}
-
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -96,6 +68,7 @@ class RunContext:
     weight_spec: QuantSpec
     act_spec: QuantSpec
     tracker: Any
+    attn_spec: QuantSpec | None = None  # attention inputs (Q, K after RoPE, V); None: full precision
     progress: bool = True
     block_runner: BlockRunner | None = None
     keys: dict[str, str] = field(default_factory=dict)
@@ -115,6 +88,7 @@ class BlockState:
         self.fp_block = decoder_layers(ctx.model)[index]
         self.x_q = x_q  # inputs from the already-quantized blocks < index (what the quantized block will see)
         self.x_fp = x_fp  # inputs from the full-precision blocks < index (None when no stage needs targets)
+        self.artifacts: dict[str, Artifact | None] = {}  # this block's artifacts of the stages run so far
         self._targets: torch.Tensor | None = None
 
     @property
@@ -122,36 +96,36 @@ class BlockState:
         """The FP block's output on the FP stream: the training target and the next block's FP input."""
         if self._targets is None:
             if self.x_fp is None:
-                raise RuntimeError("FP targets were not tracked in this run (only train_lowrank needs them)")
+                raise RuntimeError("FP targets were not tracked in this run (no selected stage declares needs_fp_targets)")
             block = self.fp_block.to(self.ctx.device)
             self._targets = self.ctx.block_runner.run_batched(block, self.x_fp, self.ctx.cfg["pipeline"]["batch_size"])
             self.fp_block.to("cpu")
         return self._targets
 
 
-def validate_config(cfg: dict, stages: dict[str, Any]) -> None:
+def validate_config(cfg: dict, stages: dict[str, Stage]) -> None:
     """Check the stage selection and every stage's own settings before anything heavy runs."""
     pipeline = cfg["pipeline"]
     selected = list(pipeline["stages"])
     for name in [*selected, *(pipeline.get("force") or [])]:
-        if name not in STAGE_ORDER:
-            raise PipelineError(f"unknown stage '{name}' in pipeline.stages/pipeline.force; stages are {list(STAGE_ORDER)}")
+        if name not in stages:
+            raise PipelineError(f"unknown stage '{name}' in pipeline.stages/pipeline.force; stages are {list(stages)}")
     if "fuse" not in selected or "calibrate" not in selected:
         raise PipelineError("pipeline.stages must include calibrate and fuse (they produce the quantized model); add them")
     for name in selected:
-        for dep in stages[name].SPEC.upstream:
+        for dep in stages[name].spec.upstream:
             if dep not in selected:
                 raise PipelineError(f"stage {name} needs stage {dep}; add {dep} to pipeline.stages or remove {name}")
-        validate = getattr(stages[name], "validate", None)
-        if validate is not None:
-            validate(cfg)
+        stages[name].validate(cfg)
 
 
 class Runner:
-    def __init__(self, ctx: RunContext, stages: dict[str, Any]):
+    def __init__(self, ctx: RunContext, stages: dict[str, Stage]):
         self.ctx = ctx
         self.stages = stages
-        self.records = {name: StageRecord() for name in STAGE_ORDER}
+        self.order = list(stages)
+        self.block_stages = [n for n, s in stages.items() if s.spec.kind == BLOCK]
+        self.records = {name: StageRecord() for name in self.order}
         self.artifacts: dict[str, list[Artifact | None]] = {}
         validate_config(ctx.cfg, stages)
         self.selected = list(ctx.cfg["pipeline"]["stages"])
@@ -159,21 +133,27 @@ class Runner:
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def enabled(self, name: str) -> bool:
-        stage = self.stages[name]
-        return name in self.selected and stage.SPEC.implemented and stage.is_enabled(self.ctx.cfg)
+        return name in self.selected and self.stages[name].enabled(self.ctx.cfg)
+
+    def enabled_of_kind(self, kind: str) -> list[str]:
+        return [n for n in self.order if self.stages[n].spec.kind == kind and self.enabled(n)]
 
     def key(self, name: str, upstream: dict[str, str], extra: Any = None) -> str:
-        spec = self.stages[name].SPEC
-        cfg_part = config_slice(self.ctx.cfg, spec) if self.enabled(name) else "disabled"
-        return artifact_key(name, spec.version, cfg_part, upstream, extra)
+        stage = self.stages[name]
+        cfg_part = stage.key_config(self.ctx.cfg) if self.enabled(name) else "disabled"
+        return artifact_key(name, stage.spec.version, cfg_part, upstream, extra)
 
     def _forced_from(self) -> int:
-        forced = [STAGE_ORDER.index(n) for n in self.force]
-        return min(forced) if forced else len(STAGE_ORDER)
+        forced = [self.order.index(n) for n in self.force]
+        return min(forced) if forced else len(self.order)
 
     def is_forced(self, name: str) -> bool:
         # Forcing a stage recomputes it and everything downstream of it.
-        return STAGE_ORDER.index(name) >= self._forced_from()
+        return self.order.index(name) >= self._forced_from()
+
+    def labels(self) -> list[str]:
+        """The method parts this run applies, in pipeline order (e.g. ["rotation", "cra", "lrc"])."""
+        return [s.spec.label for n, s in self.stages.items() if s.spec.label and self.enabled(n)]
 
     def _measure(self, name: str, fn, *args):
         if self.ctx.device.type == "cuda":
@@ -211,57 +191,56 @@ class Runner:
     def run(self) -> dict:
         ctx = self.ctx
         ctx.cache.clean_partial()
-        calibrate = self.stages["calibrate"]
-        calib_key = self.key("calibrate", {})
-        ctx.keys["calibrate"] = calib_key
-        calib = self._produce("calibrate", calib_key, lambda w: calibrate.run(ctx, w))
-        self._report("calibrate", calib_key)
-        windows = calib.tensors("windows.safetensors")["input_ids"]
-        chain_key = calib_key
-        if self.enabled("rotate"):
-            rotate = self.stages["rotate"]
-            chain_key = ctx.keys["rotate"] = self.key("rotate", {"calibrate": calib_key})
-            rotation = self._produce("rotate", chain_key, lambda w: rotate.run(ctx, w))
-            self._measure("rotate", rotate.apply, ctx, rotation)
-            self._report("rotate", chain_key)
+        once = self.enabled_of_kind(ONCE)
+        if not once or once[0] != "calibrate":
+            raise PipelineError("the first once-stage must be calibrate")
+        chain_key, upstream = "", {}
+        for name in once:
+            stage = self.stages[name]
+            chain_key = ctx.keys[name] = self.key(name, upstream)
+            artifact = self._produce(name, chain_key, lambda w, s=stage: s.run(ctx, w))
+            self._measure(name, stage.apply, ctx, artifact)
+            self._report(name, chain_key)
+            upstream = {name: chain_key}
+        calib_key = ctx.keys["calibrate"]
+        windows = ctx.cache.get("calibrate", calib_key).tensors("windows.safetensors")["input_ids"]
         ctx.block_runner = BlockRunner(ctx.model, windows.shape[1], ctx.device, next(ctx.model.parameters()).dtype)
 
         final_key, artifacts = self.walk_blocks(calib_key, windows, chain_key)
         self.artifacts = artifacts
         ctx.keys["fuse"] = final_key
-        for name in BLOCK_STAGES:
+        for name in self.block_stages:
             self._report(name, "per block")
-            finalize = getattr(self.stages[name], "finalize", None)
-            if finalize is not None and self.enabled(name):
-                self._measure(name, finalize, ctx, self, artifacts)
+            if self.enabled(name):
+                self._measure(name, self.stages[name].finalize, ctx, self)
         results: dict[str, Any] = {}
-        if self.enabled("evaluate"):
-            results = self._measure("evaluate", self.stages["evaluate"].run, ctx, self, artifacts)
-            self._report("evaluate", "per variant")
+        for name in self.enabled_of_kind(FINAL):
+            results.update(self._measure(name, self.stages[name].run, ctx, self) or {})
+            self._report(name, "per variant")
         return results
 
     def walk_blocks(self, calib_key: str, windows: torch.Tensor, chain_key: str):
         """Run the block stages block by block; returns the last fused key and every block's artifacts by stage.
 
-        chain_key: the key block 0's chain starts from (calibrate's, or rotate's when the model was rotated).
+        chain_key: the key block 0's chain starts from (the last once-stage's: calibrate's, or rotate's).
         """
         ctx = self.ctx
         layers = decoder_layers(ctx.model)
         prev_key = chain_key
-        per_stage: dict[str, list[Artifact | None]] = {n: [] for n in BLOCK_STAGES}
+        per_stage: dict[str, list[Artifact | None]] = {n: [] for n in self.block_stages}
         fused = per_stage["fuse"]
         pending: list[int] = []  # cached blocks the streams have not been advanced through yet
         streams: tuple[torch.Tensor, torch.Tensor] | None = None
-        enabled = [n for n in BLOCK_STAGES if self.enabled(n)]
+        enabled = self.enabled_of_kind(BLOCK)
         bar = tqdm(range(len(layers)), desc="blocks", disable=not ctx.progress)
         for i in bar:
             keys, upstream = {}, {"calibrate": calib_key, "previous_block": prev_key}
-            for name in BLOCK_STAGES:
+            for name in self.block_stages:
                 keys[name] = self.key(name, upstream, extra={"block": i})
                 upstream = {name: keys[name]}
             todo = [n for n in enabled if self.is_forced(n) or ctx.cache.get(n, keys[n]) is None]
             if not todo:
-                for n in BLOCK_STAGES:
+                for n in self.block_stages:
                     per_stage[n].append(ctx.cache.get(n, keys[n]) if n in enabled else None)
                     self.records[n].cached += n in enabled
                 pending.append(i)
@@ -270,28 +249,29 @@ class Runner:
             streams = self._replay(streams, pending, fused, windows)
             pending = []
             state = BlockState(i, ctx, *streams)
-            artifacts: dict[str, Artifact | None] = {n: None for n in BLOCK_STAGES}
+            state.artifacts = {n: None for n in self.block_stages}
             for name in enabled:
                 stage = self.stages[name]
                 bar.set_postfix_str(f"{name}")
-                artifacts[name] = self._produce(name, keys[name], lambda w, s=stage: s.run(ctx, state, artifacts, w))
-                apply = getattr(stage, "apply", None)
-                if apply is not None:  # e.g. smooth: later stages see the smoothed block
-                    apply(ctx, state, artifacts[name])
-            for n in BLOCK_STAGES:
-                per_stage[n].append(artifacts[n])
-            streams = (self._advance(i, streams[0], artifacts["fuse"]), state.targets if self.needs_fp_stream() else None)
+                artifact = self._produce(name, keys[name], lambda w, s=stage: s.run(ctx, state, w))
+                state.artifacts[name] = artifact
+                stage.apply(ctx, state, artifact)  # e.g. smooth: later stages see the smoothed block
+            for n in self.block_stages:
+                per_stage[n].append(state.artifacts[n])
+            streams = (self._advance(i, streams[0], state.artifacts["fuse"]), state.targets if self.needs_fp_stream() else None)
             prev_key = keys["fuse"]
         return prev_key, per_stage
 
     def needs_fp_stream(self) -> bool:
-        """Only LRC trains against FP targets; without it the FP stream is not computed (it costs a block forward)."""
-        return self.enabled("train_lowrank")
+        """Whether a selected stage trains against FP targets (LRC); otherwise the FP stream costs a block forward for nothing."""
+        return any(self.stages[n].spec.needs_fp_targets for n in self.enabled_of_kind(BLOCK))
 
     def _advance(self, i: int, x_q: torch.Tensor, fused: Artifact) -> torch.Tensor:
         """Quantized stream through block i, rebuilt from its stored artifact (the same path a resumed run takes)."""
         ctx = self.ctx
-        block = build_fused_block(decoder_layers(ctx.model)[i], fused.tensors("block.safetensors"), ctx.act_spec, ctx.weight_spec)
+        block = build_fused_block(
+            decoder_layers(ctx.model)[i], fused.tensors("block.safetensors"), ctx.act_spec, ctx.weight_spec, ctx.attn_spec
+        )
         out = ctx.block_runner.run_batched(block.to(ctx.device), x_q, ctx.cfg["pipeline"]["batch_size"])
         del block
         return out
@@ -314,9 +294,10 @@ class Runner:
 
     def _report(self, name: str, key: str) -> None:
         rec = self.records[name]
-        if name in BLOCK_STAGES:
+        if name in self.block_stages:
             if not self.enabled(name):
-                log.info("stage %-20s disabled (%s)", name, self.stages[name].disabled_reason(self.ctx.cfg, self.selected))
+                reason = "not in pipeline.stages" if name not in self.selected else self.stages[name].disabled_reason(self.ctx.cfg)
+                log.info("stage %-20s disabled (%s)", name, reason)
             else:
                 log.info("stage %-20s %d block(s) from cache, %d computed, %.1fs", name, rec.cached, rec.computed, rec.seconds)
         else:
@@ -324,7 +305,7 @@ class Runner:
 
     def stage_table(self) -> list[dict]:
         rows = []
-        for name in STAGE_ORDER:
+        for name in self.order:
             rec = self.records[name]
             rows.append(
                 {

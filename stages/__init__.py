@@ -1,14 +1,19 @@
-"""Pipeline stages, one module each, in pipeline order."""
-from . import calibrate, collect_activations, evaluate, fuse, reassemble, rotate, search_theta, smooth, train_lowrank
+"""The stage registry: one instance per stage, in pipeline order (the order is derived from this list).
 
-STAGES = {
-    "calibrate": calibrate,
-    "rotate": rotate,
-    "collect_activations": collect_activations,
-    "smooth": smooth,
-    "search_theta": search_theta,
-    "reassemble": reassemble,
-    "train_lowrank": train_lowrank,
-    "fuse": fuse,
-    "evaluate": evaluate,
-}
+Adding a stage: a module here with a `Stage` subclass (qllm_pipeline.stage), one line below, and its conf group.
+"""
+from qllm_pipeline.stage import registry
+
+from .calibrate import Calibrate
+from .collect_activations import CollectActivations
+from .evaluate import Evaluate
+from .fuse import Fuse
+from .reassemble import Reassemble
+from .rotate import Rotate
+from .search_theta import SearchTheta
+from .smooth import Smooth
+from .train_lowrank import TrainLowrank
+
+STAGES = registry(
+    [Calibrate(), Rotate(), CollectActivations(), Smooth(), SearchTheta(), Reassemble(), TrainLowrank(), Fuse(), Evaluate()]
+)

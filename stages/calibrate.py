@@ -5,22 +5,21 @@ import logging
 
 from qllm_pipeline.data import calibration_windows, load_corpus, tokenize
 from qllm_pipeline.errors import PipelineError
-from qllm_pipeline.runner import StageSpec
+from qllm_pipeline.stage import ONCE, OnceStage, StageSpec
 
 log = logging.getLogger(__name__)
 
-SPEC = StageSpec("calibrate", version=1, config_keys=("model.name", "model.hub_id", "model.path", "model.gguf_file", "data", "calibrate"))
+class Calibrate(OnceStage):
+    spec = StageSpec(
+        "calibrate", version=1, config_keys=("model.name", "model.hub_id", "model.path", "model.gguf_file", "data", "calibrate"),
+        kind=ONCE,
+    )
+
+    def run(self, ctx, writer) -> None:
+        sample_windows(ctx, writer)
 
 
-def is_enabled(cfg) -> bool:
-    return True
-
-
-def disabled_reason(cfg, selected) -> str:
-    return "not in pipeline.stages"
-
-
-def run(ctx, writer) -> None:
+def sample_windows(ctx, writer) -> None:
     cfg = ctx.cfg["calibrate"]
     max_len = getattr(ctx.model.config, "max_position_embeddings", None)
     if max_len and cfg["seq_len"] > max_len:

@@ -8,26 +8,33 @@ from __future__ import annotations
 import torch
 
 from qllm_pipeline.blocks import LINEAR_NAMES, get_submodule
-from qllm_pipeline.runner import StageSpec
-
-SPEC = StageSpec("collect_activations", version=1, config_keys=("pipeline.batch_size",), per_block=True)
-
-
-def is_enabled(cfg) -> bool:
-    return True
+from qllm_pipeline.qlinear import QuantLinear
+from qllm_pipeline.stage import BlockStage, StageSpec
 
 
-def disabled_reason(cfg, selected) -> str:
-    return "not in pipeline.stages"
+class CollectActivations(BlockStage):
+    spec = StageSpec("collect_activations", version=1, config_keys=("pipeline.batch_size",))
+
+    def run(self, ctx, state, writer) -> None:
+        stats = channel_max(state.fp_block, ctx.block_runner, state.x_q, ctx.device, ctx.cfg["pipeline"]["batch_size"])
+        writer.save_tensors("channel_max.safetensors", stats)
+        # Summary that later plots and logs use: how extreme the outliers are at each input.
+        writer.save_json(
+            "summary.json",
+            {name: {"max": float(v.max()), "median": float(v.median()), "ratio": float(v.max() / v.median().clamp(min=1e-8))}
+             for name, v in stats.items()},
+        )
 
 
 def channel_max(block, run_block, inputs: torch.Tensor, device, batch_size: int) -> dict[str, torch.Tensor]:
-    """max |x| per input channel of each projection over all tokens of `inputs`."""
+    """max |x| per input channel of each projection over all tokens of `inputs`, after the projection's own input
+    transforms (a rotated down_proj's online Hadamard): the channels its activation quantizer will see."""
     stats: dict[str, torch.Tensor] = {}
 
     def hook(name):
-        def record(_module, args):
-            m = args[0].detach().abs().flatten(0, -2).amax(dim=0).float().cpu()
+        def record(module, args):
+            x = module.transform_input(args[0]) if isinstance(module, QuantLinear) else args[0]
+            m = x.detach().abs().flatten(0, -2).amax(dim=0).float().cpu()
             stats[name] = m if name not in stats else torch.maximum(stats[name], m)
 
         return record
@@ -44,12 +51,3 @@ def channel_max(block, run_block, inputs: torch.Tensor, device, batch_size: int)
         block.to("cpu")
     return stats
 
-
-def run(ctx, state, artifacts, writer) -> None:
-    stats = channel_max(state.fp_block, ctx.block_runner, state.x_q, ctx.device, ctx.cfg["pipeline"]["batch_size"])
-    writer.save_tensors("channel_max.safetensors", stats)
-    # Summary that later plots and logs use: how extreme the outliers are at each input.
-    writer.save_json(
-        "summary.json",
-        {name: {"max": float(v.max()), "median": float(v.median()), "ratio": float(v.max() / v.median().clamp(min=1e-8))} for name, v in stats.items()},
-    )

@@ -8,30 +8,26 @@ from __future__ import annotations
 import logging
 
 from qllm_pipeline.blocks import decoder_layers
-from qllm_pipeline.data import evaluation_windows, load_corpus, tokenize
+from qllm_pipeline.data import HELDOUT, calibration_starts, evaluation_windows, heldout_windows, load_corpus, tokenize
 from qllm_pipeline.fused import build_fused_block
 from qllm_pipeline.perplexity import blockwise_perplexity
 from qllm_pipeline.qblock import load_reassemblies, make_quant_block
-from qllm_pipeline.runner import StageSpec
+from qllm_pipeline.stage import FINAL, FinalStage, StageSpec
 
 log = logging.getLogger(__name__)
 
-SPEC = StageSpec("evaluate", version=1, config_keys=("eval.seq_len", "eval.max_windows", "model.name", "model.hub_id", "model.path"))
+class Evaluate(FinalStage):
+    spec = StageSpec("evaluate", version=1, config_keys=("eval.seq_len", "eval.max_windows", "model.name", "model.hub_id", "model.path"),
+                     kind=FINAL)
+
+    def run(self, ctx, runner) -> dict:
+        return evaluate(ctx, runner, runner.artifacts)
 
 
-def is_enabled(cfg) -> bool:
-    return True
-
-
-def disabled_reason(cfg, selected) -> str:
-    return "not in pipeline.stages"
-
-
-METHOD_LABELS = (("rotate", "rotation"), ("smooth", "smoothquant"), ("reassemble", "cra"), ("train_lowrank", "lrc"))
-
-
-def method_names(runner) -> list[str]:
-    return [label for stage, label in METHOD_LABELS if runner.enabled(stage)]
+def method_names(ctx, runner) -> list[str]:
+    """The parts of this run's method, e.g. ["rotation", "cra", "lrc", "gptq"] (GPTQ: the weight rounding)."""
+    gptq = ctx.cfg["quant"].get("weight_algorithm", "rtn") == "gptq" and runner.enabled("fuse")
+    return runner.labels() + (["gptq"] if gptq else [])
 
 
 def variant_plan(ctx, runner, artifacts) -> dict[str, tuple[dict, object, object]]:
@@ -41,38 +37,45 @@ def variant_plan(ctx, runner, artifacts) -> dict[str, tuple[dict, object, object
     the pipeline's own result is computed on ctx.model (the rotated copy when the rotate stage ran).
     """
     fp_layers, layers = decoder_layers(ctx.fp_model), decoder_layers(ctx.model)
-    wspec, aspec = ctx.weight_spec, ctx.act_spec
+    wspec, aspec, attn = ctx.weight_spec, ctx.act_spec, ctx.attn_spec
     plan = {"fp": ({}, lambda i: fp_layers[i], ctx.fp_model)}
     if not (wspec.enabled or aspec.enabled):
         return plan
     fused = artifacts["fuse"]
 
     def from_fused(i):
-        return build_fused_block(layers[i], fused[i].tensors("block.safetensors"), aspec, wspec)
+        return build_fused_block(layers[i], fused[i].tensors("block.safetensors"), aspec, wspec, attn)
 
-    methods = method_names(runner)
+    methods = method_names(ctx, runner)
     quant = {"quant": ctx.cfg["quant"]}
     if not methods:  # the fused model is plain RTN: evaluate it from the artifacts, not a second copy
         plan["rtn"] = ({**quant, "fuse": ctx.keys["fuse"]}, from_fused, ctx.model)
         return plan
-    plan["rtn"] = (quant, lambda i: make_quant_block(fp_layers[i], wspec, aspec), ctx.fp_model)
+    plan["rtn"] = (quant, lambda i: make_quant_block(fp_layers[i], wspec, aspec, attn_spec=attn), ctx.fp_model)
     if methods == ["cra", "lrc"]:  # what CRA alone gave on this run's blocks, before LRC
         reassembled = artifacts["reassemble"]
         plan["cra"] = (
             {**quant, "reassemble": reassembled[-1].path.name},
-            lambda i: make_quant_block(layers[i], wspec, aspec, load_reassemblies(reassembled[i].tensors("reassembly.safetensors"))),
+            lambda i: make_quant_block(
+                layers[i], wspec, aspec, load_reassemblies(reassembled[i].tensors("reassembly.safetensors")), attn
+            ),
             ctx.model,
         )
     plan["+".join(methods)] = ({**quant, "fuse": ctx.keys["fuse"]}, from_fused, ctx.model)
     return plan
 
 
-def run(ctx, runner, artifacts) -> dict:
+def evaluate(ctx, runner, artifacts) -> dict:
     cfg = ctx.cfg["eval"]
     plan = variant_plan(ctx, runner, artifacts)
     table: dict[str, dict[str, float]] = {}
     for dataset in cfg["datasets"]:
-        keys = {name: runner.key("evaluate", deps, extra={"variant": name, "dataset": dataset}) for name, (deps, *_) in plan.items()}
+        # Held-out calibration windows depend on the calibration split and on which windows calibrate drew.
+        source = {"calibrate": ctx.keys["calibrate"]} if dataset == HELDOUT else {}
+        keys = {
+            name: runner.key("evaluate", {**deps, **source}, extra={"variant": name, "dataset": dataset})
+            for name, (deps, *_) in plan.items()
+        }
         cached = {name: ctx.cache.get("evaluate", key) for name, key in keys.items() if not runner.is_forced("evaluate")}
         todo = [name for name in plan if cached.get(name) is None]
         for name in plan:
@@ -130,6 +133,11 @@ def zeroshot(ctx, runner, plan: dict, cfg: dict) -> dict:
 
 
 def _windows(ctx, dataset: str, cfg: dict):
+    if dataset == HELDOUT:  # the calibration split's windows that calibrate did not draw
+        cal = ctx.cfg["calibrate"]
+        tokens = tokenize(ctx.tokenizer, load_corpus(ctx.cfg["data"]["name"], ctx.cfg["data"]).calib_text)
+        starts = calibration_starts(tokens.numel(), cal["n_samples"], cal["seq_len"], cal["seed"])
+        return heldout_windows(tokens, starts, cal["seq_len"], cfg["seq_len"], cfg.get("max_windows"))
     corpus = load_corpus(dataset, ctx.cfg["data"])
     tokens = tokenize(ctx.tokenizer, corpus.eval_text)
     return evaluation_windows(tokens, cfg["seq_len"], cfg.get("max_windows"))

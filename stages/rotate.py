@@ -1,9 +1,16 @@
-"""rotate (optional baseline, QuaRot-style): rotate the residual stream by a seeded random Hadamard Q, folded into
-the weights (exact in full precision; see qllm_pipeline.rotation). Runs once, before the blocks.
+"""rotate (QuaRot / SpinQuant without learning): orthogonal rotations that leave the model unchanged in full precision
+but spread activation outliers over all channels before the quantizers (see qllm_pipeline.rotation). Runs once,
+before the blocks. Each part is switchable:
 
-Stored: rotation.safetensors (Q, float32). `apply` swaps the run's model for a rotated copy, so every later stage
-(collect-activations, search-theta, LRC, fuse, evaluate) works in the rotated basis. The loaded model is kept for
-the FP and RTN reference rows. The copy doubles the CPU memory held for weights.
+* `rotate.residual` (R1): the residual stream by a seeded random Hadamard Q, folded into the weights;
+* `rotate.value_heads` (R2): each attention head's values by a Hadamard, folded into v_proj and o_proj;
+* `rotate.online_down` (R4): an online Hadamard on the down_proj input, applied at run time before the activation
+  quantizer (its transpose folded into down_proj); costs ~25 % of down_proj's multiply-adds on SmolLM2;
+* `rotate.online_qk`: an online per-head Hadamard on Q and K before the attention-input quantizer (`quant.attn_bits`).
+
+Stored: rotation.safetensors (Q, float32; the other parts are deterministic). `apply` swaps the run's model for a
+rotated copy, so every later stage works in the rotated basis; the loaded model is kept for the FP and RTN reference
+rows (the copy doubles the CPU memory held for weights).
 """
 from __future__ import annotations
 
@@ -11,37 +18,55 @@ import copy
 import logging
 
 from qllm_pipeline.errors import PipelineError
-from qllm_pipeline.rotation import random_hadamard, rotate_model
-from qllm_pipeline.runner import StageSpec
+from qllm_pipeline.hadamard import hadamard_factors
+from qllm_pipeline.rotation import add_online_hadamard, add_online_qk_hadamard, random_hadamard, rotate_model, rotate_value_heads
+from qllm_pipeline.stage import ONCE, OnceStage, StageSpec
 
 log = logging.getLogger(__name__)
-
-SPEC = StageSpec("rotate", version=1, config_keys=("rotate",), upstream=("calibrate",))
-
-
-def is_enabled(cfg) -> bool:
-    return True
+PARTS = ("residual", "value_heads", "online_down", "online_qk")
 
 
-def disabled_reason(cfg, selected) -> str:
-    return "not in pipeline.stages"
+class Rotate(OnceStage):
+    spec = StageSpec("rotate", version=2, config_keys=("rotate",), upstream=("calibrate",), kind=ONCE, label="rotation")
 
+    def validate(self, cfg: dict) -> None:
+        rot = cfg["rotate"]
+        if not isinstance(rot.get("seed"), int) or isinstance(rot.get("seed"), bool):
+            raise PipelineError(f"rotate.seed={rot.get('seed')!r} must be an integer")
+        for part in PARTS:
+            if not isinstance(rot.get(part), bool):
+                raise PipelineError(f"rotate.{part}={rot.get(part)!r} must be true or false")
+        if not any(rot[p] for p in PARTS):
+            raise PipelineError("rotate: every part is off (rotate.residual/value_heads/online_down/online_qk); "
+                                "turn one on or drop the rotate stage")
 
-def validate(cfg: dict) -> None:
-    if not isinstance(cfg["rotate"].get("seed"), int):
-        raise PipelineError(f"rotate.seed={cfg['rotate'].get('seed')!r} must be an integer")
+    def preflight(self, cfg: dict, model_config) -> None:
+        rot = cfg["rotate"]
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        sizes = {"online_down": model_config.intermediate_size, "value_heads": head_dim, "online_qk": head_dim}
+        for part, size in sizes.items():
+            if rot[part] and hadamard_factors(size) is None:
+                raise PipelineError(
+                    f"rotate.{part}=true needs a Hadamard matrix of order {size}, which is not built here "
+                    f"(orders 2^k·m with m = 1 or a Paley order); set rotate.{part}=false"
+                )
 
+    def run(self, ctx, writer) -> None:
+        hidden, seed = ctx.fp_model.config.hidden_size, int(ctx.cfg["rotate"]["seed"])
+        q = random_hadamard(hidden, seed)
+        writer.save_tensors("rotation.safetensors", {"Q": q.float().contiguous()})
+        writer.save_json("meta.json", {"hidden_size": hidden, "seed": seed})
 
-def run(ctx, writer) -> None:
-    hidden, seed = ctx.fp_model.config.hidden_size, int(ctx.cfg["rotate"]["seed"])
-    q = random_hadamard(hidden, seed)
-    writer.save_tensors("rotation.safetensors", {"Q": q.float().contiguous()})
-    writer.save_json("meta.json", {"hidden_size": hidden, "seed": seed})
-
-
-def apply(ctx, artifact) -> None:
-    q = artifact.tensors("rotation.safetensors")["Q"]
-    model = copy.deepcopy(ctx.fp_model)
-    rotate_model(model, q=q)
-    ctx.model = model
-    log.info("residual stream rotated by a %d×%d random Hadamard matrix", *q.shape)
+    def apply(self, ctx, artifact) -> None:
+        rot = ctx.cfg["rotate"]
+        model = copy.deepcopy(ctx.fp_model)
+        if rot["residual"]:
+            rotate_model(model, q=artifact.tensors("rotation.safetensors")["Q"])
+        if rot["value_heads"]:
+            rotate_value_heads(model)
+        if rot["online_down"]:
+            add_online_hadamard(model)
+        if rot["online_qk"]:
+            add_online_qk_hadamard(model)
+        ctx.model = model
+        log.info("rotated: %s", ", ".join(p for p in PARTS if rot[p]))

@@ -1,5 +1,6 @@
 """search-theta: per block and reassembly point, the θ that minimises the quantized sub-block's output MSE
-(QLLM §3.2): a grid from the largest channel max downwards, capped at channel_ratio·C extra channels.
+(QLLM §3.2): a grid from the largest channel max downwards, capped at channel_ratio·C extra channels; `steps: null` is the
+reference's grid size, max(100, max|x|/0.5) steps.
 `search_theta.theta` fixes θ instead (a float for every point, or a {point: float} map).
 Stored per block: theta.json (θ, extra channels, loss curve per point) and theta_curve.png.
 """
@@ -12,43 +13,79 @@ import torch
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.plots import plot_theta_curves
 from qllm_pipeline.reassembly import build_reassembly, search_theta, theta_grid
-from qllm_pipeline.runner import StageSpec
+from qllm_pipeline.stage import BlockStage, StageSpec
 from qllm_pipeline.smoothquant import smoothed_channel_max
-from qllm_pipeline.subblock import POINTS, point_inputs, point_loss_fn, point_weights
+from qllm_pipeline.subblock import POINTS, point_activations, point_inputs, point_loss_fn, point_weights
 
 log = logging.getLogger(__name__)
 
-SPEC = StageSpec(
-    "search_theta",
-    version=1,
-    config_keys=("search_theta", "reassemble.assemble", "quant"),
-    upstream=("collect_activations",),
-    per_block=True,
-)
 # Which collected channel maxima belong to which point (the input of the point's first projection).
 POINT_STAT = {"qkv": "self_attn.q_proj", "gate_up": "mlp.gate_proj", "down": "mlp.down_proj"}
 MAX_SCORE_TOKENS = 4096
 
 
-def is_enabled(cfg) -> bool:
-    return bool(cfg["search_theta"].get("enabled", True)) and cfg["quant"].get("abits") is not None
+class SearchTheta(BlockStage):
+    spec = StageSpec("search_theta", version=1, config_keys=("search_theta", "reassemble.assemble", "quant"),
+                     upstream=("collect_activations",))
 
+    def enabled(self, cfg) -> bool:
+        return bool(cfg["search_theta"].get("enabled", True)) and cfg["quant"].get("abits") is not None
 
-def disabled_reason(cfg, selected) -> str:
-    if "search_theta" not in selected:
-        return "not in pipeline.stages"
-    return "disabled by config (search_theta.enabled=false or no activation quantization)"
+    def disabled_reason(self, cfg) -> str:
+        return "disabled by config (search_theta.enabled=false or no activation quantization)"
 
+    def validate(self, cfg: dict) -> None:
+        enabled_points(cfg)
+        for point in POINTS:
+            fixed_theta(cfg, point)
+        st = cfg["search_theta"]
+        ratio = st["channel_ratio"]
+        if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise PipelineError(f"search_theta.channel_ratio={ratio!r} must be a number in [0, 1)")
+        steps = st["steps"]
+        if steps is not None and (not isinstance(steps, int) or steps < 1):
+            raise PipelineError(f"search_theta.steps={steps!r} must be a positive integer, or null for the reference grid")
+        if not isinstance(st["n_samples"], int) or st["n_samples"] < 1:
+            raise PipelineError(f"search_theta.n_samples={st['n_samples']!r} must be a positive integer")
 
-def validate(cfg: dict) -> None:
-    enabled_points(cfg)
-    for point in POINTS:
-        fixed_theta(cfg, point)
-    ratio = float(cfg["search_theta"]["channel_ratio"])
-    if not 0 <= ratio < 1:
-        raise PipelineError(f"search_theta.channel_ratio={ratio} must be in [0, 1)")
-    if int(cfg["search_theta"]["steps"]) < 1 or int(cfg["search_theta"]["n_samples"]) < 1:
-        raise PipelineError("search_theta.steps and search_theta.n_samples must be positive integers")
+    def run(self, ctx, state, writer) -> None:
+        cfg = ctx.cfg
+        stats = channel_max(state.artifacts)
+        inputs, block = search_inputs(ctx, state)
+        assemble = bool(cfg["reassemble"]["assemble"])
+        steps, ratio = cfg["search_theta"]["steps"], float(cfg["search_theta"]["channel_ratio"])
+        results = {}
+        try:
+            for point in enabled_points(cfg):
+                m, h = stats[POINT_STAT[point]], inputs[point]
+                loss_fn = point_loss_fn(block, point, h, ctx.block_runner, ctx.weight_spec, ctx.act_spec, ctx.attn_spec)
+                weights, tokens = point_weights(block, point), score_tokens(point_activations(block, point, h))
+                theta = fixed_theta(cfg, point)
+                if theta is None:
+                    result = search_theta(
+                        m, tokens, weights, loss_fn, steps, ratio, assemble, progress=ctx.progress,
+                        desc=f"θ {point} block {state.index}",
+                    ).to_json()
+                else:
+                    requested = theta
+                    # A fixed θ still obeys the channel budget: raise it to the smallest θ the budget allows.
+                    grid = theta_grid(m, steps, ratio)
+                    if grid and theta < grid[-1]:
+                        theta = grid[-1]
+                        log.warning("block %d %s: fixed θ=%g splits too many channels; using θ=%g (channel_ratio cap)",
+                                    state.index, point, requested, theta)
+                    r = build_reassembly(m, theta, tokens, weights, assemble)
+                    result = {"theta": theta, "requested_theta": requested, "loss": loss_fn(r),
+                              "n_extra": r.n_disassembled_extra, "curve": []}
+                result["baseline_loss"] = result["curve"][0]["loss"] if result["curve"] else None
+                result["channels"] = int(m.numel())
+                results[point] = result
+        finally:
+            block.to("cpu")
+        writer.save_json("theta.json", results)
+        if any(r["curve"] for r in results.values()):
+            plot_theta_curves(results, writer.path("theta_curve.png"), title=f"block {state.index}: θ search")
+        ctx.tracker.log({"theta/block": state.index, **{f"theta/{p}/loss": r["loss"] for p, r in results.items()}})
 
 
 def enabled_points(cfg: dict) -> list[str]:
@@ -64,8 +101,8 @@ def fixed_theta(cfg: dict, point: str) -> float | None:
     if theta is None:
         return None
     value = theta.get(point) if isinstance(theta, dict) else theta
-    if value is not None and float(value) <= 0:
-        raise PipelineError(f"search_theta.theta={value} must be positive")
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+        raise PipelineError(f"search_theta.theta={value!r} must be a positive number (or null to search)")
     return None if value is None else float(value)
 
 
@@ -89,42 +126,3 @@ def score_tokens(h: torch.Tensor) -> torch.Tensor:
     if tokens.shape[0] > MAX_SCORE_TOKENS:
         tokens = tokens[torch.linspace(0, tokens.shape[0] - 1, MAX_SCORE_TOKENS).long()]
     return tokens
-
-
-def run(ctx, state, artifacts, writer) -> None:
-    cfg = ctx.cfg
-    stats = channel_max(artifacts)
-    inputs, block = search_inputs(ctx, state)
-    assemble = bool(cfg["reassemble"]["assemble"])
-    results = {}
-    try:
-        for point in enabled_points(cfg):
-            m, h = stats[POINT_STAT[point]], inputs[point]
-            loss_fn = point_loss_fn(block, point, h, ctx.block_runner, ctx.weight_spec, ctx.act_spec)
-            weights, tokens = point_weights(block, point), score_tokens(h)
-            theta = fixed_theta(cfg, point)
-            if theta is None:
-                result = search_theta(
-                    m, tokens, weights, loss_fn, int(cfg["search_theta"]["steps"]), float(cfg["search_theta"]["channel_ratio"]),
-                    assemble, progress=ctx.progress, desc=f"θ {point} block {state.index}",
-                ).to_json()
-            else:
-                requested = theta
-                # A fixed θ still obeys the channel budget: raise it to the smallest θ the budget allows.
-                grid = theta_grid(m, int(cfg["search_theta"]["steps"]), float(cfg["search_theta"]["channel_ratio"]))
-                if grid and theta < grid[-1]:
-                    theta = grid[-1]
-                    log.warning("block %d %s: fixed θ=%g splits too many channels; using θ=%g (channel_ratio cap)",
-                                state.index, point, requested, theta)
-                r = build_reassembly(m, theta, tokens, weights, assemble)
-                result = {"theta": theta, "requested_theta": requested, "loss": loss_fn(r),
-                          "n_extra": r.n_disassembled_extra, "curve": []}
-            result["baseline_loss"] = result["curve"][0]["loss"] if result["curve"] else None
-            result["channels"] = int(m.numel())
-            results[point] = result
-    finally:
-        block.to("cpu")
-    writer.save_json("theta.json", results)
-    if any(r["curve"] for r in results.values()):
-        plot_theta_curves(results, writer.path("theta_curve.png"), title=f"block {state.index}: θ search")
-    ctx.tracker.log({"theta/block": state.index, **{f"theta/{p}/loss": r["loss"] for p, r in results.items()}})

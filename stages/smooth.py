@@ -9,34 +9,24 @@ from __future__ import annotations
 import copy
 
 from qllm_pipeline.errors import PipelineError
-from qllm_pipeline.runner import StageSpec
+from qllm_pipeline.stage import BlockStage, StageSpec
 from qllm_pipeline.smoothquant import apply_smoothing, block_smoothing_scales
 
-SPEC = StageSpec("smooth", version=1, config_keys=("smooth",), upstream=("collect_activations",), per_block=True)
+class Smooth(BlockStage):
+    spec = StageSpec("smooth", version=1, config_keys=("smooth",), upstream=("collect_activations",), label="smoothquant")
 
+    def validate(self, cfg: dict) -> None:
+        alpha = cfg["smooth"].get("alpha")
+        if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise PipelineError(f"smooth.alpha={alpha!r} must be a number in [0, 1] (0.5 balances activations and weights)")
 
-def is_enabled(cfg) -> bool:
-    return True
+    def run(self, ctx, state, writer) -> None:
+        stats = state.artifacts["collect_activations"].tensors("channel_max.safetensors")
+        scales = block_smoothing_scales(state.fp_block, stats, float(ctx.cfg["smooth"]["alpha"]))
+        writer.save_tensors("scales.safetensors", scales)
+        writer.save_json("summary.json", {p: {"min": float(s.min()), "max": float(s.max())} for p, s in scales.items()})
 
-
-def disabled_reason(cfg, selected) -> str:
-    return "not in pipeline.stages"
-
-
-def validate(cfg: dict) -> None:
-    alpha = cfg["smooth"].get("alpha")
-    if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise PipelineError(f"smooth.alpha={alpha!r} must be a number in [0, 1] (0.5 balances activations and weights)")
-
-
-def run(ctx, state, artifacts, writer) -> None:
-    stats = artifacts["collect_activations"].tensors("channel_max.safetensors")
-    scales = block_smoothing_scales(state.fp_block, stats, float(ctx.cfg["smooth"]["alpha"]))
-    writer.save_tensors("scales.safetensors", scales)
-    writer.save_json("summary.json", {p: {"min": float(s.min()), "max": float(s.max())} for p, s in scales.items()})
-
-
-def apply(ctx, state, artifact) -> None:
-    block = copy.deepcopy(state.fp_block)
-    apply_smoothing(block, artifact.tensors("scales.safetensors"))
-    state.fp_block = block
+    def apply(self, ctx, state, artifact) -> None:
+        block = copy.deepcopy(state.fp_block)
+        apply_smoothing(block, artifact.tensors("scales.safetensors"))
+        state.fp_block = block

@@ -8,47 +8,49 @@ import logging
 
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.lowrank import LowRankConfig, lora_state, train_block
-from qllm_pipeline.qblock import load_reassemblies, make_quant_block
-from qllm_pipeline.runner import StageSpec
+from qllm_pipeline.stage import BlockStage, StageSpec
+
+from .reassemble import quant_block
 
 log = logging.getLogger(__name__)
 
-SPEC = StageSpec("train_lowrank", version=1, config_keys=("train_lowrank", "quant"), per_block=True)
 CONFIG_FIELDS = ("rank", "lr", "epochs", "batch_size", "weight_decay", "train_norms", "autocast", "seed")
 
 
-def is_enabled(cfg) -> bool:
-    return bool(cfg["train_lowrank"].get("enabled", True)) and cfg["quant"].get("wbits") is not None
+class TrainLowrank(BlockStage):
+    spec = StageSpec("train_lowrank", version=1, config_keys=("train_lowrank", "quant"), needs_fp_targets=True, label="lrc")
 
+    def enabled(self, cfg) -> bool:
+        return bool(cfg["train_lowrank"].get("enabled", True)) and cfg["quant"].get("wbits") is not None
 
-def disabled_reason(cfg, selected) -> str:
-    if "train_lowrank" not in selected:
-        return "not in pipeline.stages"
-    return "disabled by config (train_lowrank.enabled=false or no quantization)"
+    def disabled_reason(self, cfg) -> str:
+        return "disabled by config (train_lowrank.enabled=false or no quantization)"
 
+    def validate(self, cfg: dict) -> None:
+        lowrank_config(cfg["train_lowrank"], 0)
 
-def validate(cfg: dict) -> None:
-    lowrank_config(cfg["train_lowrank"], 0)
+    def preflight(self, cfg: dict, model_config) -> None:
+        from qllm_pipeline.model_loading import ModelSource
+        from qllm_pipeline.plan import arch_from_config, print_plan
+
+        print_plan(cfg, ModelSource.from_config(cfg["model"]), arch_from_config(model_config))  # before training
+
+    def run(self, ctx, state, writer) -> None:
+        block = quant_block(ctx, state).to(ctx.device)
+        cfg = lowrank_config(ctx.cfg["train_lowrank"], state.index)
+        stats = train_block(
+            block, ctx.block_runner, state.x_q, state.targets, cfg, ctx.device, progress=ctx.progress, desc=f"lrc block {state.index}"
+        )
+        writer.save_tensors("lora.safetensors", lora_state(block))
+        writer.save_json("losses.json", stats)
+        ctx.tracker.log({"lrc/block": state.index, "lrc/loss_before": stats["loss_before"], "lrc/loss_after": stats["loss_after"]})
+        log.debug("block %d LRC loss %.4g -> %.4g", state.index, stats["loss_before"], stats["loss_after"])
 
 
 def lowrank_config(cfg: dict, block_index: int) -> LowRankConfig:
     try:
         lrc = LowRankConfig(**{k: cfg[k] for k in CONFIG_FIELDS})
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise PipelineError(str(exc)) from exc
     lrc.seed = int(lrc.seed) + block_index  # a different but reproducible init per block
     return lrc
-
-
-def run(ctx, state, artifacts, writer) -> None:
-    reassembled = artifacts.get("reassemble")
-    reassemblies = load_reassemblies(reassembled.tensors("reassembly.safetensors")) if reassembled else None
-    block = make_quant_block(state.fp_block, ctx.weight_spec, ctx.act_spec, reassemblies).to(ctx.device)
-    cfg = lowrank_config(ctx.cfg["train_lowrank"], state.index)
-    stats = train_block(
-        block, ctx.block_runner, state.x_q, state.targets, cfg, ctx.device, progress=ctx.progress, desc=f"lrc block {state.index}"
-    )
-    writer.save_tensors("lora.safetensors", lora_state(block))
-    writer.save_json("losses.json", stats)
-    ctx.tracker.log({"lrc/block": state.index, "lrc/loss_before": stats["loss_before"], "lrc/loss_after": stats["loss_after"]})
-    log.debug("block %d LRC loss %.4g -> %.4g", state.index, stats["loss_before"], stats["loss_after"])

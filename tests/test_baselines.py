@@ -8,7 +8,8 @@ import torch
 from conftest import read_results, run_cli, tiny_model, tiny_overrides
 from qllm_pipeline.blocks import BlockRunner, decoder_layers
 from qllm_pipeline.cache import ArtifactCache
-from stages import rotate, smooth
+from stages.rotate import Rotate
+from stages.smooth import Smooth
 from stages.collect_activations import channel_max as collect_channel_max
 from stages.search_theta import channel_max as search_channel_max
 
@@ -26,7 +27,9 @@ def _artifact(tmp_path, name, produce):
 
 def test_rotate_stage_swaps_in_an_equivalent_rotated_model(tmp_path):
     model = tiny_model(layers=2)
-    ctx = SimpleNamespace(fp_model=model, model=model, cfg={"rotate": {"seed": 3}})
+    parts = {"residual": True, "value_heads": True, "online_down": True, "online_qk": True}
+    ctx = SimpleNamespace(fp_model=model, model=model, cfg={"rotate": {"seed": 3, **parts}})
+    rotate = Rotate()
     artifact = _artifact(tmp_path, "rotate", lambda w: rotate.run(ctx, w))
     rotate.apply(ctx, artifact)
     assert ctx.model is not model and ctx.fp_model is model
@@ -50,8 +53,9 @@ def test_smooth_stage_is_exact_and_rescales_the_searched_maxima(tmp_path):
     stats = collect_channel_max(layer, runner, x, "cpu", 2)
     collected = _artifact(tmp_path, "collect", lambda w: w.save_tensors("channel_max.safetensors", stats))
     ctx = SimpleNamespace(cfg={"smooth": {"alpha": 0.5}})
-    state = SimpleNamespace(fp_block=layer)
-    scales = _artifact(tmp_path, "smooth", lambda w: smooth.run(ctx, state, {"collect_activations": collected}, w))
+    state = SimpleNamespace(fp_block=layer, artifacts={"collect_activations": collected})
+    smooth = Smooth()
+    scales = _artifact(tmp_path, "smooth", lambda w: smooth.run(ctx, state, w))
     smooth.apply(ctx, state, scales)
     assert state.fp_block is not layer  # the model's own block is left alone
     with torch.no_grad():

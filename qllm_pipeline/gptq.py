@@ -1,0 +1,175 @@
+"""GPTQ weight rounding (Frantar, Ashkboos, Hoefler & Alistarh, ICLR 2023, arXiv 2210.17323).
+
+Round-to-nearest (RTN) rounds every weight on its own. GPTQ rounds the columns (input channels) of a linear's
+weight one at a time and, after each, moves the rounding error onto the columns not yet rounded so that the layer
+*output* on calibration inputs X changes as little as possible. With ``H = 2/N Σ x xᵀ`` (the Hessian of the
+layer-wise loss ``||X Wᵀ - X Ŵᵀ||²``) the optimal update after rounding column i (Optimal Brain Surgeon) is
+
+    W[:, j] -= (w_i - q(w_i)) / Hinv[i, i] * Hinv[i, j]        for the later columns j,
+
+where Hinv is the inverse Hessian restricted to the columns not yet rounded. GPTQ gets all those restricted inverses
+at once from the upper Cholesky factor U of H⁻¹ (U[i, j] / U[i, i] = Hinv[i, j] / Hinv[i, i] above), and applies
+the updates lazily: exactly inside a block of ``block_size`` columns, and to the columns after the block with one
+matrix product per block.
+
+This follows the reference implementation IST-DASLab/gptq in spirit (dampening, dead inputs, ``act_order``, static
+groups); the code here is written from the paper. It returns the integer form of ``quantizer.weight_codes`` so the
+result plugs in wherever RTN codes do: ``quantizer.dequantize_weight(**gptq_weight_codes(...))`` is the weight.
+"""
+from __future__ import annotations
+
+import torch
+
+from .quantizer import QuantSpec, quant_params
+
+__all__ = ["HessianAccumulator", "gptq_weight_codes"]
+
+
+class HessianAccumulator:
+    """Running H = 2/N Σ x xᵀ over the rows of inputs [..., in] (float64 accumulation).
+
+    Keeps the plain sum Σ x xᵀ and N, so adding data in batches gives the same H as adding it at once (up to
+    float64 rounding) and nothing needs rescaling per batch. The sum lives on the device of the first batch.
+    """
+
+    def __init__(self, in_features: int):
+        self.in_features = int(in_features)
+        self._sum: torch.Tensor | None = None
+        self._n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"HessianAccumulator expects inputs [..., {self.in_features}], got shape {tuple(x.shape)}"
+            )
+        if self._sum is None:
+            self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=x.device)
+        # float64: calibration sums run over many thousands of tokens, and activation outliers are large.
+        rows = x.detach().reshape(-1, self.in_features).to(device=self._sum.device, dtype=torch.float64)
+        self._sum.addmm_(rows.T, rows)
+        self._n += rows.shape[0]
+
+    @property
+    def n_samples(self) -> int:
+        return self._n
+
+    def hessian(self) -> torch.Tensor:
+        if self._n == 0:
+            raise ValueError("HessianAccumulator.hessian(): no samples were added; feed calibration inputs to add()")
+        return self._sum * (2.0 / self._n)
+
+
+def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Integer codes of `w` on a given grid: the same arithmetic as quantizer.quant_params, so results match RTN."""
+    if symmetric:
+        return torch.clamp(torch.round(w / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def gptq_weight_codes(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> dict[str, torch.Tensor]:
+    """GPTQ-rounded codes of a [out, in] weight, in the format of ``quantizer.weight_codes(weight, spec)``.
+
+    `hessian` is [in, in] (e.g. ``HessianAccumulator.hessian()``). Scales and zero points come from the spec's min-max
+    quantizer: per row from the original weight (group_size None); per group from the current, error-updated columns
+    when the sweep reaches the group (act_order False); or per group from the original weight up front ("static
+    groups", act_order True, so the stored groups stay in natural column order while columns go in order of
+    decreasing Hessian diagonal). `damp` adds damp · mean(diag H) to the diagonal.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"gptq_weight_codes expects a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if tuple(hessian.shape) != (in_features, in_features):
+        raise ValueError(
+            f"hessian shape {tuple(hessian.shape)} does not match the weight's in_features={in_features}; "
+            f"expected [{in_features}, {in_features}]"
+        )
+    if not spec.enabled:
+        raise ValueError("gptq_weight_codes needs a quantized spec (bits is None means no quantization)")
+    group = spec.group_size
+    if group is not None and in_features % group:
+        raise ValueError(f"quant.group_size={group} does not divide in_features={in_features}")
+    if damp < 0:
+        raise ValueError(f"damp={damp} must be >= 0")
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size} must be a positive integer")
+    bits, symmetric = int(spec.bits), spec.symmetric
+    device = weight.device
+
+    W = weight.detach().to(torch.float32).clone()
+    n_groups = in_features // group if group else 1
+    dynamic_groups = group is not None and not act_order  # group params found during the sweep
+    if dynamic_groups:
+        scale = torch.zeros(out_features, n_groups, device=device)
+        zero = torch.zeros(out_features, n_groups, device=device)
+    else:
+        # Per-row, or static groups: from the original weight, exactly as RTN (quantizer.weight_codes) does.
+        _, scale, zero = quant_params(W.reshape(out_features, n_groups, in_features // n_groups), bits, symmetric)
+        scale, zero = scale.squeeze(-1), zero.squeeze(-1)
+
+    H = hessian.detach().to(device=device, dtype=torch.float64).clone()
+    # An input that was always 0 in calibration carries no information: its weight column can be anything, so
+    # zero it (it quantizes to 0) and give it a unit diagonal so that H stays invertible.
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    W[:, dead] = 0.0
+    # Dampening keeps the Cholesky factorization stable when H is (nearly) singular, e.g. few calibration tokens.
+    H.diagonal().add_(damp * H.diagonal().mean())
+
+    # act_order: round the columns with the largest Hessian diagonal (most output impact) first, while most
+    # columns are still free to absorb their error. Stable sort: ties keep natural order.
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+    else:
+        perm = torch.arange(in_features, device=device)
+    W, H = W[:, perm], H[perm][:, perm]
+
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item() != 0:
+        raise ValueError(
+            f"the Hessian is not positive definite even after dampening (damp={damp}); "
+            "increase damp or use more calibration samples"
+        )
+    # Upper Cholesky factor of H⁻¹: row i holds the OBS update for column i given columns < i are already rounded.
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(torch.float32)
+
+    col_group = (perm // group).tolist() if group else [0] * in_features  # each column's group, natural order
+    codes = torch.zeros_like(W)
+    i1 = 0
+    while i1 < in_features:
+        i2 = min(i1 + block_size, in_features)
+        if dynamic_groups and (i2 // group) * group > i1:
+            # End the block on a group boundary, so a group that starts inside the block also ends inside it: its
+            # later columns then hold every update so far when its params are computed (columns after the block
+            # only get this block's updates at the end). A group starting at the block start may span blocks:
+            # at that point there are no pending updates, so W is current.
+            i2 = (i2 // group) * group
+        W1 = W[:, i1:i2].clone()
+        err = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if dynamic_groups and col % group == 0:
+                current = torch.cat([W1[:, i : i + group], W[:, i2 : col + group]], dim=1)
+                _, s, z = quant_params(current, bits, symmetric)
+                scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
+            g = col_group[col]
+            w = W1[:, i]
+            c = _round(w, scale[:, g], zero[:, g], bits, symmetric)
+            codes[:, col] = c
+            q = (c - zero[:, g]) * scale[:, g]  # = dequantize_weight's arithmetic
+            err[:, i] = (w - q) / U1[i, i]
+            # Exact OBS update of the rest of this block.
+            W1[:, i + 1 :] -= err[:, i : i + 1] * U1[i : i + 1, i + 1 :]
+        # Lazy batch: all of this block's updates to the later columns at once.
+        W[:, i2:] -= err @ U[i1:i2, i2:]
+        i1 = i2
+
+    inverse = torch.argsort(perm)
+    return {"codes": codes[:, inverse].contiguous(), "scale": scale.contiguous(), "zero": zero.contiguous()}
