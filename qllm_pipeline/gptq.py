@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantizer import QuantSpec, quant_params
+from .quantizer import QuantSpec, clipped_quant_params, quant_params
 
 __all__ = ["HessianAccumulator", "gptq_weight_codes"]
 
@@ -73,6 +73,7 @@ def gptq_weight_codes(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    clip: bool = False,
 ) -> dict[str, torch.Tensor]:
     """GPTQ-rounded codes of a [out, in] weight, in the format of ``quantizer.weight_codes(weight, spec)``.
 
@@ -80,7 +81,8 @@ def gptq_weight_codes(
     quantizer: per row from the original weight (group_size None); per group from the current, error-updated columns
     when the sweep reaches the group (act_order False); or per group from the original weight up front ("static
     groups", act_order True, so the stored groups stay in natural column order while columns go in order of
-    decreasing Hessian diagonal). `damp` adds damp · mean(diag H) to the diagonal.
+    decreasing Hessian diagonal). `damp` adds damp · mean(diag H) to the diagonal. `clip=True` shrinks each range
+    to the one with the least rounding error (quantizer.clipped_quant_params) instead of the plain min-max.
     """
     if weight.dim() != 2:
         raise ValueError(f"gptq_weight_codes expects a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
@@ -101,6 +103,7 @@ def gptq_weight_codes(
         raise ValueError(f"block_size={block_size} must be a positive integer")
     bits, symmetric = int(spec.bits), spec.symmetric
     device = weight.device
+    params = clipped_quant_params if clip else quant_params
 
     W = weight.detach().to(torch.float32).clone()
     n_groups = in_features // group if group else 1
@@ -110,7 +113,7 @@ def gptq_weight_codes(
         zero = torch.zeros(out_features, n_groups, device=device)
     else:
         # Per-row, or static groups: from the original weight, exactly as RTN (quantizer.weight_codes) does.
-        _, scale, zero = quant_params(W.reshape(out_features, n_groups, in_features // n_groups), bits, symmetric)
+        _, scale, zero = params(W.reshape(out_features, n_groups, in_features // n_groups), bits, symmetric)
         scale, zero = scale.squeeze(-1), zero.squeeze(-1)
 
     H = hessian.detach().to(device=device, dtype=torch.float64).clone()
@@ -157,7 +160,7 @@ def gptq_weight_codes(
             col = i1 + i
             if dynamic_groups and col % group == 0:
                 current = torch.cat([W1[:, i : i + group], W[:, i2 : col + group]], dim=1)
-                _, s, z = quant_params(current, bits, symmetric)
+                _, s, z = params(current, bits, symmetric)
                 scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
             g = col_group[col]
             w = W1[:, i]

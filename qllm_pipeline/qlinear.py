@@ -14,7 +14,15 @@ import copy
 import torch
 from torch import nn
 
-from .quantizer import QuantSpec, dequantize_weight, quantize_activation, quantize_weight, weight_codes
+from .quantizer import (
+    QuantSpec,
+    dequantize_weight,
+    quantize_activation,
+    quantize_weight,
+    quantize_weight_with_params,
+    weight_codes,
+    weight_codes_with_params,
+)
 
 
 class QuantLinear(nn.Module):
@@ -30,6 +38,9 @@ class QuantLinear(nn.Module):
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.weight_is_quantized = False  # set once the stored weight is already on the grid (fused models)
+        # A base weight rounded elsewhere (GPTQ) that the low-rank correction refines: stored in the transformed
+        # basis, and quantized on its own fixed grid (scale, zero) so that with B·A = 0 it stays exactly as rounded.
+        self.base_qparams: dict[str, torch.Tensor] | None = None
         self.codes: dict[str, torch.Tensor] | None = None  # integer form of a fused weight
         self._qweight_cache: torch.Tensor | None = None
 
@@ -83,7 +94,7 @@ class QuantLinear(nn.Module):
 
     def transformed_weight(self) -> torch.Tensor:
         """The weight with every input transform folded in (columns match `transform_input`)."""
-        if self.weight_is_quantized:  # fused: stored already transformed
+        if self.weight_is_quantized or self.base_qparams is not None:  # stored already transformed
             return self.weight
         w = self.weight
         for transform in self.input_transforms:
@@ -97,15 +108,28 @@ class QuantLinear(nn.Module):
             w = w + self.lora_B @ self.lora_A
         return w
 
+    def set_base(self, codes: dict[str, torch.Tensor]) -> None:
+        """Use a weight already rounded in the transformed basis (e.g. by GPTQ) as the base the correction refines;
+        it keeps its grid: quantizing it (plus B·A) uses `codes`' scale and zero, not a new min-max."""
+        self.weight = nn.Parameter(dequantize_weight(**codes).to(self.weight.dtype), requires_grad=False)
+        self.base_qparams = {"scale": codes["scale"], "zero": codes["zero"]}
+        self._qweight_cache = None
+
+    def _quantize(self, w: torch.Tensor) -> torch.Tensor:
+        if self.base_qparams is None or not self.weight_spec.enabled:
+            return quantize_weight(w, self.weight_spec)
+        p = {k: v.to(w.device) for k, v in self.base_qparams.items()}
+        return quantize_weight_with_params(w, p["scale"], p["zero"], self.weight_spec)
+
     def quantized_weight(self) -> torch.Tensor:
         if self.weight_is_quantized:  # fused: the stored weight is already reassembled, merged and quantized
             return self.weight
         if self.lora_A is not None:  # being trained: recompute so gradients reach A and B
-            return quantize_weight(self.merged_weight(), self.weight_spec)
+            return self._quantize(self.merged_weight())
         # Frozen weights: quantize once and reuse (evaluation runs many windows through the same block).
         if self._qweight_cache is None:
             with torch.no_grad():
-                self._qweight_cache = quantize_weight(self.merged_weight(), self.weight_spec)
+                self._qweight_cache = self._quantize(self.merged_weight())
         return self._qweight_cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,10 +145,14 @@ class QuantLinear(nn.Module):
         with torch.no_grad():
             merged = self.merged_weight().detach()
             if self.weight_spec.enabled:
+                if codes is None and self.base_qparams is not None:  # refined on a fixed grid: stay on it
+                    p = {k: v.to(merged.device) for k, v in self.base_qparams.items()}
+                    codes = weight_codes_with_params(merged, p["scale"], p["zero"], self.weight_spec)
                 self.codes = weight_codes(merged, self.weight_spec) if codes is None else codes
                 merged = dequantize_weight(**self.codes).to(merged.dtype)
         self.weight = nn.Parameter(merged.clone(), requires_grad=False)
         self.lora_A = self.lora_B = None
+        self.base_qparams = None
         self.weight_is_quantized = True
         self._qweight_cache = None
 

@@ -166,20 +166,23 @@ def rotate_value_heads(model: nn.Module) -> None:
         weight_changed(o)
 
 
-def add_online_hadamard(model: nn.Module) -> None:
-    """In place: QuaRot's R4, an online Hadamard on every down_proj input (the SwiGLU output). down_proj becomes a
-    full-precision QuantLinear whose input transform is the Hadamard, so its weight is used as W H and the output is
-    unchanged; quantized copies of the block keep the transform before their activation quantizer."""
+def add_online_hadamard(model: nn.Module, path: str = "mlp.down_proj") -> None:
+    """In place: an online Hadamard on the input of projection `path` of every block: QuaRot's R4 for down_proj (the
+    SwiGLU output); for o_proj a full-width one across heads (QuIP#-style incoherence of the attention output, where
+    R2 only mixes within a head). The projection becomes a full-precision QuantLinear whose input transform is the
+    Hadamard, so its weight is used as W H and the output is unchanged; quantized copies of the block keep the
+    transform before their activation quantizer."""
     from .qlinear import QuantLinear
     from .quantizer import QuantSpec
 
     for layer in decoder_layers(model):
-        down = layer.mlp.down_proj
-        if isinstance(down, QuantLinear) and any(t.kind == "hadamard" for t in down.input_transforms):
+        linear = layer.get_submodule(path)
+        if isinstance(linear, QuantLinear) and any(t.kind == "hadamard" for t in linear.input_transforms):
             continue
-        online = QuantLinear.from_module(down, QuantSpec(None), QuantSpec(None))
+        online = QuantLinear.from_module(linear, QuantSpec(None), QuantSpec(None))
         online.set_transforms([OnlineHadamard(online.in_features), *online.input_transforms])
-        layer.mlp.down_proj = online
+        parent, _, name = path.rpartition(".")
+        setattr(layer.get_submodule(parent), name, online)
 
 
 def add_online_qk_hadamard(model: nn.Module) -> None:

@@ -6,6 +6,10 @@ GPTQ needs each projection's Hessian from the inputs it really sees: the block's
 through the input transforms (online Hadamard, reassembly), before the activation quantizer. Projections are rounded
 in four groups in forward order (q/k/v, o, gate/up, down; members of a group share one input, so one Hessian), and
 each group's inputs are collected after the groups before it were rounded, so o_proj sees the rounded q/k/v, etc.
+
+With low-rank correction, GPTQ runs first (`gptq_base_block`): its rounded weights become the frozen base that LRC
+refines on GPTQ's own grid, so training starts from GPTQ's error and the final Q(Ŵ + B·A) is what it trained.
+Rounding the merged weight afterwards instead would throw away what the correction learned about RTN's errors.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from torch import nn
 
 from .blocks import quant_linears
 from .gptq import HessianAccumulator, gptq_weight_codes
-from .quantizer import weight_codes
+from .quantizer import weight_codes, weight_codes_with_params
 
 WEIGHT_ALGORITHMS = ("rtn", "gptq")
 GPTQ_GROUPS = (
@@ -32,14 +36,16 @@ class GPTQConfig:
     damp: float = 0.01  # dampening, as a fraction of the Hessian's mean diagonal
     block_size: int = 128  # columns per lazy update
     act_order: bool = True  # columns in order of decreasing Hessian diagonal (static groups with group_size)
+    clip: bool = False  # search each row's (group's) range for the least rounding error instead of min-max
 
     def __post_init__(self):
         if not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
             raise ValueError(f"gptq.damp={self.damp!r} must be a number in [0, 1)")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"gptq.block_size={self.block_size!r} must be a positive integer")
-        if not isinstance(self.act_order, bool):
-            raise ValueError(f"gptq.act_order={self.act_order!r} must be true or false")
+        for name in ("act_order", "clip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"gptq.{name}={getattr(self, name)!r} must be true or false")
 
 
 def output_error(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -49,9 +55,10 @@ def output_error(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Ten
 
 
 @torch.no_grad()
-def gptq_fuse_block(block: nn.Module, run_block, inputs: torch.Tensor, device, batch_size: int, cfg: GPTQConfig) -> dict:
-    """Fuse every QuantLinear of `block` (on `device`) with GPTQ-rounded weights; returns, per projection, the layer
-    output error (on the Hessian's inputs) of RTN and of GPTQ."""
+def gptq_round_block(block: nn.Module, run_block, inputs: torch.Tensor, device, batch_size: int, cfg: GPTQConfig, apply) -> dict:
+    """GPTQ-round every QuantLinear of `block` (on `device`) group by group; `apply(qlinear, codes)` installs each
+    result before the next group's inputs are collected. Returns, per projection, the layer output error (on the
+    Hessian's inputs) of RTN and of GPTQ."""
     from .quantizer import dequantize_weight
 
     qlinears = quant_linears(block)
@@ -69,14 +76,45 @@ def gptq_fuse_block(block: nn.Module, run_block, inputs: torch.Tensor, device, b
         for name in group:
             ql = qlinears[name]
             merged = ql.merged_weight().detach().float()
-            codes = gptq_weight_codes(merged, hessian, ql.weight_spec, cfg.damp, cfg.block_size, cfg.act_order)
+            codes = gptq_weight_codes(merged, hessian, ql.weight_spec, cfg.damp, cfg.block_size, cfg.act_order, cfg.clip)
             rtn = dequantize_weight(**weight_codes(merged, ql.weight_spec))
             report[name] = {
                 "rtn_error": output_error(merged, rtn, hessian),
                 "gptq_error": output_error(merged, dequantize_weight(**codes), hessian),
             }
-            ql.fuse(codes={k: v.to(ql.weight.device) for k, v in codes.items()})
+            apply(ql, {k: v.to(ql.weight.device) for k, v in codes.items()})
     return report
+
+
+def gptq_fuse_block(block: nn.Module, run_block, inputs: torch.Tensor, device, batch_size: int, cfg: GPTQConfig) -> dict:
+    """Fuse every projection with its GPTQ-rounded weight."""
+    return gptq_round_block(block, run_block, inputs, device, batch_size, cfg, lambda ql, codes: ql.fuse(codes=codes))
+
+
+def gptq_base_block(block: nn.Module, run_block, inputs: torch.Tensor, device, batch_size: int, cfg: GPTQConfig) -> dict:
+    """Make every projection's GPTQ-rounded weight its frozen base (for LRC to refine on the same grid)."""
+    return gptq_round_block(block, run_block, inputs, device, batch_size, cfg, lambda ql, codes: ql.set_base(codes))
+
+
+def base_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
+    """The rounded bases of a block set by `gptq_base_block`, as `<name>.{codes,scale,zero}` (codes as small ints)."""
+    out = {}
+    for name, ql in quant_linears(block).items():
+        codes = weight_codes_with_params(ql.weight.detach(), ql.base_qparams["scale"], ql.base_qparams["zero"], ql.weight_spec)
+        out.update({f"{name}.codes": codes["codes"].to(_code_dtype(ql.weight_spec)), f"{name}.scale": codes["scale"],
+                    f"{name}.zero": codes["zero"]})
+    return out
+
+
+def _code_dtype(spec) -> torch.dtype:
+    if spec.bits <= 8:
+        return torch.int8 if spec.symmetric else torch.uint8
+    return torch.int32
+
+
+def load_base_tensors(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    for name, ql in quant_linears(block).items():
+        ql.set_base({"codes": tensors[f"{name}.codes"].float(), "scale": tensors[f"{name}.scale"], "zero": tensors[f"{name}.zero"]})
 
 
 def block_dtype(block: nn.Module) -> torch.dtype:

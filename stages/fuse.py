@@ -13,11 +13,15 @@ from qllm_pipeline.export import save_quantized_model
 from qllm_pipeline.fused import fused_block_tensors
 from qllm_pipeline.lowrank import fuse_block, load_lora_state
 from qllm_pipeline.stage import BlockStage, StageSpec
-from qllm_pipeline.weight_rounding import WEIGHT_ALGORITHMS, GPTQConfig, gptq_fuse_block
+from qllm_pipeline.weight_rounding import WEIGHT_ALGORITHMS, GPTQConfig, gptq_fuse_block, load_base_tensors
 
 from .reassemble import quant_block
 
 log = logging.getLogger(__name__)
+
+
+def uses_gptq(cfg: dict) -> bool:
+    return cfg["quant"].get("weight_algorithm", "rtn") == "gptq"
 
 
 def gptq_config(cfg: dict) -> GPTQConfig:
@@ -33,7 +37,7 @@ class Fuse(BlockStage):
     def key_config(self, cfg: dict) -> dict:
         # GPTQ's settings matter only when GPTQ rounds the weights.
         part = super().key_config(cfg)
-        if cfg["quant"].get("weight_algorithm", "rtn") == "gptq":
+        if uses_gptq(cfg):
             part["gptq"] = cfg["gptq"]
         return part
 
@@ -48,8 +52,10 @@ class Fuse(BlockStage):
         block = quant_block(ctx, state)
         trained = state.artifacts.get("train_lowrank")
         if trained is not None:
+            if trained.has("base.safetensors"):  # LRC refined a GPTQ-rounded base: stay on its grid
+                load_base_tensors(block, trained.tensors("base.safetensors"))
             load_lora_state(block, trained.tensors("lora.safetensors"))
-        if ctx.cfg["quant"].get("weight_algorithm", "rtn") == "gptq" and ctx.weight_spec.enabled:
+        if uses_gptq(ctx.cfg) and ctx.weight_spec.enabled and trained is None:
             block.to(ctx.device)
             report = gptq_fuse_block(
                 block, ctx.block_runner, state.x_q, ctx.device, ctx.cfg["pipeline"]["batch_size"], gptq_config(ctx.cfg)

@@ -6,6 +6,7 @@ before the blocks. Each part is switchable:
 * `rotate.value_heads` (R2): each attention head's values by a Hadamard, folded into v_proj and o_proj;
 * `rotate.online_down` (R4): an online Hadamard on the down_proj input, applied at run time before the activation
   quantizer (its transpose folded into down_proj); costs ~25 % of down_proj's multiply-adds on SmolLM2;
+* `rotate.online_o`: an online full-width Hadamard on the o_proj input (the attention output, across heads);
 * `rotate.online_qk`: an online per-head Hadamard on Q and K before the attention-input quantizer (`quant.attn_bits`).
 
 Stored: rotation.safetensors (Q, float32; the other parts are deterministic). `apply` swaps the run's model for a
@@ -23,7 +24,7 @@ from qllm_pipeline.rotation import add_online_hadamard, add_online_qk_hadamard, 
 from qllm_pipeline.stage import ONCE, OnceStage, StageSpec
 
 log = logging.getLogger(__name__)
-PARTS = ("residual", "value_heads", "online_down", "online_qk")
+PARTS = ("residual", "value_heads", "online_down", "online_o", "online_qk")
 
 
 class Rotate(OnceStage):
@@ -37,13 +38,14 @@ class Rotate(OnceStage):
             if not isinstance(rot.get(part), bool):
                 raise PipelineError(f"rotate.{part}={rot.get(part)!r} must be true or false")
         if not any(rot[p] for p in PARTS):
-            raise PipelineError("rotate: every part is off (rotate.residual/value_heads/online_down/online_qk); "
+            raise PipelineError("rotate: every part is off (rotate.residual/value_heads/online_down/online_o/online_qk); "
                                 "turn one on or drop the rotate stage")
 
     def preflight(self, cfg: dict, model_config) -> None:
         rot = cfg["rotate"]
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-        sizes = {"online_down": model_config.intermediate_size, "value_heads": head_dim, "online_qk": head_dim}
+        sizes = {"online_down": model_config.intermediate_size, "online_o": model_config.num_attention_heads * head_dim,
+                 "value_heads": head_dim, "online_qk": head_dim}
         for part, size in sizes.items():
             if rot[part] and hadamard_factors(size) is None:
                 raise PipelineError(
@@ -65,7 +67,9 @@ class Rotate(OnceStage):
         if rot["value_heads"]:
             rotate_value_heads(model)
         if rot["online_down"]:
-            add_online_hadamard(model)
+            add_online_hadamard(model, "mlp.down_proj")
+        if rot["online_o"]:
+            add_online_hadamard(model, "self_attn.o_proj")
         if rot["online_qk"]:
             add_online_qk_hadamard(model)
         ctx.model = model

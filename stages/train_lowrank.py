@@ -10,6 +10,9 @@ from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.lowrank import LowRankConfig, lora_state, train_block
 from qllm_pipeline.stage import BlockStage, StageSpec
 
+from qllm_pipeline.weight_rounding import base_tensors, gptq_base_block
+
+from .fuse import gptq_config, uses_gptq
 from .reassemble import quant_block
 
 log = logging.getLogger(__name__)
@@ -18,7 +21,13 @@ CONFIG_FIELDS = ("rank", "lr", "epochs", "batch_size", "weight_decay", "train_no
 
 
 class TrainLowrank(BlockStage):
-    spec = StageSpec("train_lowrank", version=1, config_keys=("train_lowrank", "quant"), needs_fp_targets=True, label="lrc")
+    spec = StageSpec("train_lowrank", version=2, config_keys=("train_lowrank", "quant"), needs_fp_targets=True, label="lrc")
+
+    def key_config(self, cfg: dict) -> dict:
+        part = super().key_config(cfg)
+        if uses_gptq(cfg):  # GPTQ rounds the base LRC refines
+            part["gptq"] = cfg["gptq"]
+        return part
 
     def enabled(self, cfg) -> bool:
         return bool(cfg["train_lowrank"].get("enabled", True)) and cfg["quant"].get("wbits") is not None
@@ -37,6 +46,12 @@ class TrainLowrank(BlockStage):
 
     def run(self, ctx, state, writer) -> None:
         block = quant_block(ctx, state).to(ctx.device)
+        if uses_gptq(ctx.cfg) and ctx.weight_spec.enabled:
+            # GPTQ first: LRC refines GPTQ's rounding on its grid (see qllm_pipeline.weight_rounding).
+            report = gptq_base_block(block, ctx.block_runner, state.x_q, ctx.device, ctx.cfg["pipeline"]["batch_size"],
+                                     gptq_config(ctx.cfg))
+            writer.save_tensors("base.safetensors", base_tensors(block))
+            writer.save_json("gptq.json", report)
         cfg = lowrank_config(ctx.cfg["train_lowrank"], state.index)
         stats = train_block(
             block, ctx.block_runner, state.x_q, state.targets, cfg, ctx.device, progress=ctx.progress, desc=f"lrc block {state.index}"

