@@ -1,14 +1,18 @@
-"""Accuracy benchmark: FP, RTN, SmoothQuant, rotation, CRA, LRC, CRA+LRC and rotation+CRA+LRC at several bit widths.
+"""Accuracy benchmark: our methods at several bit widths, beside the peers' rows (benchmarks/peers.py) in one table.
 
-One invocation is one Hydra multirun of the ordinary pipeline (`python -m qllm_pipeline -m quant=... method=...`),
-so every method runs through the same quantizers, calibration data and evaluation, in one process (the model is
-loaded once). Each run starts from an empty artifact cache (a temporary directory unless --cache is given), so the
-stage times are compute times; the FP row is evaluated once, the RTN reference row once per bit width.
-Writes benchmarks/results/accuracy.md and .json: ppl, ratio to FP, and wall time and peak RSS of every stage.
+One invocation runs one Hydra multirun of the ordinary pipeline per bit width (`python -m qllm_pipeline -m quant=...
+method=...`), so every method runs through the same quantizers, calibration windows and evaluation windows, in one
+process (the model is loaded once). Each invocation starts from an empty artifact cache (a temporary directory unless
+--cache is given), so the stage times are compute times. `--attn-methods` adds rows with the attention inputs
+(Q, K, V) quantized at the activation bit width (`quant.attn_bits`, the papers' "KV" setting); the other rows keep
+them at 16 bits.
 
-    python benchmarks/accuracy.py                         # 3 bit widths × 7 methods (about 40 min on 2 CPU cores)
-    python benchmarks/accuracy.py --quants w4a4 --methods rtn,qllm train_lowrank.epochs=4   # any Hydra overrides
-    python benchmarks/accuracy.py --tiny --tiny-model-dir DIR   # smoke mode used by the tests (tiny random model)
+Results are merged into benchmarks/results/accuracy.json (rows keyed by tool, method, quant; rows of other tools, e.g.
+llm-compressor's from benchmarks/peers.py, are kept) and accuracy.md is rewritten from all rows.
+
+    python benchmarks/accuracy.py --quants w4a4 --methods rtn,gptq,qllm,rotation,quarot,rotation_lrc_gptq,rotation_qllm_gptq
+    python benchmarks/accuracy.py --quants w4a8,w6a6 --methods qllm,rotation_qllm_gptq --attn-methods rotation_qllm_gptq
+    python benchmarks/accuracy.py --tiny --tiny-model-dir DIR --out DIR   # smoke mode used by the tests
 """
 from __future__ import annotations
 
@@ -21,34 +25,30 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
-# conf/method option -> the row the pipeline reports for it (the name of its final variant)
-METHODS = {
-    "rtn": "rtn",
-    "smoothquant": "smoothquant",
-    "rotation": "rotation",
-    "cra": "cra",
-    "lrc": "lrc",
-    "qllm": "cra+lrc",
-    "rotation_qllm": "rotation+cra+lrc",
-}
-# Settings the benchmark runs with unless overridden; everything else is the default job's configuration. They halve
-# the three costs that grow with tokens (evaluation windows, θ-search samples, LRC passes) so 21 runs fit in 45 min on
-# 2 CPU cores; pass e.g. `eval.max_windows=32 search_theta.n_samples=4 train_lowrank.epochs=2` for the default job's.
-# The exported model is not written: the table does not need it.
-BENCH_OVERRIDES = [
-    "eval.max_windows=16", "search_theta.n_samples=2", "train_lowrank.epochs=1", "fuse.save_model=false", "pipeline.progress=false",
-]
+HELDOUT = "calib_heldout"
+TOOL = "qllm-pipeline"
+METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
+QUANTS = sorted(p.stem for p in (REPO / "conf" / "quant").glob("*.yaml"))
+# The default job's settings, minus the exported model (the table does not need it); every run is also evaluated on
+# held-out calibration windows (calib_heldout), on which the best recipe is chosen: never on the evaluation windows.
+BENCH_OVERRIDES = ["fuse.save_model=false", "pipeline.progress=false", "eval.datasets=[wiki_sample,calib_heldout]"]
 TINY_OVERRIDES = [
     "calibrate.n_samples=2", "calibrate.seq_len=32", "eval.seq_len=32", "eval.max_windows=4",
     "search_theta.steps=5", "search_theta.n_samples=1", "train_lowrank.epochs=1",
 ]
 
 
-def sweep(args, cache: Path, sweep_dir: Path) -> list[dict]:
+def abits(quant: str) -> int | None:
+    return yaml.safe_load((REPO / "conf" / "quant" / f"{quant}.yaml").read_text())["abits"]
+
+
+def sweep(args, quant: str, methods: list[str], extra: list[str], cache: Path, sweep_dir: Path) -> list[dict]:
     cmd = [
-        sys.executable, "-m", "qllm_pipeline", "-m", f"quant={','.join(args.quants)}", f"method={','.join(args.methods)}",
-        f"model={args.model}", f"pipeline.cache_dir={cache}", f"hydra.sweep.dir={sweep_dir}", *BENCH_OVERRIDES, *args.overrides,
+        sys.executable, "-m", "qllm_pipeline", "-m", f"quant={quant}", f"method={','.join(methods)}", f"model={args.model}",
+        f"pipeline.cache_dir={cache}", f"hydra.sweep.dir={sweep_dir}", *BENCH_OVERRIDES, *args.overrides, *extra,
     ]
     print("[accuracy] " + " ".join(cmd[2:]), flush=True)
     proc = subprocess.run(cmd, cwd=REPO)
@@ -57,63 +57,89 @@ def sweep(args, cache: Path, sweep_dir: Path) -> list[dict]:
     runs = []
     for results_file in sorted(sweep_dir.glob("*/results.json"), key=lambda p: int(p.parent.name)):
         results = json.loads(results_file.read_text())
-        choice = dict(o.split("=", 1) for o in results["meta"]["overrides"] if o.split("=", 1)[0] in ("quant", "method"))
-        runs.append({"dir": results_file.parent, "quant": choice["quant"], "method": choice["method"], "results": results})
+        choice = dict(o.split("=", 1) for o in results["meta"]["overrides"] if o.split("=", 1)[0] == "method")
+        runs.append({"quant": quant, "method": choice["method"], "extra": extra, "results": results})
     return runs
 
 
-def rows_from(runs: list[dict]) -> list[dict]:
-    rows = []
-    for run in runs:
-        results, method = run["results"], run["method"]
-        ppl = next(iter(results["ppl"].values()))
-        rows.append({
-            "quant": run["quant"],
-            "method": METHODS[method],
-            "config": f"method={method}",
-            "ppl": ppl[METHODS[method]],
-            "fp": ppl["fp"],
-            "rtn": ppl["rtn"],
-            "wall_s": round(results["meta"]["wall_seconds"], 1),
-            "stages": {s["stage"]: {"seconds": s["seconds"], "peak_rss_mib": s["peak_rss_mib"]}
-                       for s in results["stages"] if s["computed"]},
-        })
-    return rows
+def own_row(ppl: dict) -> str:
+    """The run's own variant among its rows: not fp, and not the rtn / cra reference rows unless it is one of them."""
+    names = [n for n in ppl if n != "fp"]
+    for reference in ("rtn", "cra"):
+        if len(names) > 1 and reference in names:
+            names.remove(reference)
+    return names[0]
 
 
-def markdown(rows: list[dict], args, command: str) -> str:
-    quants = list(dict.fromkeys(r["quant"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    fp = rows[0]["fp"]
-    cell = {(r["method"], r["quant"]): r for r in rows}
+def row_from(run: dict, tag: str = "") -> dict:
+    """Our row of one run: ppl on the evaluation windows (the first eval dataset); `dev` holds every other dataset's
+    ratio to FP (e.g. calib_heldout, the held-out calibration windows the best recipe is chosen on)."""
+    results = run["results"]
+    dataset = next(name for name in results["ppl"] if name != HELDOUT)
+    ppl = results["ppl"][dataset]
+    label = own_row(ppl)
+    dev = {name: other[label] / other["fp"] for name, other in results["ppl"].items() if name != dataset}
+    attn = next((int(o.split("=")[1]) for o in run["extra"] if o.startswith("quant.attn_bits=")), None)
+    return {
+        "tool": TOOL,
+        "method": label + (f" [{tag}]" if tag else "") + (f" (attn A{attn})" if attn else ""),
+        "config": " ".join([f"method={run['method']}", *run["extra"]]),
+        "quant": run["quant"],
+        "attn_bits": attn,
+        "dataset": dataset,
+        "ppl": ppl[label],
+        "fp": ppl["fp"],
+        "rtn": ppl["rtn"],
+        "dev_ratio": dev,
+        "wall_s": round(results["meta"]["wall_seconds"], 1),
+        "stages": {s["stage"]: {"seconds": s["seconds"], "peak_rss_mib": s["peak_rss_mib"]}
+                   for s in results["stages"] if s["computed"]},
+    }
+
+
+def merge(path: Path, rows: list[dict]) -> list[dict]:
+    """Upsert `rows` into the json file's rows, keyed by (tool, method, quant); other rows are kept in order."""
+    old = json.loads(path.read_text()).get("rows", []) if path.exists() else []
+    key = lambda r: (r.get("tool", TOOL), r["method"], r["quant"])  # noqa: E731
+    new = {key(r): r for r in rows}
+    kept = [r for r in old if key(r) not in new and "tool" in r]  # rows without a tool predate this format
+    return kept + rows
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    quants = [q for q in ("w4a4", "w4a8", "w6a6", "w8a8") if any(r["quant"] == q for r in rows)]
+    quants += sorted({r["quant"] for r in rows} - set(quants))
+    fp = {r["quant"]: r["fp"] for r in rows}
+    cell = {(r.get("tool", TOOL), r["method"], r["quant"]): r for r in rows}
+    names = list(dict.fromkeys((r.get("tool", TOOL), r["method"]) for r in rows))
     lines = [
-        "# Accuracy: perplexity on the held-out wiki_sample articles",
+        "# Accuracy: perplexity on the evaluation windows (wiki_sample, 32 × 512 tokens)",
         "",
-        f"Model `{args.model}`; cells are ppl (× FP). Command: `{command}`",
+        f"Last command: `{command}`. Cells are ppl (× FP). Attention inputs stay 16-bit unless the method says `attn A<n>`.",
         "",
-        "Settings on top of the default job's: `" + " ".join([*BENCH_OVERRIDES, *args.overrides]) + "`",
-        "",
-        "| method | " + " | ".join(quants) + " |",
-        "|---|" + "---:|" * len(quants),
-        "| fp | " + " | ".join(f"{fp:.2f} (1.00×)" for _ in quants) + " |",
+        "| tool | method | " + " | ".join(quants) + " |",
+        "|---|---|" + "---:|" * len(quants),
+        "| - | fp | " + " | ".join(f"{fp[q]:.2f} (1.00×)" for q in quants) + " |",
     ]
-    for m in methods:
-        cells = [f"{cell[m, q]['ppl']:.2f} ({cell[m, q]['ppl'] / fp:.2f}×)" if (m, q) in cell else "-" for q in quants]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "## Cost of each run: wall time and peak RSS of every stage it computed", "",
-              "Stage cells are seconds / peak RSS in MiB (sampled while the stage ran). Wall includes the walk through the",
-              "blocks (FP targets, advancing the quantized stream) and writing the run's report.", "",
-              "| quant | method | wall (s) | stages: s / MiB |", "|---|---|---:|---|"]
-    for r in rows:
+    for tool, method in names:
+        cells = [f"{cell[tool, method, q]['ppl']:.2f} ({cell[tool, method, q]['ppl'] / cell[tool, method, q]['fp']:.2f}×)"
+                 if (tool, method, q) in cell else "-" for q in quants]
+        lines.append(f"| {tool} | {method} | " + " | ".join(cells) + " |")
+    ours = [r for r in rows if r.get("tool", TOOL) == TOOL and r.get("stages")]
+    lines += ["", "## Cost of our runs: wall time and time / peak RSS of every stage computed", "",
+              "| quant | method | config | wall (s) | stages: s / MiB |", "|---|---|---|---:|---|"]
+    for r in ours:
         stages = ", ".join(f"{k} {v['seconds']:.0f} s / {v['peak_rss_mib']:.0f}" for k, v in r["stages"].items())
-        lines.append(f"| {r['quant']} | {r['method']} | {r['wall_s']:.0f} | {stages} |")
+        lines.append(f"| {r['quant']} | {r['method']} | `{r['config']}` | {r['wall_s']:.0f} | {stages} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quants", default="w4a4,w4a8,w6a6", help="conf/quant options, comma-separated")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"conf/method options, comma-separated: {','.join(METHODS)}")
+    parser.add_argument("--methods", default="rtn,qllm,quarot,rotation_qllm_gptq", help=f"conf/method options: {','.join(METHODS)}")
+    parser.add_argument("--attn-methods", default="", help="methods to run again with the attention inputs quantized")
+    parser.add_argument("--tag", default="", help="appended to this invocation's method names, e.g. for a setting variant")
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--cache", type=Path, help="artifact cache to use (default: a fresh temporary one, so stages are timed)")
@@ -122,27 +148,34 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     args.quants, args.methods = args.quants.split(","), args.methods.split(",")
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"error: unknown method(s) {unknown}; choose from {list(METHODS)}")
+    attn_methods = [m for m in args.attn_methods.split(",") if m]
+    for kind, names, known in (("method", args.methods + attn_methods, METHODS), ("quant", args.quants, QUANTS)):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise SystemExit(f"error: unknown {kind}(s) {unknown}; choose from {known}")
+    if attn_methods and any(abits(q) is None for q in args.quants):
+        raise SystemExit("error: --attn-methods needs quants with activation bits (not fp16)")
     command = " ".join(["python benchmarks/accuracy.py", *sys.argv[1:]])
     if args.tiny:
         if not args.tiny_model_dir:
             raise SystemExit("error: --tiny needs --tiny-model-dir (a saved tiny LLaMA)")
-        args.model = "smollm2_135m"
         args.overrides = ["model.name=tiny", f"model.path={args.tiny_model_dir}", "model.package=null", "model.gguf_file=null",
                           "model.hub_id=null", *TINY_OVERRIDES, *args.overrides]
     args.out.mkdir(parents=True, exist_ok=True)
+    runs = []
     with tempfile.TemporaryDirectory(prefix="qllm-bench-") as tmp:
         cache = args.cache or Path(tmp) / "cache"
-        sweep_dir = args.out / "runs" / ("tiny" if args.tiny else "sweep")
-        shutil.rmtree(sweep_dir, ignore_errors=True)  # runs of an earlier invocation must not mix into this table
+        root = args.out / "runs" / ("tiny" if args.tiny else "sweep")
+        shutil.rmtree(root, ignore_errors=True)  # runs of an earlier invocation must not mix into this table
         started = time.perf_counter()
-        runs = sweep(args, cache, sweep_dir)
+        for quant in args.quants:
+            runs += sweep(args, quant, args.methods, [], cache, root / quant)
+            if attn_methods:
+                runs += sweep(args, quant, attn_methods, [f"quant.attn_bits={abits(quant)}"], cache, root / f"{quant}-attn")
         total_s = time.perf_counter() - started
-    rows = rows_from(runs)
+    rows = merge(args.out / "accuracy.json", [row_from(r, args.tag) for r in runs])
     (args.out / "accuracy.json").write_text(json.dumps({"command": command, "total_wall_s": round(total_s, 1), "rows": rows}, indent=2))
-    text = markdown(rows, args, command) + f"\nTotal wall time of the sweep: {total_s / 60:.1f} min.\n"
+    text = markdown(rows, command) + f"\nWall time of the last invocation: {total_s / 60:.1f} min.\n"
     (args.out / "accuracy.md").write_text(text)
     print(text)
 

@@ -497,12 +497,20 @@ def reference_steps(channel_max: Tensor) -> int:
     return max(100, int(float(_channel_max(channel_max).max()) / 0.5))
 
 
-def theta_grid(channel_max: Tensor, steps: int | None, channel_ratio: float) -> list[float]:
+GRID_SPACINGS = ("linear", "log")
+
+
+def theta_grid(channel_max: Tensor, steps: int | None, channel_ratio: float, spacing: str = "linear") -> list[float]:
     """Candidates ``θ_i = max(M) − i·(max(M) − min(M))/steps`` for ``i = 0 … steps−1`` (descending, first = max(M)),
     truncated before the first θ whose extra channels ``Σ_c (T_c − 1)`` exceed ``channel_ratio · C``.
 
-    ``steps=None`` uses the reference's rule :func:`reference_steps`. Returns ``[]`` if every channel max is 0.
+    ``steps=None`` uses the reference's rule :func:`reference_steps`. ``spacing="log"`` spaces the candidates
+    geometrically instead, ``θ_i = max(M)·(min(M)/max(M))^(i/steps)``: the same number of steps, but fine where the
+    budget usually stops (near the typical channel maxima) rather than uniform across a range that one massive
+    activation (|x| ≈ 2500) stretches. Returns ``[]`` if every channel max is 0.
     """
+    if spacing not in GRID_SPACINGS:
+        raise ValueError(f"spacing={spacing!r} is not one of {GRID_SPACINGS}")
     m = _channel_max(channel_max)
     steps = reference_steps(m) if steps is None else int(steps)
     if steps < 1:
@@ -514,9 +522,10 @@ def theta_grid(channel_max: Tensor, steps: int | None, channel_ratio: float) -> 
         return []
     budget = float(channel_ratio) * m.numel()
     step = (hi - lo) / steps
+    floor = lo if lo > 0 else hi * 1e-3  # a geometric grid needs a positive end
     grid: list[float] = []
     for i in range(steps):
-        theta = hi - i * step
+        theta = hi - i * step if spacing == "linear" else hi * (floor / hi) ** (i / steps)
         if theta <= 0:  # min(M) == 0: the last candidate would be 0
             break
         extra = int((torch.ceil(m / theta).clamp(min=1) - 1).sum())
@@ -555,6 +564,7 @@ def search_theta(
     desc: str = "theta",
     *,
     score: str = "output_error",
+    spacing: str = "linear",
 ) -> ThetaSearchResult:
     """Grid-search θ (see :func:`theta_grid`), returning the argmin of ``loss_fn(build_reassembly(θ))``.
 
@@ -565,7 +575,7 @@ def search_theta(
     ``curve`` and ``reassembly`` is the chosen map.
     """
     m = _channel_max(channel_max)
-    grid = theta_grid(m, steps, channel_ratio)
+    grid = theta_grid(m, steps, channel_ratio, spacing)
     if not grid:  # all-zero channel maxima: nothing can be reassembled
         grid = [1.0]
     scorer: ChannelPairScorer | None = None

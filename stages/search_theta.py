@@ -12,7 +12,7 @@ import torch
 
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.plots import plot_theta_curves
-from qllm_pipeline.reassembly import build_reassembly, search_theta, theta_grid
+from qllm_pipeline.reassembly import GRID_SPACINGS, build_reassembly, search_theta, theta_grid
 from qllm_pipeline.stage import BlockStage, StageSpec
 from qllm_pipeline.smoothquant import smoothed_channel_max
 from qllm_pipeline.subblock import POINTS, point_activations, point_inputs, point_loss_fn, point_weights
@@ -45,6 +45,8 @@ class SearchTheta(BlockStage):
         steps = st["steps"]
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise PipelineError(f"search_theta.steps={steps!r} must be a positive integer, or null for the reference grid")
+        if st.get("spacing", "linear") not in GRID_SPACINGS:
+            raise PipelineError(f"search_theta.spacing={st.get('spacing')!r} is not one of {list(GRID_SPACINGS)}")
         if not isinstance(st["n_samples"], int) or st["n_samples"] < 1:
             raise PipelineError(f"search_theta.n_samples={st['n_samples']!r} must be a positive integer")
 
@@ -54,6 +56,7 @@ class SearchTheta(BlockStage):
         inputs, block = search_inputs(ctx, state)
         assemble = bool(cfg["reassemble"]["assemble"])
         steps, ratio = cfg["search_theta"]["steps"], float(cfg["search_theta"]["channel_ratio"])
+        spacing = cfg["search_theta"].get("spacing", "linear")
         results = {}
         try:
             for point in enabled_points(cfg):
@@ -64,12 +67,12 @@ class SearchTheta(BlockStage):
                 if theta is None:
                     result = search_theta(
                         m, tokens, weights, loss_fn, steps, ratio, assemble, progress=ctx.progress,
-                        desc=f"θ {point} block {state.index}",
+                        desc=f"θ {point} block {state.index}", spacing=spacing,
                     ).to_json()
                 else:
                     requested = theta
                     # A fixed θ still obeys the channel budget: raise it to the smallest θ the budget allows.
-                    grid = theta_grid(m, steps, ratio)
+                    grid = theta_grid(m, steps, ratio, spacing)
                     if grid and theta < grid[-1]:
                         theta = grid[-1]
                         log.warning("block %d %s: fixed θ=%g splits too many channels; using θ=%g (channel_ratio cap)",

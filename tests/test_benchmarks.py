@@ -7,26 +7,32 @@ from conftest import REPO
 
 
 def test_accuracy_benchmark_tiny(tiny_model_dir, tmp_path):
+    # a peer's row already in the file must survive our merge
+    peer = {"tool": "llm-compressor", "method": "gptq", "quant": "w4a4", "ppl": 1.0, "fp": 1.0}
+    (tmp_path / "accuracy.json").write_text(json.dumps({"rows": [peer]}))
     proc = subprocess.run(
         [sys.executable, "benchmarks/accuracy.py", "--tiny", f"--tiny-model-dir={tiny_model_dir}", f"--out={tmp_path}",
-         "--quants=w4a4,w8a8", "--methods=rtn,smoothquant,rotation_qllm"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+         "--quants=w4a4,w8a8", "--methods=smoothquant,rotation_qllm_gptq", "--attn-methods=quarot"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "accuracy.json").read_text())["rows"]
-    assert [(r["quant"], r["method"]) for r in rows] == [
-        ("w4a4", "rtn"), ("w4a4", "smoothquant"), ("w4a4", "rotation+cra+lrc"),
-        ("w8a8", "rtn"), ("w8a8", "smoothquant"), ("w8a8", "rotation+cra+lrc"),
+    assert rows[0] == peer
+    ours = rows[1:]
+    assert [(r["quant"], r["method"]) for r in ours] == [
+        ("w4a4", "smoothquant"), ("w4a4", "rotation+cra+lrc+gptq"), ("w4a4", "rotation+gptq (attn A4)"),
+        ("w8a8", "smoothquant"), ("w8a8", "rotation+cra+lrc+gptq"), ("w8a8", "rotation+gptq (attn A8)"),
     ]
-    assert all(r["ppl"] > 0 and r["fp"] == rows[0]["fp"] for r in rows)
-    assert len({r["ppl"] for r in rows}) == len(rows)  # every run produced its own model
+    assert all(r["tool"] == "qllm-pipeline" and r["ppl"] > 0 and r["fp"] == ours[0]["fp"] for r in ours)
+    assert len({r["ppl"] for r in ours}) == len(ours)  # every run produced its own model
     # every run computed its own stages (a fresh cache); the rotation is computed once and then shared
-    assert {"smooth", "fuse", "evaluate"} <= set(rows[1]["stages"])
-    assert {"rotate", "search_theta", "train_lowrank"} <= set(rows[2]["stages"])
-    assert "rotate" not in rows[5]["stages"] and "train_lowrank" in rows[5]["stages"]
-    assert all(s["peak_rss_mib"] > 0 for r in rows for s in r["stages"].values())
+    assert {"smooth", "fuse", "evaluate"} <= set(ours[0]["stages"])
+    assert {"rotate", "search_theta", "train_lowrank"} <= set(ours[1]["stages"])
+    assert "rotate" not in ours[4]["stages"] and "train_lowrank" in ours[4]["stages"]
+    assert {r["attn_bits"] for r in ours} == {None, 4, 8}
+    assert all(s["peak_rss_mib"] > 0 for r in ours for s in r["stages"].values())
     md = (tmp_path / "accuracy.md").read_text()
-    assert "| rotation+cra+lrc |" in md and "| fp |" in md and "w8a8" in md
+    assert "| qllm-pipeline | rotation+cra+lrc+gptq |" in md and "| llm-compressor | gptq |" in md and "w8a8" in md
 
 
 def test_scaling_benchmark_tiny(tmp_path):
