@@ -26,7 +26,7 @@ __all__ = ["HessianAccumulator", "gptq_weight_codes"]
 
 
 class HessianAccumulator:
-    """Running H = 2/N Σ x xᵀ over the rows of inputs [..., in] (float64 accumulation).
+    """Running H = 2/N Σ x xᵀ over the rows of inputs [..., in] (per-batch products in float32, sums in float64).
 
     Keeps the plain sum Σ x xᵀ and N, so adding data in batches gives the same H as adding it at once (up to
     float64 rounding) and nothing needs rescaling per batch. The sum lives on the device of the first batch.
@@ -44,9 +44,11 @@ class HessianAccumulator:
             )
         if self._sum is None:
             self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=x.device)
-        # float64: calibration sums run over many thousands of tokens, and activation outliers are large.
-        rows = x.detach().reshape(-1, self.in_features).to(device=self._sum.device, dtype=torch.float64)
-        self._sum.addmm_(rows.T, rows)
+        # Each batch's product in the input's precision (float32 at least: a float64 product of 8k × 1.5k rows costs
+        # seconds on a CPU), summed across batches in float64, where many thousands of tokens and outliers add up.
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        rows = x.detach().reshape(-1, self.in_features).to(device=self._sum.device, dtype=compute)
+        self._sum += (rows.T @ rows).to(torch.float64)
         self._n += rows.shape[0]
 
     @property

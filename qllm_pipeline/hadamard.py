@@ -184,8 +184,10 @@ class OnlineHadamard:
         if paley is None:
             return x @ sylvester
         s, m = sylvester.shape[0], paley.shape[0]
-        grid = x.reshape(*x.shape[:-1], s, m)
-        return (sylvester.T @ (grid @ paley)).reshape(x.shape)
+        grid = x.reshape(*x.shape[:-1], s, m) @ paley  # P on the last axis: one plain matmul
+        # Sᵀ on the s axis, written as a matmul on the last axis too (a broadcast S @ grid would be a batched
+        # matmul of tiny matrices, ~100x slower on CPU).
+        return (grid.transpose(-1, -2) @ sylvester).transpose(-1, -2).reshape(x.shape)
 
     def apply_to_activation(self, x: Tensor) -> Tensor:
         return self._apply(x)

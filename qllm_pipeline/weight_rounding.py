@@ -54,6 +54,10 @@ def output_error(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Ten
     return float(((delta @ hessian) * delta).sum() / 2)
 
 
+class _InputsCollected(Exception):
+    """Raised by the input hook to stop a block's forward once the group's inputs are recorded."""
+
+
 @torch.no_grad()
 def gptq_round_block(block: nn.Module, run_block, inputs: torch.Tensor, device, batch_size: int, cfg: GPTQConfig, apply) -> dict:
     """GPTQ-round every QuantLinear of `block` (on `device`) group by group; `apply(qlinear, codes)` installs each
@@ -66,10 +70,18 @@ def gptq_round_block(block: nn.Module, run_block, inputs: torch.Tensor, device, 
     for group in GPTQ_GROUPS:
         first = qlinears[group[0]]
         acc = HessianAccumulator(first.effective_in_features)
-        handle = first.register_forward_pre_hook(lambda module, args: acc.add(module.transform_input(args[0])))
+
+        def collect(module, args):
+            acc.add(module.transform_input(args[0]))
+            raise _InputsCollected  # the rest of the block's forward is not needed for this group
+
+        handle = first.register_forward_pre_hook(collect)
         try:
             for start in range(0, inputs.shape[0], batch_size):
-                run_block(block, inputs[start : start + batch_size].to(device, block_dtype(block)))
+                try:
+                    run_block(block, inputs[start : start + batch_size].to(device, block_dtype(block)))
+                except _InputsCollected:
+                    pass
         finally:
             handle.remove()
         hessian = acc.hessian()
