@@ -142,7 +142,9 @@ def gptq_weight_codes(
             "increase damp or use more calibration samples"
         )
     # Upper Cholesky factor of H⁻¹: row i holds the OBS update for column i given columns < i are already rounded.
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(torch.float32)
+    # H⁻¹ = L⁻ᵀ L⁻¹ through a triangular solve: torch.cholesky_inverse is ~40x slower on some CPU builds (1536²: 40 s).
+    L_inv = torch.linalg.solve_triangular(L, torch.eye(in_features, dtype=L.dtype, device=device), upper=False)
+    U = torch.linalg.cholesky(L_inv.T @ L_inv, upper=True).to(torch.float32)
 
     col_group = (perm // group).tolist() if group else [0] * in_features  # each column's group, natural order
     codes = torch.zeros_like(W)
@@ -155,23 +157,28 @@ def gptq_weight_codes(
             # only get this block's updates at the end). A group starting at the block start may span blocks:
             # at that point there are no pending updates, so W is current.
             i2 = (i2 // group) * group
-        W1 = W[:, i1:i2].clone()
-        err = torch.zeros_like(W1)
+        # Columns as contiguous rows (W1t[i] is column i1 + i): the per-column work below then reads and writes
+        # contiguous memory, several times faster on a CPU than strided column access.
+        W1t = W[:, i1:i2].T.contiguous()
+        errt = torch.zeros_like(W1t)
+        codest = torch.zeros_like(W1t)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if dynamic_groups and col % group == 0:
-                current = torch.cat([W1[:, i : i + group], W[:, i2 : col + group]], dim=1)
+                current = torch.cat([W1t[i : i + group].T, W[:, i2 : col + group]], dim=1)
                 _, s, z = params(current, bits, symmetric)
                 scale[:, col // group], zero[:, col // group] = s[:, 0], z[:, 0]
             g = col_group[col]
-            w = W1[:, i]
+            w = W1t[i]
             c = _round(w, scale[:, g], zero[:, g], bits, symmetric)
-            codes[:, col] = c
+            codest[i] = c
             q = (c - zero[:, g]) * scale[:, g]  # = dequantize_weight's arithmetic
-            err[:, i] = (w - q) / U1[i, i]
+            errt[i] = (w - q) / U1[i, i]
             # Exact OBS update of the rest of this block.
-            W1[:, i + 1 :] -= err[:, i : i + 1] * U1[i : i + 1, i + 1 :]
+            W1t[i + 1 :] -= U1[i, i + 1 :, None] * errt[i][None, :]
+        codes[:, i1:i2] = codest.T
+        err = errt.T
         # Lazy batch: all of this block's updates to the later columns at once.
         W[:, i2:] -= err @ U[i1:i2, i2:]
         i1 = i2
