@@ -9,6 +9,8 @@ from qllm_pipeline.stage import ONCE, OnceStage, StageSpec
 
 log = logging.getLogger(__name__)
 
+
+
 class Calibrate(OnceStage):
     spec = StageSpec(
         "calibrate", version=1, config_keys=("model.name", "model.hub_id", "model.path", "model.gguf_file", "data", "calibrate"),
@@ -16,17 +18,13 @@ class Calibrate(OnceStage):
     )
 
     def run(self, ctx, writer) -> None:
-        sample_windows(ctx, writer)
-
-
-def sample_windows(ctx, writer) -> None:
-    cfg = ctx.cfg["calibrate"]
-    max_len = getattr(ctx.model.config, "max_position_embeddings", None)
-    if max_len and cfg["seq_len"] > max_len:
-        raise PipelineError(f"calibrate.seq_len={cfg['seq_len']} exceeds the model's context of {max_len} tokens; lower it")
-    corpus = load_corpus(ctx.cfg["data"]["name"], ctx.cfg["data"])
-    tokens = tokenize(ctx.tokenizer, corpus.calib_text)
-    windows = calibration_windows(tokens, cfg["n_samples"], cfg["seq_len"], cfg["seed"])
-    log.info("calibration: %d windows × %d tokens from %s (%d tokens available)", *windows.shape, corpus.name, tokens.numel())
-    writer.save_tensors("windows.safetensors", {"input_ids": windows})
-    writer.save_json("meta.json", {"corpus": corpus.name, "source": corpus.source, "available_tokens": tokens.numel()})
+        cfg = ctx.cfg["calibrate"]
+        max_len = getattr(ctx.model.config, "max_position_embeddings", None)
+        if max_len and cfg["seq_len"] > max_len:
+            raise PipelineError(f"calibrate.seq_len={cfg['seq_len']} exceeds the model's context of {max_len} tokens; lower it")
+        corpus = load_corpus(ctx.cfg["data"]["name"], ctx.cfg["data"])
+        tokens = tokenize(ctx.tokenizer, corpus.calib_text)
+        windows = calibration_windows(tokens, cfg["n_samples"], cfg["seq_len"], cfg["seed"])
+        log.info("calibration: %d windows × %d tokens from %s (%d tokens available)", *windows.shape, corpus.name, tokens.numel())
+        writer.save_tensors("windows.safetensors", {"input_ids": windows})
+        writer.save_json("meta.json", {"corpus": corpus.name, "source": corpus.source, "available_tokens": tokens.numel()})

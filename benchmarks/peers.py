@@ -1,0 +1,524 @@
+"""Peers: llm-compressor's RTN, GPTQ, SmoothQuant+GPTQ, SpinQuant+GPTQ and QuIP+GPTQ on our model, data and windows.
+
+Runs `llmcompressor.oneshot` (PyPI `llmcompressor`, which uses `compressed-tensors`) on exactly what our pipeline
+uses, so our results table can show peers beside our rows:
+
+* model: SmolLM2-135M-Instruct in fp32 through our own loader (`qllm_pipeline.model_loading`, conf/model/smollm2_135m.yaml);
+* calibration: `calibration_windows(tokenize(wiki_sample calibration text), n, seq_len, seed)` with n, seq_len and seed
+  from conf/calibrate/default.yaml (16 × 512, seed 0), i.e. exactly the windows of our `calibrate` stage;
+* evaluation: `evaluation_windows(tokenize(wiki_sample evaluation text), seq_len, max_windows)` with conf/eval/default.yaml
+  (512 tokens, 32 windows); ppl = exp(mean next-token NLL over all predicted positions of all windows), the loss of
+  qllm_pipeline/perplexity.py, computed here with a full-model forward (4 windows per batch);
+* scheme: ours (conf/quant/<quant>.yaml): integer weights per output channel, asymmetric min-max (static); input
+  activations per token, dynamic, asymmetric; every Linear of the decoder blocks (q, k, v, o, gate, up, down), lm_head
+  left in fp32.
+
+After `oneshot` the model is evaluated as llm-compressor leaves it (status FROZEN: compressed-tensors fake-quantizes
+the weights and the dynamic per-token input activations in every Linear's forward; SpinQuant's R4 and QuIP's V are
+online Hadamard hooks that run before the input quantizer). For every row the first evaluation windows are also
+evaluated with the input quantizers switched off (weights only), which shows that activation quantization is active.
+
+Recipes (llm-compressor's own recommended settings for each modifier, from its docstrings and examples; only the
+quantization scheme is ours):
+
+    rtn               QuantizationModifier(config_groups={ours}, ignore=["lm_head"])               (data-free)
+    gptq              GPTQModifier(config_groups={ours}, ignore=["lm_head"])  block_size 128, dampening 0.01, actorder static
+    smoothquant_gptq  SmoothQuantModifier(smoothing_strength=0.8) + the GPTQ above              (its W8A8 int8 examples)
+    spinquant_gptq    SpinQuantModifier(rotations=["R1","R2","R4"], transform_block_size=64, transform_type="hadamard")
+                      + the GPTQ above                                                          (its SpinQuant example)
+    quip_gptq         QuIPModifier() (rotations ["v"], transform_type "random-hadamard", full size: its defaults, which
+                      its docs recommend) + the GPTQ above
+
+Install (a virtual environment outside the main install: llmcompressor 0.14.0.1 pins transformers<=5.17, which the
+venv gets for itself; torch stays the system's 2.13.0):
+
+    python -m venv --system-site-packages .venv-peers
+    .venv-peers/bin/pip install llmcompressor==0.14.0.1 -c <(echo torch==2.13.0)   # bash; the constraint is a guard
+    .venv-peers/bin/python benchmarks/peers.py
+
+llmcompressor 0.14.0.1 asks for torch>=2.10,<=2.14, so pip keeps the system's 2.13.0 even without the constraint. It
+installed llmcompressor 0.14.0.1, compressed-tensors 0.19.0, transformers 5.17.0 (plus auto-round 0.15.1, loguru,
+nvidia-ml-py, huggingface_hub 1.33.0) into the venv; the system keeps transformers 5.24.0 and torch 2.13.0+cpu. Our
+package (installed editable in the system python) and its data come through --system-site-packages. An in-repo
+`.venv-peers` is not git-ignored; `echo '*' > .venv-peers/.gitignore` keeps it out of `git status`.
+
+The full grid (15 runs, --fp-check) took 70.9 min with one torch thread under `nice -n 10` on the 2-core CPU machine
+(benchmarks/results/peers.md).
+
+Usage:
+
+    .venv-peers/bin/python benchmarks/peers.py                      # 5 recipes × 3 bit widths, W4A4 first
+    .venv-peers/bin/python benchmarks/peers.py --quants w4a4 --recipes rtn --eval-windows 4 --calib-samples 2   # smoke
+    .venv-peers/bin/python benchmarks/peers.py --merge benchmarks/results/accuracy.json   # run, then upsert the rows
+    python benchmarks/peers.py --merge-only --merge some.json       # upsert <out>/peers.json's rows, no run (no llmcompressor needed)
+
+Writes <out>/peers.json and <out>/peers.md after every row, so a killed run keeps its finished rows. `--merge PATH`
+upserts the successful rows into an accuracy.json-style file ({"rows": [...]}), keyed by (tool, method, quant); rows of
+other tools (ours have no "tool" key) are left as they are. Bad command-line input ends with one `error: ...` line and
+exit code 2.
+
+Two things the script does for llm-compressor that are not part of any recipe: our loader reads a GGUF file, so the
+model's `name_or_path` is a directory without config.json, which `oneshot` re-reads to refuse already-quantized
+models; the script saves the (plain fp32) model's config to a temporary directory and points `name_or_path` there.
+And `oneshot` changes the model in place, so every recipe runs on a fresh deep copy of the loaded model.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TOOL = "llm-compressor"
+QUANTS = ("w4a4", "w4a8", "w6a6")
+RECIPES = ("rtn", "gptq", "smoothquant_gptq", "spinquant_gptq", "quip_gptq")
+RECIPE_TEXT = {
+    "rtn": 'QuantizationModifier(config_groups={ours}, ignore=["lm_head"])',
+    "gptq": 'GPTQModifier(config_groups={ours}, ignore=["lm_head"]) (block_size 128, dampening_frac 0.01, actorder static)',
+    "smoothquant_gptq": "SmoothQuantModifier(smoothing_strength=0.8) + GPTQModifier as in gptq",
+    "spinquant_gptq": 'SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_block_size=64, transform_type="hadamard") '
+                      "+ GPTQModifier as in gptq",
+    "quip_gptq": 'QuIPModifier() (rotations ["v"], transform_type "random-hadamard", block = full size) + GPTQModifier as in gptq',
+}
+ACT_CHECK_WINDOWS = 2  # windows evaluated a second time with the input quantizers off
+
+
+class CliError(Exception):
+    """Bad command-line input: printed as one `error: ...` line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage + error
+        raise CliError(message)
+
+
+def log(msg: str) -> None:
+    print(f"[peers {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def read_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--quants", default=",".join(QUANTS), help=f"comma-separated, run in this order: {','.join(QUANTS)}")
+    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated: {','.join(RECIPES)}")
+    p.add_argument("--eval-windows", type=int, help="evaluation windows (default: conf/eval/default.yaml max_windows, 32)")
+    p.add_argument("--calib-samples", type=int, help="calibration windows (default: conf/calibrate/default.yaml n_samples, 16)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for peers.json and peers.md")
+    p.add_argument("--merge", type=Path, help="upsert the successful rows into this accuracy.json-style file")
+    p.add_argument("--merge-only", action="store_true", help="no run: upsert the rows of <out>/peers.json into --merge")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: leaves the other core free)")
+    p.add_argument("--fp-check", action="store_true",
+                   help="also evaluate FP with our block-by-block qllm_pipeline.perplexity and record both numbers")
+    args = p.parse_args(argv)
+    args.quants = [q.strip() for q in args.quants.split(",") if q.strip()]
+    args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if not args.quants:
+        raise CliError("--quants is empty; give e.g. --quants w4a4,w4a8")
+    if not args.recipes:
+        raise CliError("--recipes is empty; give e.g. --recipes rtn,gptq")
+    bad = [q for q in args.quants if q not in QUANTS]
+    if bad:
+        raise CliError(f"unknown quant(s) {bad}; choose from {list(QUANTS)}")
+    bad = [r for r in args.recipes if r not in RECIPES]
+    if bad:
+        raise CliError(f"unknown recipe(s) {bad}; choose from {list(RECIPES)}")
+    if len(set(args.quants)) != len(args.quants) or len(set(args.recipes)) != len(args.recipes):
+        raise CliError("--quants and --recipes must not repeat an entry")
+    for name in ("eval_windows", "calib_samples", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CliError(f"--{name.replace('_', '-')}={value} must be a positive integer")
+    if args.out.exists() and not args.out.is_dir():
+        raise CliError(f"--out={args.out} is a file; give a directory")
+    if args.merge_only and not args.merge:
+        raise CliError("--merge-only needs --merge PATH (the file to upsert into)")
+    if args.merge is not None:
+        if args.merge.is_dir():
+            raise CliError(f"--merge={args.merge} is a directory; give an accuracy.json-style file")
+        if args.merge.exists():
+            load_rows_file(args.merge)  # refuse a malformed target before spending an hour
+    if args.merge_only and not (args.out / "peers.json").is_file():
+        raise CliError(f"--merge-only: {args.out / 'peers.json'} does not exist; run the benchmark first")
+    return args
+
+
+# -------------------------------------------------------------------------------------------------------------- merge
+def load_rows_file(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CliError(f"{path} is not readable JSON ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise CliError(f"{path} is not an accuracy.json-style file (a JSON object with a 'rows' list)")
+    return data
+
+
+def row_key(row: dict) -> tuple:
+    return row.get("tool"), row.get("method"), row.get("quant")
+
+
+def upsert_rows(data: dict, rows: list[dict]) -> tuple[dict, int, int]:
+    """Replace the rows of `data` with the same (tool, method, quant) as a row of `rows` in place, append the others.
+
+    Returns (data, replaced, added). Rows of other tools, or of ours with no "tool" key, are never touched."""
+    new = {row_key(r): r for r in rows}
+    out, replaced = [], 0
+    for r in data["rows"]:
+        if row_key(r) in new and r.get("tool") is not None:
+            out.append(new.pop(row_key(r)))
+            replaced += 1
+        else:
+            out.append(r)
+    added = [r for r in rows if row_key(r) in new]
+    data["rows"] = out + added
+    return data, replaced, len(added)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def merge_into(path: Path, rows: list[dict]) -> None:
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    skipped = [f"{r['method']}/{r['quant']}" for r in rows if r.get("status", "ok") != "ok"]
+    data = load_rows_file(path) if path.exists() else {"rows": []}
+    data, replaced, added = upsert_rows(data, ok)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
+    log(f"merged into {path}: {replaced} row(s) replaced, {added} added"
+        + (f"; failed rows not merged: {', '.join(skipped)}" if skipped else ""))
+
+
+# ------------------------------------------------------------------------------------------------------------ reports
+def cell(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    if row.get("status") != "ok":
+        return "failed"
+    return f"{row['ppl']:.2f} ({row['ratio']:.2f}×)"
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    quants, recipes = list(result["quants"]), list(result["recipes"])  # the requested ones: "-" = not run (yet)
+    by = {(r["method"], r["quant"]): r for r in rows}
+    fp = result["fp"]
+    s = result["settings"]
+    lines = [
+        "# Peers: llm-compressor on our model, calibration windows and evaluation windows",
+        "",
+        f"Tool: **llm-compressor {result['tool_version']}** (compressed-tensors {result['versions']['compressed-tensors']}, "
+        f"transformers {result['versions']['transformers']}, torch {result['versions']['torch']}), "
+        f"run from `benchmarks/peers.py` in its own virtual environment.",
+        "",
+        f"Model SmolLM2-135M-Instruct (fp32, our loader). Calibration: {s['calib_samples']} × {s['calib_seq_len']} tokens of "
+        f"`wiki_sample` (`calibration_windows`, seed {s['calib_seed']}: our `calibrate` stage's windows). Evaluation: the "
+        f"first {s['eval_windows']} windows of {s['eval_seq_len']} tokens of the held-out articles. Cells are perplexity "
+        "(× FP). Scheme (ours): int weights per output channel, asymmetric min-max; int input activations per token, "
+        "dynamic, asymmetric; all seven Linear layers of every decoder block, lm_head in fp32.",
+        "",
+        f"Command: `{result['command']}` (torch threads: {s['threads']})",
+        "",
+        "| method | " + " | ".join(quants) + " |",
+        "|---|" + "---:|" * len(quants),
+        "| fp | " + " | ".join(f"{fp:.2f} (1.00×)" for _ in quants) + " |",
+    ]
+    for m in recipes:
+        lines.append(f"| {m} | " + " | ".join(cell(by.get((m, q))) for q in quants) + " |")
+    lines += ["", f"FP perplexity through this script's path (full-model forward): {fp:.3f}."]
+    if result.get("fp_blockwise") is not None:
+        lines[-1] += f" Our pipeline's block-by-block `qllm_pipeline.perplexity` on the same windows: {result['fp_blockwise']:.3f}."
+    lines += [
+        "",
+        "## Every run",
+        "",
+        f"oneshot = wall time of `llmcompressor.oneshot` (calibration + algorithm); eval = the {s['eval_windows']}-window "
+        f"evaluation. The last two columns evaluate the first {ACT_CHECK_WINDOWS} windows again with the input "
+        "quantizers switched off (weights only): different numbers show that activation quantization is active.",
+        "",
+        f"| quant | method | status | ppl | × FP | oneshot (s) | eval (s) | ppl, first {ACT_CHECK_WINDOWS} windows: W+A | weights only |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.get("status") == "ok":
+            chk = r.get("act_check") or {}
+            lines.append(
+                f"| {r['quant']} | {r['method']} | ok | {r['ppl']:.3f} | {r['ratio']:.2f} | {r['seconds']:.1f} | "
+                f"{r['eval_seconds']:.1f} | {chk.get('ppl_quantized', float('nan')):.2f} | {chk.get('ppl_weights_only', float('nan')):.2f} |"
+            )
+        else:
+            secs = f"{r['seconds']:.1f}" if r.get("seconds") is not None else "-"
+            lines.append(f"| {r['quant']} | {r['method']} | failed: {r.get('error', '?')} | - | - | {secs} | - | - | - |")
+    lines += ["", "## Recipes", ""]
+    lines += [f"* `{m}`: `{RECIPE_TEXT[m]}`" for m in recipes]
+    lines += [
+        "",
+        "`{ours}` = `QuantizationScheme(targets=[\"Linear\"], weights=QuantizationArgs(num_bits=W, type=\"int\", "
+        "strategy=\"channel\", symmetric=False), input_activations=QuantizationArgs(num_bits=A, type=\"int\", "
+        "strategy=\"token\", dynamic=True, symmetric=False))`; llm-compressor's default weight observer for it is "
+        "`memoryless_minmax` (the same min-max as ours). `oneshot(..., num_calibration_samples=N, max_seq_length=L, "
+        "shuffle_calibration_samples=False)` with our windows as a tokenized `datasets.Dataset`; the pipeline is the one "
+        "llm-compressor infers (data-free for RTN, sequential layer by layer for the others).",
+    ]
+    lines += [
+        "",
+        "Notes: SpinQuant's R1 needs a Hadamard size that divides hidden 576 and is a power of two for "
+        "`transform_type=\"hadamard\"`; the example's block size 64 does (576 = 9 × 64, head_dim 64, intermediate 1536 = "
+        "24 × 64), so R1 and R4 are block-diagonal 64 × 64 Hadamards. Before rotating, SpinQuantModifier always centers "
+        "the embeddings (subtracts each row's mean), which preserves a LayerNorm model but not an RMSNorm one like "
+        "SmolLM2, so its FP model is not exactly ours. QuIP's V is a full-size random Hadamard on the input of every "
+        "Linear, applied online (a forward pre-hook, before the input quantizer) and fused inversely into the weights.",
+    ]
+    if result.get("total_wall_s") is not None:
+        lines += ["", f"Total wall time: {result['total_wall_s'] / 60:.1f} min ({result['total_wall_s']:.0f} s), "
+                      "including loading the model and the FP evaluation."]
+    else:
+        lines += ["", f"Partial results: {len(rows)} of {len(result['quants']) * len(result['recipes'])} runs finished so far."]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(out: Path, result: dict) -> None:
+    write_atomic(out / "peers.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(out / "peers.md", markdown(result))
+
+
+# -------------------------------------------------------------------------------------------------- llm-compressor
+def scheme_for(quant: str):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    q = read_yaml(REPO / "conf" / "quant" / f"{quant}.yaml")
+    group = q.get("group_size")
+    weights = QuantizationArgs(
+        num_bits=int(q["wbits"]), type="int", symmetric=bool(q["w_symmetric"]), dynamic=False,
+        strategy="group" if group else "channel", group_size=group,
+    )
+    acts = QuantizationArgs(num_bits=int(q["abits"]), type="int", strategy="token", dynamic=True,
+                            symmetric=bool(q["a_symmetric"]))
+    return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
+
+
+def build_recipe(name: str, quant: str) -> list:
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform import QuIPModifier, SpinQuantModifier
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+    groups = {"group_0": scheme_for(quant)}
+    if name == "rtn":
+        return [QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    gptq = GPTQModifier(config_groups=groups, ignore=["lm_head"])
+    if name == "gptq":
+        return [gptq]
+    if name == "smoothquant_gptq":
+        return [SmoothQuantModifier(smoothing_strength=0.8), gptq]
+    if name == "spinquant_gptq":
+        return [SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_block_size=64, transform_type="hadamard"), gptq]
+    if name == "quip_gptq":
+        return [QuIPModifier(), gptq]
+    raise ValueError(name)
+
+
+def window_nlls(model, windows, batch_size: int = 4, desc: str = "eval") -> list[tuple[float, int]]:
+    """(sum of next-token NLL, number of predicted positions) per window, the loss of qllm_pipeline/perplexity.py."""
+    import torch
+    from tqdm.auto import tqdm
+
+    out = []
+    with torch.no_grad():
+        for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False, file=sys.stdout):
+            ids = windows[start : start + batch_size]
+            logits = model(input_ids=ids).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+            for w in nll.view(ids.shape[0], -1):
+                out.append((w.sum().item(), w.numel()))
+    return out
+
+
+def ppl_of(nlls: list[tuple[float, int]]) -> float:
+    return math.exp(sum(n for n, _ in nlls) / sum(c for _, c in nlls))
+
+
+def weights_only_ppl(model, windows) -> float:
+    """ppl with every input quantizer switched off (weights stay fake-quantized), to show activation quant is active."""
+    changed = []
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is not None and scheme.input_activations is not None:
+            changed.append((module, scheme))
+            module.quantization_scheme = scheme.model_copy(update={"input_activations": None})
+    try:
+        return ppl_of(window_nlls(model, windows, desc="eval weights-only"))
+    finally:
+        for module, scheme in changed:
+            module.quantization_scheme = scheme
+
+
+def count_quantized(model) -> int:
+    return sum(1 for m in model.modules() if getattr(m, "quantization_scheme", None) is not None)
+
+
+def run_one(pristine, tokenizer, recipe: str, quant: str, calib, evals, settings: dict) -> dict:
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    model = copy.deepcopy(pristine)
+    dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": [[1] * calib.shape[1]] * calib.shape[0]})
+    started = time.perf_counter()
+    oneshot(
+        model=model, tokenizer=tokenizer, dataset=dataset, recipe=build_recipe(recipe, quant),
+        num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1], shuffle_calibration_samples=False,
+    )
+    seconds = time.perf_counter() - started
+    n_quant = count_quantized(model)
+    if n_quant != 7 * model.config.num_hidden_layers:
+        raise RuntimeError(f"{n_quant} modules quantized, expected {7 * model.config.num_hidden_layers}")
+    started = time.perf_counter()
+    nlls = window_nlls(model, evals, desc=f"eval {recipe} {quant}")
+    eval_seconds = time.perf_counter() - started
+    k = min(ACT_CHECK_WINDOWS, evals.shape[0])
+    act_check = {"windows": k, "ppl_quantized": ppl_of(nlls[:k]), "ppl_weights_only": weights_only_ppl(model, evals[:k])}
+    if act_check["ppl_quantized"] == act_check["ppl_weights_only"]:
+        raise RuntimeError("activation quantization is not active: W+A and weights-only perplexities are equal")
+    return {"ppl": ppl_of(nlls), "seconds": round(seconds, 1), "eval_seconds": round(eval_seconds, 1), "act_check": act_check,
+            "quantized_modules": n_quant}
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {text}"[:300]
+
+
+def run(args, command: str) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import compressed_tensors
+    import llmcompressor
+    import transformers
+    from qllm_pipeline.data import calibration_windows, evaluation_windows, load_corpus, tokenize
+    from qllm_pipeline.model_loading import ModelSource, load_config, load_model, load_tokenizer
+
+    t0 = time.perf_counter()
+    cal_cfg = read_yaml(REPO / "conf" / "calibrate" / "default.yaml")
+    eval_cfg = read_yaml(REPO / "conf" / "eval" / "default.yaml")
+    settings = {
+        "calib_samples": args.calib_samples or int(cal_cfg["n_samples"]), "calib_seq_len": int(cal_cfg["seq_len"]),
+        "calib_seed": int(cal_cfg["seed"]), "eval_seq_len": int(eval_cfg["seq_len"]), "threads": args.threads,
+        "eval_windows": args.eval_windows or int(eval_cfg["max_windows"]),
+    }
+    source = ModelSource.from_config(read_yaml(REPO / "conf" / "model" / "smollm2_135m.yaml"))
+    log(f"loading {source.name} through qllm_pipeline.model_loading")
+    load_config(source)
+    pristine, tokenizer = load_model(source), load_tokenizer(source)
+    # oneshot re-reads config.json from name_or_path to refuse already-quantized models; ours came from a GGUF file.
+    config_dir = tempfile.mkdtemp(prefix="peers-config-")
+    atexit.register(shutil.rmtree, config_dir, ignore_errors=True)
+    pristine.config.save_pretrained(config_dir)
+    pristine.config._name_or_path = config_dir
+    pristine.name_or_path = config_dir
+    corpus = load_corpus("wiki_sample")
+    calib = calibration_windows(tokenize(tokenizer, corpus.calib_text), settings["calib_samples"], settings["calib_seq_len"],
+                                seed=settings["calib_seed"])
+    evals = evaluation_windows(tokenize(tokenizer, corpus.eval_text), settings["eval_seq_len"], settings["eval_windows"])
+    settings["eval_windows"] = int(evals.shape[0])
+    log(f"calibration {tuple(calib.shape)}, evaluation {tuple(evals.shape)}; FP evaluation")
+    fp = ppl_of(window_nlls(pristine, evals, desc="eval fp"))
+    log(f"FP ppl {fp:.3f}")
+    fp_blockwise = None
+    if args.fp_check:
+        from qllm_pipeline.blocks import decoder_layers
+        from qllm_pipeline.perplexity import blockwise_perplexity
+
+        layers = decoder_layers(pristine)
+        fp_blockwise = blockwise_perplexity(pristine, evals, {"fp": lambda i: layers[i]}, torch.device("cpu"), 4,
+                                            desc="fp blockwise")["fp"]
+        log(f"FP ppl through qllm_pipeline.perplexity (block by block): {fp_blockwise:.3f}")
+    result = {
+        "tool": TOOL, "tool_version": llmcompressor.__version__, "command": command,
+        "versions": {"llmcompressor": llmcompressor.__version__, "compressed-tensors": compressed_tensors.__version__,
+                     "transformers": transformers.__version__, "torch": torch.__version__},
+        "settings": settings, "quants": args.quants, "recipes": args.recipes, "fp": fp, "fp_blockwise": fp_blockwise,
+        "recipe_text": {m: RECIPE_TEXT[m] for m in args.recipes}, "total_wall_s": None, "rows": [],
+    }
+    write_reports(args.out, result)
+    runs = [(q, m) for q in args.quants for m in args.recipes]
+    for i, (quant, recipe) in enumerate(runs, 1):
+        log(f"run {i}/{len(runs)}: {recipe} {quant}")
+        row = {"tool": TOOL, "tool_version": llmcompressor.__version__, "method": recipe, "quant": quant,
+               "calib": f"{settings['calib_samples']}x{settings['calib_seq_len']}", "eval_windows": settings["eval_windows"]}
+        try:
+            out = run_one(pristine, tokenizer, recipe, quant, calib, evals, settings)
+        except Exception as exc:  # one recipe failing must not stop the grid
+            traceback.print_exc()
+            row.update({"status": "failed", "error": one_line(exc), "ppl": None, "fp": fp, "ratio": None, "seconds": None})
+            log(f"run {i}/{len(runs)}: {recipe} {quant} FAILED: {row['error']}")
+        else:
+            row.update({"status": "ok", "ppl": out["ppl"], "fp": fp, "ratio": out["ppl"] / fp, "seconds": out["seconds"],
+                        "eval_seconds": out["eval_seconds"], "act_check": out["act_check"]})
+            chk = out["act_check"]
+            log(f"run {i}/{len(runs)}: {recipe} {quant}: ppl {out['ppl']:.3f} ({row['ratio']:.2f}× FP), oneshot {out['seconds']:.1f} s, "
+                f"eval {out['eval_seconds']:.1f} s; first {chk['windows']} windows W+A {chk['ppl_quantized']:.2f} vs weights "
+                f"only {chk['ppl_weights_only']:.2f}")
+        result["rows"].append(row)
+        write_reports(args.out, result)
+    result["total_wall_s"] = round(time.perf_counter() - t0, 1)
+    write_reports(args.out, result)
+    log(f"done in {result['total_wall_s'] / 60:.1f} min; wrote {args.out / 'peers.md'} and peers.json")
+    return result
+
+
+def invocation() -> list[str]:
+    """How this run was started, for the report: `nice -n N` when niced, and the interpreter (venv) used."""
+    python = Path(sys.executable)
+    try:
+        python = python.relative_to(REPO)
+    except ValueError:
+        pass
+    niceness = os.nice(0) if hasattr(os, "nice") else 0
+    return ([f"nice -n {niceness}"] if niceness > 0 else []) + [str(python)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+        if args.merge_only:
+            merge_into(args.merge, load_rows_file(args.out / "peers.json")["rows"])
+            return 0
+        try:
+            import llmcompressor  # noqa: F401
+        except ImportError:
+            raise CliError("llmcompressor is not installed in this python; see the install commands at the top of "
+                           "benchmarks/peers.py (python -m venv --system-site-packages .venv-peers && "
+                           ".venv-peers/bin/pip install llmcompressor==0.14.0.1)") from None
+        args.out.mkdir(parents=True, exist_ok=True)
+        command = " ".join([*invocation(), "benchmarks/peers.py", *argv])
+        result = run(args, command)
+        if args.merge:
+            merge_into(args.merge, result["rows"])
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
