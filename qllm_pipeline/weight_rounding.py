@@ -36,7 +36,7 @@ class GPTQConfig:
     damp: float = 0.01  # dampening, as a fraction of the Hessian's mean diagonal
     block_size: int = 128  # columns per lazy update
     act_order: bool = True  # columns in order of decreasing Hessian diagonal (static groups with group_size)
-    clip: bool = False  # search each row's (group's) range for the least rounding error instead of min-max
+    clip: bool = True  # search each row's (group's) range for the least rounding error instead of min-max
 
     def __post_init__(self):
         if not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
