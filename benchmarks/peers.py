@@ -77,6 +77,9 @@ import time
 import traceback
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
+from _cli import CliError, Parser, logger  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 TOOL = "llm-compressor"
 QUANTS = ("w4a4", "w4a8", "w6a6")
@@ -92,17 +95,7 @@ RECIPE_TEXT = {
 ACT_CHECK_WINDOWS = 2  # windows evaluated a second time with the input quantizers off
 
 
-class CliError(Exception):
-    """Bad command-line input: printed as one `error: ...` line, exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage + error
-        raise CliError(message)
-
-
-def log(msg: str) -> None:
-    print(f"[peers {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger("peers")
 
 
 def read_yaml(path: Path) -> dict:

@@ -45,6 +45,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
+from _cli import CliError, Parser, logger  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 SPACINGS = ("linear", "log")  # qllm_pipeline.reassembly.GRID_SPACINGS (not imported: --help stays fast)
 DEFAULT_GRIDS = "linear/100,linear/null,log/100,log/null"
@@ -67,17 +70,7 @@ CONTROLLED = {
 RUNS_NAME = "theta_grid"
 
 
-class CliError(Exception):
-    """Bad command-line input: printed as one `error: ...` line, exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage + error
-        raise CliError(message)
-
-
-def log(msg: str) -> None:
-    print(f"[theta_grid {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger("theta_grid")
 
 
 # ---------------------------------------------------------------------------------------------------------------- CLI
