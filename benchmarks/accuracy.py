@@ -126,11 +126,13 @@ def markdown(rows: list[dict], command: str) -> str:
                  if (tool, method, q) in cell else "-" for q in quants]
         lines.append(f"| {tool} | {method} | " + " | ".join(cells) + " |")
     ours = [r for r in rows if r.get("tool", TOOL) == TOOL and r.get("stages")]
-    lines += ["", "## Cost of our runs: wall time and time / peak RSS of every stage computed", "",
-              "| quant | method | config | wall (s) | stages: s / MiB |", "|---|---|---|---:|---|"]
+    lines += ["", "## Our runs: held-out calibration windows (× FP, what settings are chosen on) and cost of every stage", "",
+              "| quant | method | config | calib_heldout × FP | wall (s) | stages: s / MiB |", "|---|---|---|---|---:|---|"]
     for r in ours:
         stages = ", ".join(f"{k} {v['seconds']:.0f} s / {v['peak_rss_mib']:.0f}" for k, v in r["stages"].items())
-        lines.append(f"| {r['quant']} | {r['method']} | `{r['config']}` | {r['wall_s']:.0f} | {stages} |")
+        dev = ", ".join(f"{v:.3f}" for v in r.get("dev_ratio", {}).values()) or "-"
+        wall = "-" if r.get("wall_s") is None else f"{r['wall_s']:.0f}"
+        lines.append(f"| {r['quant']} | {r['method']} | `{r['config']}` | {dev} | {wall} | {stages} |")
     return "\n".join(lines) + "\n"
 
 
