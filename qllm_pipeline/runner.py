@@ -31,7 +31,7 @@ from .errors import PipelineError
 from .fused import build_fused_block
 from .memory import PeakRSS
 from .quantizer import QuantSpec
-from .stage import BLOCK, FINAL, ONCE, Stage, StageSpec  # noqa: F401  (StageSpec re-exported for stage modules)
+from .stage import BLOCK, FINAL, ONCE, Stage
 
 log = logging.getLogger(__name__)
 
