@@ -14,6 +14,8 @@ from qllm_pipeline.perplexity import blockwise_perplexity
 from qllm_pipeline.qblock import load_reassemblies, make_quant_block
 from qllm_pipeline.stage import FINAL, FinalStage, StageSpec
 
+from .fuse import uses_gptq
+
 log = logging.getLogger(__name__)
 
 class Evaluate(FinalStage):
@@ -26,8 +28,7 @@ class Evaluate(FinalStage):
 
 def method_names(ctx, runner) -> list[str]:
     """The parts of this run's method, e.g. ["rotation", "cra", "lrc", "gptq"] (GPTQ: the weight rounding)."""
-    gptq = ctx.cfg["quant"].get("weight_algorithm", "rtn") == "gptq" and runner.enabled("fuse")
-    return runner.labels() + (["gptq"] if gptq else [])
+    return runner.labels() + (["gptq"] if uses_gptq(ctx.cfg) and runner.enabled("fuse") else [])
 
 
 def variant_plan(ctx, runner, artifacts) -> dict[str, tuple[dict, object, object]]:
