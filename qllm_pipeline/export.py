@@ -32,7 +32,7 @@ FORMAT_VERSION = 2  # 2: ordered input transforms instead of one reassembly map
 
 def specs_from_quant_cfg(quant: dict) -> tuple[QuantSpec, QuantSpec]:
     weight = QuantSpec(quant.get("wbits"), bool(quant.get("w_symmetric", False)), quant.get("group_size"))
-    act = QuantSpec(quant.get("abits"), bool(quant.get("a_symmetric", False)))
+    act = QuantSpec(quant.get("abits"), bool(quant.get("a_symmetric", False)), clip_ratio=float(quant.get("a_clip_ratio", 1.0)))
     return weight, act
 
 

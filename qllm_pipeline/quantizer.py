@@ -19,12 +19,17 @@ class QuantSpec:
     bits: int | None
     symmetric: bool = False
     group_size: int | None = None  # weights only: quantize each row in groups of this many input channels
+    # activations only: each token's range is shrunk by this factor before its grid is set (QuaRot's a_clip_ratio),
+    # trading a few clipped outliers for a finer grid; 1.0 = min-max
+    clip_ratio: float = 1.0
 
     def __post_init__(self):
         if self.bits is not None and not (MIN_BITS <= int(self.bits) <= MAX_BITS):
             raise ValueError(f"bits={self.bits} is outside {MIN_BITS}..{MAX_BITS}; choose a bit width in that range")
         if self.group_size is not None and int(self.group_size) <= 0:
             raise ValueError(f"group_size={self.group_size} must be a positive integer or null")
+        if not (0.0 < float(self.clip_ratio) <= 1.0):
+            raise ValueError(f"a_clip_ratio={self.clip_ratio} must be in (0, 1]; 1.0 means no clipping")
 
     @property
     def enabled(self) -> bool:
@@ -39,8 +44,11 @@ def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return x + (q - x).detach()
 
 
-def quant_params(x: torch.Tensor, bits: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integer codes, scale and zero point per vector along the last dimension (min-max calibration).
+def quant_params(
+    x: torch.Tensor, bits: int, symmetric: bool = False, clip_ratio: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes, scale and zero point per vector along the last dimension (min-max calibration, the range
+    optionally shrunk by `clip_ratio`; values outside it clamp to the end codes).
 
     codes are integral float32 values: in [0, 2^bits - 1] (asymmetric) or [-2^(bits-1), 2^(bits-1) - 1] (symmetric,
     zero = 0). `dequantize(codes, scale, zero)` gives the fake-quantized tensor.
@@ -48,13 +56,13 @@ def quant_params(x: torch.Tensor, bits: int, symmetric: bool = False) -> tuple[t
     xf = x.detach().float()
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=1e-8)
+        scale = (xf.abs().amax(dim=-1, keepdim=True) * clip_ratio / qmax).clamp(min=1e-8)
         zero = torch.zeros_like(scale)
         codes = torch.clamp(torch.round(x.float() / scale), -qmax - 1, qmax)
     else:
         qmax = 2**bits - 1
-        lo = xf.amin(dim=-1, keepdim=True)
-        hi = xf.amax(dim=-1, keepdim=True)
+        lo = xf.amin(dim=-1, keepdim=True) * clip_ratio
+        hi = xf.amax(dim=-1, keepdim=True) * clip_ratio
         scale = ((hi - lo) / qmax).clamp(min=1e-8)
         zero = torch.round(-lo / scale)
         codes = torch.clamp(torch.round(x.float() / scale) + zero, 0, qmax)
@@ -96,9 +104,9 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
     return (codes - zero) * scale
 
 
-def quantize_lastdim(x: torch.Tensor, bits: int, symmetric: bool = False) -> torch.Tensor:
+def quantize_lastdim(x: torch.Tensor, bits: int, symmetric: bool = False, clip_ratio: float = 1.0) -> torch.Tensor:
     """Fake-quantize `x` with one (scale, zero) per vector along the last dimension (min-max calibration)."""
-    q = dequantize(*quant_params(x, bits, symmetric))
+    q = dequantize(*quant_params(x, bits, symmetric, clip_ratio))
     return _ste(x, q.to(x.dtype))
 
 
@@ -142,7 +150,7 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Per-token dynamic fake quantization: one (scale, zero) per token over its channels."""
     if not spec.enabled:
         return x
-    return quantize_lastdim(x, spec.bits, spec.symmetric)
+    return quantize_lastdim(x, spec.bits, spec.symmetric, spec.clip_ratio)
 
 
 def _grouped(w: torch.Tensor, groups: int) -> torch.Tensor:
