@@ -1,0 +1,160 @@
+"""Held-out sweep: choose one setting of a method on held-out calibration windows, never on the evaluation windows.
+
+Runs one Hydra multirun of the ordinary pipeline over the values of one config key (`--sweep KEY=V1,V2,...`) for one
+method and bit width, and evaluates every run on two datasets:
+
+* `calib_heldout`: held-out windows of the *calibration* split. The value is chosen by this one (lowest ratio to FP).
+* `wiki_sample`: the evaluation windows. Reported only, never used to choose.
+
+    python benchmarks/heldout_sweep.py --method quarot --sweep quant.a_clip_ratio=1.0,0.95,0.9,0.85,0.8
+    python benchmarks/heldout_sweep.py --method rotation_lrc_gptq --sweep train_lowrank.epochs=2,4 quant.a_clip_ratio=0.9
+    python benchmarks/heldout_sweep.py --tiny --tiny-model-dir DIR --out DIR --sweep quant.a_clip_ratio=1.0,0.9   # smoke
+
+All runs share one artifact cache (a fresh one under <out>/runs/heldout_sweep/ unless --cache is given), so the stages
+a value does not touch are computed once. Writes <out>/heldout_<KEY>.md and .json, keeping the rows of other methods
+and bit widths already there. Bad command-line input ends with one `error: ...` line and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
+from _cli import CliError, Parser, logger  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CHOOSE_BY, REPORTED = "calib_heldout", "wiki_sample"
+BENCH_OVERRIDES = [f"eval.datasets=[{CHOOSE_BY},{REPORTED}]", "pipeline.progress=false", "fuse.save_model=false"]
+TINY_OVERRIDES = [
+    "calibrate.n_samples=2", "calibrate.seq_len=32", "eval.seq_len=32", "eval.max_windows=4", "search_theta.steps=5",
+    "search_theta.n_samples=1", "train_lowrank.epochs=1",
+]
+CONTROLLED = ("pipeline.cache_dir", "hydra.run.dir", "hydra.sweep.dir", "method", "quant", "eval.datasets")
+
+log = logger("heldout_sweep")
+
+
+def parse_args(argv: list[str]):
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--sweep", required=True, help="KEY=V1,V2,... : the config key and the values to compare")
+    p.add_argument("--method", default="qllm", help="conf/method option (default qllm)")
+    p.add_argument("--quant", default="w4a4", help="conf/quant option (default w4a4)")
+    p.add_argument("--model", default="smollm2_135m", help="conf/model option")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for heldout_<KEY>.md/.json")
+    p.add_argument("--cache", type=Path, help="artifact cache to use (default: a fresh one, so stages are timed)")
+    p.add_argument("--tiny", action="store_true", help="smoke mode: the tiny random model in --tiny-model-dir, few windows")
+    p.add_argument("--tiny-model-dir", type=Path)
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (key=value)")
+    args = p.parse_args(argv)
+    key, sep, values = args.sweep.partition("=")
+    args.key, args.values = key.strip(), [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not args.key or len(args.values) < 2:
+        raise CliError(f"--sweep={args.sweep!r} must be KEY=V1,V2,... with at least two values")
+    if len(set(args.values)) != len(args.values):
+        raise CliError(f"--sweep repeats a value: {args.values}")
+    for name, group in ((args.method, "method"), (args.quant, "quant"), (args.model, "model")):
+        if not (REPO / "conf" / group / f"{name}.yaml").is_file():
+            choices = sorted(f.stem for f in (REPO / "conf" / group).glob("*.yaml"))
+            raise CliError(f"--{group}={name} is not a conf/{group} option; choose one of {choices}")
+    for o in [args.sweep, *args.overrides]:
+        k = o.split("=", 1)[0].lstrip("+~")
+        if "=" not in o:
+            raise CliError(f"override {o!r} is not key=value (extra arguments are Hydra overrides)")
+        if k in CONTROLLED or k.startswith("hydra."):
+            raise CliError(f"{o!r} sets {k}, which the benchmark sets itself (use --method / --quant / --cache)")
+    if args.tiny and not (args.tiny_model_dir and (args.tiny_model_dir / "config.json").is_file()):
+        raise CliError("--tiny needs --tiny-model-dir, a saved tiny LLaMA (a directory with config.json)")
+    return args
+
+
+def method_row(ppl: dict) -> str:
+    """The run's own variant: the longest `a+b+...` label that is not fp (rtn when the method is rtn)."""
+    names = [v for v in ppl if v != "fp"]
+    return max(names, key=lambda v: (v != "rtn", v.count("+"), len(v)))
+
+
+def run_sweep(args, cache: Path, sweep_dir: Path) -> list[dict]:
+    model = [f"model.path={args.tiny_model_dir}", "model.package=null", "model.gguf_file=null", "model.hub_id=null",
+             "model.name=tiny",
+             *TINY_OVERRIDES] if args.tiny else [f"model={args.model}"]
+    cmd = [sys.executable, "-m", "qllm_pipeline", "-m", f"method={args.method}", f"quant={args.quant}", *model,
+           *BENCH_OVERRIDES, *args.overrides, f"{args.key}={','.join(args.values)}",
+           f"pipeline.cache_dir={cache}", f"hydra.sweep.dir={sweep_dir}"]
+    log(" ".join(cmd[2:]))
+    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
+        raise SystemExit("error: the sweep failed; see the log above")
+    rows = []
+    for results_file in sorted(sweep_dir.glob("*/results.json"), key=lambda f: int(f.parent.name)):
+        results = json.loads(results_file.read_text())
+        value = dict(o.split("=", 1) for o in results["meta"]["overrides"])[args.key]
+        row = {"method": args.method, "quant": args.quant, "key": args.key, "value": value,
+               "overrides": [o for o in args.overrides], "wall_s": round(results["meta"]["wall_seconds"], 1),
+               "stages_s": {s["stage"]: round(s["seconds"], 1) for s in results["stages"] if s["status"] != "disabled"}}
+        for dataset in (CHOOSE_BY, REPORTED):
+            ppl = results["ppl"][dataset]
+            label = method_row(ppl)
+            row[dataset] = {"variant": label, "ppl": round(ppl[label], 3), "fp": round(ppl["fp"], 3),
+                            "ratio": round(ppl[label] / ppl["fp"], 4)}
+        rows.append(row)
+    return rows
+
+
+def merge(path: Path, rows: list[dict], args) -> dict:
+    old = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    same = lambda r: (r["method"], r["quant"], r["model"], r["value"], tuple(r["overrides"]))  # noqa: E731
+    for r in rows:
+        r["model"] = "tiny" if args.tiny else args.model
+    new_keys = {same(r) for r in rows}
+    kept = [r for r in old["rows"] if same(r) not in new_keys]
+    return {"key": args.key, "host": platform.node(), "cpus": os.cpu_count(), "rows": kept + rows}
+
+
+def markdown(data: dict) -> str:
+    lines = [f"# Held-out sweep of `{data['key']}`", "",
+             f"Chosen by `{CHOOSE_BY}` (held-out calibration windows, × FP); `{REPORTED}` (the evaluation windows) is "
+             "reported only. **bold** = the value chosen for that method and bit width.", "",
+             "| model | method | quant | extra overrides | value | calib_heldout × FP | wiki_sample ppl (× FP) | wall (s) |",
+             "|---|---|---|---|---|---:|---:|---:|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in data["rows"]:
+        groups.setdefault((r["model"], r["method"], r["quant"], tuple(r["overrides"])), []).append(r)
+    for (model, method, quant, extra), rows in groups.items():
+        best = min(rows, key=lambda r: r[CHOOSE_BY]["ratio"])
+        for r in rows:
+            value = f"**{r['value']}**" if r is best else r["value"]
+            ev = r[REPORTED]
+            lines.append(f"| {model} | {method} | {quant} | {' '.join(extra) or '-'} | {value} | "
+                         f"{r[CHOOSE_BY]['ratio']:.3f} | {ev['ppl']:.2f} ({ev['ratio']:.2f}×) | {r['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    try:
+        args = parse_args(argv)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+    runs = args.out / "runs" / "heldout_sweep"
+    cache = args.cache or runs / "cache"
+    sweep_dir = runs / f"{args.method}_{args.quant}_{args.key}_{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.cache is None:
+        shutil.rmtree(cache, ignore_errors=True)
+    rows = run_sweep(args, cache, sweep_dir)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"heldout_{args.key.replace('.', '_')}"
+    data = merge(stem.with_suffix(".json"), rows, args)
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(data))
+    log(f"wrote {stem}.md and .json")
+    print(markdown(data))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
