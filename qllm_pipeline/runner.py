@@ -73,6 +73,7 @@ class RunContext:
     block_runner: BlockRunner | None = None
     keys: dict[str, str] = field(default_factory=dict)
     fp_model: nn.Module | None = None  # the model as loaded: the FP and RTN reference rows are computed on it
+    model_id: str = ""  # digest of the model's identity (weight files or hub commit, dtype): qllm_pipeline.identity
 
     def __post_init__(self):
         if self.fp_model is None:
@@ -141,6 +142,8 @@ class Runner:
     def key(self, name: str, upstream: dict[str, str], extra: Any = None) -> str:
         stage = self.stages[name]
         cfg_part = stage.key_config(self.ctx.cfg) if self.enabled(name) else "disabled"
+        if stage.spec.kind != ONCE:  # block and final stages compute on the device: CPU and CUDA numbers differ
+            extra = {"device": self.ctx.device.type, **(extra or {})}
         return artifact_key(name, stage.spec.version, cfg_part, upstream, extra)
 
     def _forced_from(self) -> int:
@@ -169,23 +172,15 @@ class Runner:
         return result
 
     def _produce(self, name: str, key: str, compute) -> Artifact:
-        """Return the cached artifact for `key`, or compute it into an atomic writer."""
-        cache = self.ctx.cache
-        if self.is_forced(name):
-            cache.remove(name, key)
-        found = cache.get(name, key)
-        if found is not None:
+        """Return the cached artifact for `key`, or compute it (under the key's lock, so parallel jobs compute it once)."""
+        artifact, computed = self.ctx.cache.produce(
+            name, key, lambda writer: self._measure(name, compute, writer), force=self.is_forced(name)
+        )
+        if computed:
+            self.records[name].computed += 1
+        else:
             self.records[name].cached += 1
-            return found
-        writer = cache.writer(name, key)
-        try:
-            self._measure(name, compute, writer)
-            path = writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
-        self.records[name].computed += 1
-        return Artifact(path)
+        return artifact
 
     # -- the run -----------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -194,16 +189,17 @@ class Runner:
         once = self.enabled_of_kind(ONCE)
         if not once or once[0] != "calibrate":
             raise PipelineError("the first once-stage must be calibrate")
-        chain_key, upstream = "", {}
+        upstream = {"model": ctx.model_id}
         for name in once:
             stage = self.stages[name]
-            chain_key = ctx.keys[name] = self.key(name, upstream)
-            artifact = self._produce(name, chain_key, lambda w, s=stage: s.run(ctx, w))
+            key = ctx.keys[name] = self.key(name, upstream)
+            artifact = self._produce(name, key, lambda w, s=stage: s.run(ctx, w))
             self._measure(name, stage.apply, ctx, artifact)
-            self._report(name, chain_key)
-            upstream = {name: chain_key}
-        calib_key = ctx.keys["calibrate"]
-        windows = ctx.cache.get("calibrate", calib_key).tensors("windows.safetensors")["input_ids"]
+            self._report(name, key)
+            upstream = {"model": ctx.model_id, name: stage.content_key(ctx, artifact, key)}
+        chain_key = artifact_key("once_stages", 1, None, upstream)  # the model and what the once-stages made of it
+        calib_key = ctx.keys["calibration_windows"]  # blocks depend on the windows drawn, not on how they were named
+        windows = ctx.cache.get("calibrate", ctx.keys["calibrate"]).tensors("windows.safetensors")["input_ids"]
         ctx.block_runner = BlockRunner(ctx.model, windows.shape[1], ctx.device, next(ctx.model.parameters()).dtype)
 
         final_key, artifacts = self.walk_blocks(calib_key, windows, chain_key)
@@ -232,12 +228,15 @@ class Runner:
         pending: list[int] = []  # cached blocks the streams have not been advanced through yet
         streams: tuple[torch.Tensor, torch.Tensor] | None = None
         enabled = self.enabled_of_kind(BLOCK)
+        block_keys = ctx.keys["blocks"] = {}  # stage -> each block's key (recorded in results.json for tools)
         bar = tqdm(range(len(layers)), desc="blocks", disable=not ctx.progress)
         for i in bar:
             keys, upstream = {}, {"calibrate": calib_key, "previous_block": prev_key}
             for name in self.block_stages:
                 keys[name] = self.key(name, upstream, extra={"block": i})
                 upstream = {name: keys[name]}
+                if name in enabled:
+                    block_keys.setdefault(name, []).append(keys[name])
             todo = [n for n in enabled if self.is_forced(n) or ctx.cache.get(n, keys[n]) is None]
             if not todo:
                 for n in self.block_stages:

@@ -10,6 +10,7 @@ import logging
 from qllm_pipeline.blocks import decoder_layers
 from qllm_pipeline.data import HELDOUT, calibration_starts, evaluation_windows, heldout_windows, load_corpus, tokenize
 from qllm_pipeline.fused import build_fused_block
+from qllm_pipeline.identity import tensor_digest
 from qllm_pipeline.perplexity import blockwise_perplexity
 from qllm_pipeline.qblock import load_reassemblies, make_quant_block
 from qllm_pipeline.stage import FINAL, FinalStage, StageSpec
@@ -19,8 +20,8 @@ from .fuse import uses_gptq
 log = logging.getLogger(__name__)
 
 class Evaluate(FinalStage):
-    spec = StageSpec("evaluate", version=1, config_keys=("eval.seq_len", "eval.max_windows", "model.name", "model.hub_id", "model.path"),
-                     kind=FINAL)
+    # Every row is keyed by the digest of the evaluation tokens and the model's identity (see `evaluate`), not by names.
+    spec = StageSpec("evaluate", version=2, config_keys=(), kind=FINAL)
 
     def run(self, ctx, runner) -> dict:
         return evaluate(ctx, runner, runner.artifacts)
@@ -71,36 +72,48 @@ def evaluate(ctx, runner, artifacts) -> dict:
     plan = variant_plan(ctx, runner, artifacts)
     table: dict[str, dict[str, float]] = {}
     for dataset in cfg["datasets"]:
-        # Held-out calibration windows depend on the calibration split and on which windows calibrate drew.
-        source = {"calibrate": ctx.keys["calibrate"]} if dataset == HELDOUT else {}
-        keys = {
-            name: runner.key("evaluate", {**deps, **source}, extra={"variant": name, "dataset": dataset})
-            for name, (deps, *_) in plan.items()
-        }
-        cached = {name: ctx.cache.get("evaluate", key) for name, key in keys.items() if not runner.is_forced("evaluate")}
-        todo = [name for name in plan if cached.get(name) is None]
-        for name in plan:
-            if name not in todo:
-                runner.records["evaluate"].cached += 1
-        results = {name: cached[name].json("ppl.json")["ppl"] for name in plan if name not in todo}
+        windows = _windows(ctx, dataset, cfg)
+        # Keyed by the tokens evaluated and the model, so a row is never reused for another text or model.
+        source = {"windows": tensor_digest(windows), "model": ctx.model_id}
+        keys = {name: runner.key("evaluate", {**deps, **source}, extra={"variant": name}) for name, (deps, *_) in plan.items()}
+        results = _cached_rows(ctx, runner, keys)
+        todo = [name for name in plan if name not in results]
         if todo:
-            windows = _windows(ctx, dataset, cfg)
-            log.info("perplexity on %s: %d windows × %d tokens, variants %s", dataset, *windows.shape, todo)
-            computed = {}
-            for model in {id(plan[n][2]): plan[n][2] for n in todo}.values():  # variants sharing a model stream together
-                variants = {n: plan[n][1] for n in todo if plan[n][2] is model}
-                computed.update(blockwise_perplexity(model, windows, variants, ctx.device, cfg["batch_size"], ctx.progress, desc=f"ppl {dataset}"))
-            for name, ppl in computed.items():
-                ctx.cache.remove("evaluate", keys[name])
-                with ctx.cache.writer("evaluate", keys[name]) as writer:
-                    writer.save_json("ppl.json", {"ppl": ppl, "variant": name, "dataset": dataset, "windows": list(windows.shape)})
-                runner.records["evaluate"].computed += 1
-            results.update(computed)
+            # Hold the missing rows' locks while computing them: a parallel job needing the same rows waits, then reads.
+            with ctx.cache.locked("evaluate", [keys[n] for n in todo]):
+                results.update(_cached_rows(ctx, runner, {n: keys[n] for n in todo}))
+                todo = [name for name in plan if name not in results]
+                if todo:
+                    results.update(_compute_rows(ctx, runner, plan, todo, keys, dataset, windows, cfg))
         table[dataset] = {name: results[name] for name in plan}
     out = {"ppl": table}
     if cfg.get("tasks"):
         out["zeroshot"] = zeroshot(ctx, runner, plan, cfg)
     return out
+
+
+def _cached_rows(ctx, runner, keys: dict[str, str]) -> dict[str, float]:
+    if runner.is_forced("evaluate"):
+        return {}
+    found = {name: ctx.cache.get("evaluate", key) for name, key in keys.items()}
+    rows = {name: artifact.json("ppl.json")["ppl"] for name, artifact in found.items() if artifact is not None}
+    runner.records["evaluate"].cached += len(rows)
+    return rows
+
+
+def _compute_rows(ctx, runner, plan, todo, keys, dataset, windows, cfg) -> dict[str, float]:
+    """Perplexity of the `todo` variants (their locks held by the caller), each stored as its own artifact."""
+    log.info("perplexity on %s: %d windows × %d tokens, variants %s", dataset, *windows.shape, todo)
+    computed = {}
+    for model in {id(plan[n][2]): plan[n][2] for n in todo}.values():  # variants sharing a model stream together
+        variants = {n: plan[n][1] for n in todo if plan[n][2] is model}
+        computed.update(blockwise_perplexity(model, windows, variants, ctx.device, cfg["batch_size"], ctx.progress, desc=f"ppl {dataset}"))
+    for name, ppl in computed.items():
+        record = {"ppl": ppl, "variant": name, "dataset": dataset, "windows": list(windows.shape)}
+        ctx.cache.put("evaluate", keys[name], lambda w, r=record: w.save_json("ppl.json", r),
+                      replace=runner.is_forced("evaluate"), lock=False)  # the caller holds the rows' locks
+        runner.records["evaluate"].computed += 1
+    return computed
 
 
 def zeroshot(ctx, runner, plan: dict, cfg: dict) -> dict:
@@ -111,25 +124,24 @@ def zeroshot(ctx, runner, plan: dict, cfg: dict) -> dict:
     table = {}
     for name, (deps, block_for, model) in plan.items():
         layers = decoder_layers(model)
-        key = runner.key("evaluate", deps, extra={"variant": name, "tasks": tasks, "limit": cfg.get("limit"), "zeroshot": True})
-        cached = None if runner.is_forced("evaluate") else ctx.cache.get("evaluate", key)
-        if cached is not None:
-            runner.records["evaluate"].cached += 1
-            table[name] = cached.json("zeroshot.json")
-            continue
-        original = list(layers)
-        try:
-            for i in range(len(original)):
-                layers[i] = block_for(i)
-            log.info("zero-shot %s on %s", name, tasks)
-            table[name] = run_zeroshot(model, ctx.tokenizer, tasks, cfg.get("limit"), cfg["batch_size"], ctx.device)
-        finally:
-            for i, layer in enumerate(original):
-                layers[i] = layer
-        ctx.cache.remove("evaluate", key)
-        with ctx.cache.writer("evaluate", key) as writer:
-            writer.save_json("zeroshot.json", table[name])
-        runner.records["evaluate"].computed += 1
+        key = runner.key("evaluate", {**deps, "model": ctx.model_id},
+                         extra={"variant": name, "tasks": tasks, "limit": cfg.get("limit"), "zeroshot": True})
+
+        def compute(writer, name=name, block_for=block_for, model=model, layers=layers):
+            original = list(layers)
+            try:
+                for i in range(len(original)):
+                    layers[i] = block_for(i)
+                log.info("zero-shot %s on %s", name, tasks)
+                writer.save_json("zeroshot.json", run_zeroshot(model, ctx.tokenizer, tasks, cfg.get("limit"), cfg["batch_size"], ctx.device))
+            finally:
+                for i, layer in enumerate(original):
+                    layers[i] = layer
+
+        artifact, computed = ctx.cache.produce("evaluate", key, compute, force=runner.is_forced("evaluate"))
+        runner.records["evaluate"].computed += computed
+        runner.records["evaluate"].cached += not computed
+        table[name] = artifact.json("zeroshot.json")
     return table
 
 

@@ -71,15 +71,15 @@ class Fuse(BlockStage):
         if not ctx.cfg["fuse"].get("save_model", True):
             return
         key = ctx.keys["fuse"]
-        model_dir = ctx.cache.get("model", key)
-        if model_dir is None:
-            with ctx.cache.writer("model", key) as writer:
-                sizes = save_quantized_model(
-                    ctx.model, ctx.tokenizer, [a.tensors("block.safetensors") for a in runner.artifacts["fuse"]],
-                    ctx.cfg["quant"], writer.tmp,
-                )
-                writer.save_json("sizes.json", sizes)
-            model_dir = ctx.cache.get("model", key)
+
+        def write(writer):
+            sizes = save_quantized_model(
+                ctx.model, ctx.tokenizer, [a.tensors("block.safetensors") for a in runner.artifacts["fuse"]],
+                ctx.cfg["quant"], writer.tmp,
+            )
+            writer.save_json("sizes.json", sizes)
+
+        model_dir, _ = ctx.cache.produce("model", key, write)
         link = ctx.run_dir / "quantized_model"
         if link.is_symlink():  # a re-used run directory: point at this run's model
             link.unlink()
