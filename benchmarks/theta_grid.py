@@ -43,7 +43,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
 from _cli import CliError, Parser, logger  # noqa: E402
@@ -214,40 +213,11 @@ def summarize_run(results: dict, run_dir: Path, cache: Path, args) -> dict:
 
 
 def search_theta_keys(run_dir: Path, meta_keys: dict) -> list[str]:
-    """The run's per-block search_theta keys, rebuilt with the runner's key function from the run's saved config.
-
-    The chain (once-stages, then per block every block stage, chained through the previous block's fuse key) is the
-    runner's; it is checked against the calibrate and final fuse keys the run recorded, so a change of the key scheme
-    fails here instead of reading another run's artifacts.
-    """
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from omegaconf import OmegaConf
-
-    from qllm_pipeline.runner import Runner
-    from qllm_pipeline.stage import ONCE
-    from stages import STAGES
-
-    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True)
-    runner = Runner(SimpleNamespace(cfg=cfg), STAGES)
-    chain, upstream = "", {}
-    for name in runner.enabled_of_kind(ONCE):
-        chain = runner.key(name, upstream)
-        upstream = {name: chain}
-    calib = runner.key("calibrate", {})
-    if calib != meta_keys.get("calibrate"):
-        raise RuntimeError(f"rebuilt calibrate key {calib} != the run's {meta_keys.get('calibrate')} ({run_dir})")
-    found, prev = [], chain
-    for i in range(100_000):
-        keys, up = {}, {"calibrate": calib, "previous_block": prev}
-        for name in runner.block_stages:
-            keys[name] = runner.key(name, up, extra={"block": i})
-            up = {name: keys[name]}
-        found.append(keys["search_theta"])
-        prev = keys["fuse"]
-        if prev == meta_keys.get("fuse"):
-            return found
-    raise RuntimeError(f"could not rebuild the block keys of {run_dir}: the final fuse key never matched")
+    """The run's per-block search_theta keys, as the runner recorded them in results.json."""
+    found = (meta_keys.get("blocks") or {}).get("search_theta")
+    if not found:
+        raise RuntimeError(f"the run in {run_dir} recorded no search_theta keys (meta.keys.blocks)")
+    return list(found)
 
 
 def theta_summary(thetas: list[dict]) -> dict:

@@ -4,22 +4,26 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from .attention import attention_spec
-from .cache import ArtifactCache
+from .cache import ArtifactCache, artifact_key, is_disk_full
 from .errors import PipelineError
 from .export import specs_from_quant_cfg
+from .identity import model_identity
 from .memory import release_freed_memory
 from .model_loading import ModelSource, load_config, load_model, load_tokenizer
 from .report import write_results
 from .run_report import write_plots
 from .runner import RunContext, Runner, peak_rss_mib, validate_config
+from .schema import SCHEMA, validate_schema
 from .tracking import make_tracker
 
 log = logging.getLogger("qllm_pipeline")
@@ -37,6 +41,10 @@ def check_group_overrides(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         if "=" not in arg or arg.startswith(("-", "+", "~", "hydra")):
             continue
         key, value = arg.split("=", 1)
+        section, _, sub = key.partition(".")
+        fields = SCHEMA.get(section)
+        if sub and isinstance(fields, dict) and sub.split(".")[0] not in fields:
+            fail(f"unknown key {section}.{sub.split('.')[0]}; {section} has {sorted(fields)}")
         group_dir = conf_dir / key
         if "." in key or not group_dir.is_dir():
             continue
@@ -57,9 +65,19 @@ def quant_specs(quant: dict):
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(f"pipeline.device={name} but no CUDA device is available; use pipeline.device=cpu or auto")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise PipelineError(f"pipeline.device={name} is not a device name; use auto, cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise PipelineError(f"pipeline.device={name}: only cpu and cuda are supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PipelineError(f"pipeline.device={name} but no CUDA device is available; use pipeline.device=cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PipelineError(f"pipeline.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                                f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of them or auto")
+    return device
 
 
 def validate_model_fit(cfg: dict, config) -> None:
@@ -77,25 +95,64 @@ def validate_model_fit(cfg: dict, config) -> None:
             raise PipelineError(f"{key}={value} exceeds the model's context of {context} tokens; lower it")
 
 
-def run(cfg: DictConfig) -> dict:
-    started = time.perf_counter()
-    c = OmegaConf.to_container(cfg, resolve=True)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    weight_spec, act_spec, attn_spec = quant_specs(c["quant"])
-    source = ModelSource.from_config(c["model"])
-    if c["pipeline"]["plan_only"]:
-        from .plan import print_plan
+def resolved_config(cfg: DictConfig) -> dict:
+    """The composed configuration as a plain dict, checked against the schema (types, ranges, unknown keys)."""
+    try:
+        c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        raise PipelineError(f"{exc.full_key} must be set (it is ???): add {exc.full_key}=VALUE") from exc
+    validate_schema(c)
+    return c
 
-        return print_plan(c, source)
+
+@dataclass
+class Checked:
+    source: ModelSource
+    specs: tuple  # weight, activation, attention-input QuantSpec
+    device: torch.device
+    model_config: object
+    cache: ArtifactCache
+    model_id: str
+
+
+def check_before_loading(c: dict) -> Checked:
+    """Everything that can be refused before a weight is read: settings, stages, device, lm-eval task names, the
+    model's config (architecture, widths, context), the cache directory; then the model's identity for the keys."""
     from stages import STAGES
 
+    specs = quant_specs(c["quant"])
+    source = ModelSource.from_config(c["model"])
     validate_config(c, STAGES)
     device = pick_device(c["pipeline"]["device"])
+    if c["eval"]["tasks"] and "evaluate" in c["pipeline"]["stages"]:
+        from .zeroshot import check_task_names
+
+        check_task_names([str(t) for t in c["eval"]["tasks"]])
     config = load_config(source)
-    validate_model_fit(c, config)  # before reading any weights
+    validate_model_fit(c, config)
     for name in c["pipeline"]["stages"]:
         if STAGES[name].enabled(c):
             STAGES[name].preflight(c, config)  # e.g. the LRC memory plan, Hadamard sizes
+    cache = ArtifactCache(c["pipeline"]["cache_dir"])  # refuses an unwritable directory
+    model_id = artifact_key("model_identity", 1, model_identity(source, cache.root / ".file_digests"))
+    return Checked(source, specs, device, config, cache, model_id)
+
+
+def run(cfg: DictConfig) -> dict:
+    started = time.perf_counter()
+    c = resolved_config(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if c["pipeline"]["plan_only"]:
+        from .plan import print_plan
+
+        quant_specs(c["quant"])
+        return print_plan(c, ModelSource.from_config(c["model"]))
+    checked = check_before_loading(c)
+    source, cache, device = checked.source, checked.cache, checked.device
+    weight_spec, act_spec, attn_spec = checked.specs
+    model_id = checked.model_id
+    from stages import STAGES
+
     model = load_model(source)
     tokenizer = load_tokenizer(source)
     tracker = make_tracker(c["logger"], c, str(run_dir), group=_sweep_group(), name=run_dir.name)
@@ -103,7 +160,8 @@ def run(cfg: DictConfig) -> dict:
         cfg=c,
         model=model,
         tokenizer=tokenizer,
-        cache=ArtifactCache(c["pipeline"]["cache_dir"]),
+        cache=cache,
+        model_id=model_id,
         run_dir=run_dir,
         device=device,
         weight_spec=weight_spec,
@@ -146,6 +204,11 @@ def hydra_main(cfg: DictConfig) -> None:
         run(cfg)
     except PipelineError as exc:
         fail(str(exc))
+    except OSError as exc:  # e.g. the run directory's disk filled up; the cache stays valid (atomic artifacts)
+        if not is_disk_full(exc):
+            raise
+        fail(f"no space left on the device ({exc.filename or 'run directory'}); free disk space and run again: "
+             "finished artifacts are kept and the run resumes")
     finally:
         release_freed_memory()  # the next job of a multirun starts from a low RSS
 

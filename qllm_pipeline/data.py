@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import bz2
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ class Corpus:
     source: str
 
 
+@functools.lru_cache(maxsize=1)  # parsed once per process (calibrate, its cache key and evaluate all read it)
 def _wiki_sample() -> Corpus:
     try:
         import gensim

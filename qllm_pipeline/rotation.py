@@ -20,7 +20,6 @@ Hadamard matrices for any width, and the fallback where none is built, are in :m
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn

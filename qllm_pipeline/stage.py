@@ -28,6 +28,10 @@ def select(cfg: dict, dotted: str) -> Any:
     return node
 
 
+def _without_name(value: Any) -> Any:
+    return {k: v for k, v in value.items() if k != "name"} if isinstance(value, dict) else value
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """What a stage depends on and how it runs.
@@ -67,8 +71,9 @@ class Stage:
         return "disabled by config"
 
     def key_config(self, cfg: dict) -> dict:
-        """The config values that go into this stage's cache key (its spec's keys; a stage may add resolved ones)."""
-        return {key: select(cfg, key) for key in self.spec.config_keys}
+        """The config values that go into this stage's cache key (its spec's keys; a stage may add resolved ones).
+        A group's `name` is a label, not a setting: renaming a quant option must not recompute anything."""
+        return {key: _without_name(select(cfg, key)) for key in self.spec.config_keys}
 
     def validate(self, cfg: dict) -> None:
         """Check the stage's own settings; raise PipelineError with a one-line message."""
@@ -83,6 +88,11 @@ class OnceStage(Stage):
 
     def apply(self, ctx, artifact) -> None:
         """Use the (computed or cached) artifact, e.g. swap in a rotated model."""
+
+    def content_key(self, ctx, artifact, key: str) -> str:
+        """What later stages key on: by default this artifact's key; a stage whose output several configurations
+        can share (calibrate: the token windows) returns a digest of the content instead."""
+        return key
 
 
 class BlockStage(Stage):

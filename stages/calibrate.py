@@ -5,6 +5,7 @@ import logging
 
 from qllm_pipeline.data import calibration_windows, load_corpus, tokenize
 from qllm_pipeline.errors import PipelineError
+from qllm_pipeline.identity import tensor_digest, text_digest
 from qllm_pipeline.stage import ONCE, OnceStage, StageSpec
 
 log = logging.getLogger(__name__)
@@ -12,10 +13,18 @@ log = logging.getLogger(__name__)
 
 
 class Calibrate(OnceStage):
-    spec = StageSpec(
-        "calibrate", version=1, config_keys=("model.name", "model.hub_id", "model.path", "model.gguf_file", "data", "calibrate"),
-        kind=ONCE,
-    )
+    # Keyed by the calibration text's content and the windows' settings (the model, i.e. the tokenizer, comes in as
+    # upstream); what later stages key on is the digest of the windows drawn (content_key).
+    spec = StageSpec("calibrate", version=2, config_keys=("calibrate",), kind=ONCE)
+
+    def key_config(self, cfg: dict) -> dict:
+        corpus = load_corpus(cfg["data"]["name"], cfg["data"])
+        return {**super().key_config(cfg), "calib_text": text_digest(corpus.calib_text)}
+
+    def content_key(self, ctx, artifact, key: str) -> str:
+        digest = tensor_digest(artifact.tensors("windows.safetensors")["input_ids"])
+        ctx.keys["calibration_windows"] = digest
+        return digest
 
     def run(self, ctx, writer) -> None:
         cfg = ctx.cfg["calibrate"]
