@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -173,16 +174,49 @@ def _check_args(tasks, limit, batch_size) -> list[str]:
     return tasks
 
 
-def _load_tasks(names: list[str]) -> tuple[Any, list, list[str]]:
-    """Resolve and build every task (this is where datasets are loaded); returns (task manager, objects, leaf names)."""
+_SCALAR_NAME = re.compile(r"^(?:task|group|tag):[ \t]*['\"]?([A-Za-z0-9_\-\.]+)", re.M)
+_LISTED_NAMES = re.compile(r"^(?:tag|group):[ \t]*\n((?:[ \t]*-[ \t]*\S+[ \t]*\n?)+)", re.M)
+
+
+@functools.lru_cache(maxsize=1)
+def _declared_task_names() -> frozenset[str]:
+    """Task, group and tag names written literally in ours and lm-eval's task YAMLs: a text scan in well under a
+    second, where building lm-eval's TaskManager takes seconds. It misses generated names (the caller falls back)."""
+    import lm_eval
+
+    names: set[str] = set()
+    for root in (TASKS_DIR, Path(lm_eval.__file__).parent / "tasks"):
+        for path in root.rglob("*.yaml"):
+            text = path.read_text(errors="ignore")
+            names.update(_SCALAR_NAME.findall(text))
+            for block in _LISTED_NAMES.findall(text):
+                names.update(re.findall(r"-[ \t]*['\"]?([A-Za-z0-9_\-\.]+)", block))
+    return frozenset(names)
+
+
+def check_task_names(names: list[str]) -> None:
+    """Refuse an unknown task name at start: literal names by the fast scan, the rest through lm-eval's index."""
+    missing = [n for n in names if n not in _declared_task_names()]
+    if missing:
+        resolve_task_names(missing)
+
+
+def resolve_task_names(names: list[str]):
+    """The task manager that knows every name (ours first, then lm-eval's); one error line for an unknown name.
+    Cheap enough to run before any weight is read."""
     local = _task_manager(include_defaults=False)
     tm = local if all(n in local.task_index for n in names) else _task_manager(include_defaults=True)
-
     for name in names:
         if name not in tm.task_index:
             close = difflib.get_close_matches(name, tm.all_tasks, n=3, cutoff=0.75)
             hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
             raise PipelineError(f"unknown lm-eval task {name!r}{hint}; see `lm-eval ls tasks` or use eval.tasks=[{SMOKE_TASK}]")
+    return tm
+
+
+def _load_tasks(names: list[str]) -> tuple[Any, list, list[str]]:
+    """Resolve and build every task (this is where datasets are loaded); returns (task manager, objects, leaf names)."""
+    tm = resolve_task_names(names)
 
     hub_names = [n for n in names if not _is_local(tm, n)]
     why = ""

