@@ -14,6 +14,7 @@ anywhere upstream yields a new key.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -22,7 +23,6 @@ import os
 import shutil
 import socket
 import uuid
-import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable

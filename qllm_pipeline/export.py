@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from .attention import attention_spec
 from .blocks import LINEAR_NAMES, decoder_layers
 from .fused import build_fused_block
-from .quantizer import QuantSpec
+from .quantizer import QuantSpec, activation_clip_ratio
 
 QUANT_FILE = "qllm_quant.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -32,7 +32,7 @@ FORMAT_VERSION = 2  # 2: ordered input transforms instead of one reassembly map
 
 def specs_from_quant_cfg(quant: dict) -> tuple[QuantSpec, QuantSpec]:
     weight = QuantSpec(quant.get("wbits"), bool(quant.get("w_symmetric", False)), quant.get("group_size"))
-    act = QuantSpec(quant.get("abits"), bool(quant.get("a_symmetric", False)), clip_ratio=float(quant.get("a_clip_ratio", 1.0)))
+    act = QuantSpec(quant.get("abits"), bool(quant.get("a_symmetric", False)), clip_ratio=activation_clip_ratio(quant))
     return weight, act
 
 

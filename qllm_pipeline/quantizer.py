@@ -36,6 +36,16 @@ class QuantSpec:
         return self.bits is not None
 
 
+def activation_clip_ratio(quant: dict) -> float:
+    """`quant.a_clip_ratio`: one ratio, or a map {activation bits: ratio} (a recipe's choice per bit width; widths it
+    does not list stay min-max, 1.0)."""
+    ratio = quant.get("a_clip_ratio", 1.0)
+    if isinstance(ratio, dict):
+        by_bits = {int(bits): value for bits, value in ratio.items()}
+        ratio = by_bits.get(quant.get("abits"), 1.0)
+    return float(ratio)
+
+
 def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     # Forward: q. Backward: identity (straight-through estimator). Without autograd return q itself, so stored
     # weights sit exactly on the grid (x + (q - x) can be one rounding step off).

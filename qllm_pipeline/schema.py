@@ -97,7 +97,7 @@ SCHEMA: dict[str, dict[str, Field] | None] = {
         "name": _str(), "wbits": BITS, "abits": BITS, "attn_bits": BITS,
         "group_size": _int(1, null=True, hint="a positive integer dividing the layer widths, or null for per-channel"),
         "w_symmetric": BOOL_FIELD, "a_symmetric": BOOL_FIELD,
-        "a_clip_ratio": _num(0, 1, lo_open=True, hint="in (0, 1]; 1.0 means no clipping"),
+        "a_clip_ratio": Field(DICT),  # a number or {bits: number}: checked by _check_clip_ratio
         "channel_ratio": _num(0, 1, hi_open=True, hint="in [0, 1): extra channels from disassembly as a fraction of C"),
         "weight_algorithm": _str(choices=("rtn", "gptq")),
     },
@@ -154,11 +154,27 @@ def validate_schema(cfg: dict) -> None:
             if key not in fields:
                 raise PipelineError(f"unknown key {section}.{key}; {section} has {sorted(fields)}")
             field = fields[key]
-            if field.kind == DICT and item is not None and not isinstance(item, dict) and section != "search_theta":
+            if (section, key) == ("quant", "a_clip_ratio"):
+                _check_clip_ratio(item)
+            elif field.kind == DICT and item is not None and not isinstance(item, dict) and section != "search_theta":
                 raise PipelineError(f"{section}.{key}={item!r} must be a mapping")
             if field.kind != DICT:
                 field.check(f"{section}.{key}", item)
     validate_combinations(cfg)
+
+
+CLIP_RATIO = _num(0, 1, lo_open=True, hint="in (0, 1]; 1.0 means no clipping")
+
+
+def _check_clip_ratio(value: Any) -> None:
+    """quant.a_clip_ratio: one ratio, or {activation bits: ratio} (a recipe's choice per bit width)."""
+    if not isinstance(value, dict):
+        CLIP_RATIO.check("quant.a_clip_ratio", value)
+        return
+    for bits, ratio in value.items():
+        if isinstance(bits, bool) or not str(bits).isdigit():
+            raise PipelineError(f"quant.a_clip_ratio has the key {bits!r}; its keys are activation bit widths, e.g. {{4: 0.85}}")
+        CLIP_RATIO.check(f"quant.a_clip_ratio.{bits}", ratio)
 
 
 def validate_combinations(cfg: dict) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .quantizer import activation_clip_ratio
+
 ONCE, BLOCK, FINAL = "once", "block", "final"
 
 
@@ -28,8 +30,15 @@ def select(cfg: dict, dotted: str) -> Any:
     return node
 
 
-def _without_name(value: Any) -> Any:
-    return {k: v for k, v in value.items() if k != "name"} if isinstance(value, dict) else value
+def _resolved(key: str, value: Any) -> Any:
+    """A config value as it acts: a group without its `name` label; quant with the activation clip ratio its bit
+    width resolves to (a per-bit-width map and the number it gives key the same artifacts)."""
+    if not isinstance(value, dict):
+        return value
+    value = {k: v for k, v in value.items() if k != "name"}
+    if key == "quant" and "a_clip_ratio" in value:
+        value["a_clip_ratio"] = activation_clip_ratio(value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -72,8 +81,8 @@ class Stage:
 
     def key_config(self, cfg: dict) -> dict:
         """The config values that go into this stage's cache key (its spec's keys; a stage may add resolved ones).
-        A group's `name` is a label, not a setting: renaming a quant option must not recompute anything."""
-        return {key: _without_name(select(cfg, key)) for key in self.spec.config_keys}
+        Values as they act (`_resolved`): renaming a quant option must not recompute anything."""
+        return {key: _resolved(key, select(cfg, key)) for key in self.spec.config_keys}
 
     def validate(self, cfg: dict) -> None:
         """Check the stage's own settings; raise PipelineError with a one-line message."""
