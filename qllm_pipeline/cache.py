@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -151,15 +152,26 @@ class ArtifactWriter:
             self.abort()
 
 
+def _read(read: Callable[[], Any]) -> Any:
+    """Read a file of an artifact. A forced recompute in another job swaps the artifact's directory with two renames;
+    a read that falls between them finds no file and is retried once the new directory is in place."""
+    for delay in (0.05, 0.2, 1.0):
+        try:
+            return read()
+        except FileNotFoundError:
+            time.sleep(delay)
+    return read()
+
+
 class Artifact:
     def __init__(self, path: Path):
         self.path = path
 
     def tensors(self, name: str, device: str = "cpu") -> dict[str, torch.Tensor]:
-        return load_file(str(self.path / name), device=device)
+        return _read(lambda: load_file(str(self.path / name), device=device))
 
     def json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text())
+        return _read(lambda: json.loads((self.path / name).read_text()))
 
     def has(self, name: str) -> bool:
         return (self.path / name).exists()
