@@ -27,7 +27,15 @@ from .schema import SCHEMA, validate_schema
 from .tracking import make_tracker
 
 log = logging.getLogger("qllm_pipeline")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _conf_dir() -> Path:
+    """conf/ beside the package in a source checkout; in an installed wheel, the copy shipped as qllm_pipeline.conf."""
+    checkout = Path(__file__).resolve().parent.parent / "conf"
+    return checkout if (checkout / "config.yaml").is_file() else Path(__file__).resolve().parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 def fail(message: str) -> None:
