@@ -136,6 +136,7 @@ def check_before_loading(c: dict) -> Checked:
         from .zeroshot import check_task_names
 
         check_task_names([str(t) for t in c["eval"]["tasks"]])
+    check_datasets(c)
     config = load_config(source)
     validate_model_fit(c, config)
     for name in c["pipeline"]["stages"]:
@@ -144,6 +145,16 @@ def check_before_loading(c: dict) -> Checked:
     cache = ArtifactCache(c["pipeline"]["cache_dir"])  # refuses an unwritable directory
     model_id = artifact_key("model_identity", 1, model_identity(source, cache.root / ".file_digests"))
     return Checked(source, specs, device, config, cache, model_id)
+
+
+def check_datasets(c: dict) -> None:
+    """Load every corpus the run will read (calibration, evaluation) now, so a missing dataset fails before the
+    weights are read rather than after the block walk (loaded corpora are kept for the stages)."""
+    from .data import HELDOUT, load_corpus
+
+    names = {c["data"]["name"]} | {d for d in c["eval"]["datasets"] if d != HELDOUT and "evaluate" in c["pipeline"]["stages"]}
+    for name in sorted(names):
+        load_corpus(name, c["data"])
 
 
 def run(cfg: DictConfig) -> dict:

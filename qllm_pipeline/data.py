@@ -68,6 +68,7 @@ def _hub(name: str, loader):
         ) from exc
 
 
+@functools.lru_cache(maxsize=1)  # loaded once per process: at start (checked) and by the stages
 def _wikitext2() -> Corpus:
     from datasets import load_dataset
 
@@ -76,6 +77,7 @@ def _wikitext2() -> Corpus:
     return Corpus("wikitext2", "\n\n".join(train["text"]), "\n\n".join(test["text"]), "hub: wikitext/wikitext-2-raw-v1")
 
 
+@functools.lru_cache(maxsize=1)
 def _c4() -> Corpus:
     from datasets import load_dataset
 
