@@ -174,8 +174,8 @@ def _check_args(tasks, limit, batch_size) -> list[str]:
     return tasks
 
 
-_SCALAR_NAME = re.compile(r"^(?:task|group|tag):[ \t]*['\"]?([A-Za-z0-9_\-\.]+)", re.M)
-_LISTED_NAMES = re.compile(r"^(?:tag|group):[ \t]*\n((?:[ \t]*-[ \t]*\S+[ \t]*\n?)+)", re.M)
+_SCALAR_NAME = re.compile(r"^[ \t]*['\"]?(?:task|group|tag)['\"]?:[ \t]*['\"]?([A-Za-z0-9_\-\.\+:/]+)", re.M)
+_LISTED_NAMES = re.compile(r"^[ \t]*['\"]?(?:tag|group|task)['\"]?:[ \t]*\n((?:[ \t]*-[ \t]*\S+[ \t]*\n?)+)", re.M)
 
 
 @functools.lru_cache(maxsize=1)
@@ -190,7 +190,7 @@ def _declared_task_names() -> frozenset[str]:
             text = path.read_text(errors="ignore")
             names.update(_SCALAR_NAME.findall(text))
             for block in _LISTED_NAMES.findall(text):
-                names.update(re.findall(r"-[ \t]*['\"]?([A-Za-z0-9_\-\.]+)", block))
+                names.update(re.findall(r"-[ \t]*['\"]?([A-Za-z0-9_\-\.\+:/]+)", block))
     return frozenset(names)
 
 
