@@ -290,12 +290,6 @@ class ArtifactCache:
         self._verified.add(path)
         return Artifact(path)
 
-    def remove(self, stage: str, key: str) -> None:
-        with self.lock(stage, key):
-            path = self.dir(stage, key)
-            if path.is_dir():
-                self._discard(path)
-
     def clean_partial(self) -> int:
         """Delete temp directories of writers that are gone; returns how many were removed.
 
