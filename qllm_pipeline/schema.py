@@ -12,7 +12,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .data import CORPORA, HELDOUT
 from .errors import PipelineError
+from .lowrank import AUTOCAST_CHOICES
+from .model_loading import DTYPES
+from .reassembly import GRID_SPACINGS
+from .weight_rounding import WEIGHT_ALGORITHMS
 
 INT, FLOAT, BOOL, STR, LIST, DICT = "int", "number", "true or false", "a string", "a list", "a mapping"
 
@@ -90,7 +95,7 @@ BITS = _int(2, 16, null=True, hint="an integer in 2..16, or null for full precis
 SCHEMA: dict[str, dict[str, Field] | None] = {
     "model": {
         "name": _str(), "package": _str(null=True), "gguf_file": _str(null=True), "hub_id": _str(null=True),
-        "path": _str(null=True), "revision": _str(null=True), "dtype": _str(choices=("float32", "float16", "bfloat16")),
+        "path": _str(null=True), "revision": _str(null=True), "dtype": _str(choices=tuple(DTYPES)),
         "arch": Field(DICT, null=True),
     },
     "quant": {
@@ -99,9 +104,9 @@ SCHEMA: dict[str, dict[str, Field] | None] = {
         "w_symmetric": BOOL_FIELD, "a_symmetric": BOOL_FIELD,
         "a_clip_ratio": Field(DICT),  # a number or {bits: number}: checked by _check_clip_ratio
         "channel_ratio": _num(0, 1, hi_open=True, hint="in [0, 1): extra channels from disassembly as a fraction of C"),
-        "weight_algorithm": _str(choices=("rtn", "gptq")),
+        "weight_algorithm": _str(choices=WEIGHT_ALGORITHMS),
     },
-    "data": {"name": _str(choices=("wiki_sample", "wikitext2", "c4", "text_files")), "calib_path": _str(null=True),
+    "data": {"name": _str(choices=tuple(CORPORA)), "calib_path": _str(null=True),
              "eval_path": _str(null=True)},
     "calibrate": {"n_samples": _int(1), "seq_len": _int(2, hint="an integer >= 2 (a window predicts its next tokens)"),
                   "seed": _int()},
@@ -111,13 +116,13 @@ SCHEMA: dict[str, dict[str, Field] | None] = {
     "search_theta": {
         "enabled": BOOL_FIELD, "points": Field(LIST), "theta": Field(DICT, null=True),  # checked by the stage
         "steps": _int(1, null=True, hint="a positive integer, or null for the reference grid"),
-        "spacing": _str(choices=("linear", "log")), "channel_ratio": _num(0, 1, hi_open=True), "n_samples": _int(1),
+        "spacing": _str(choices=GRID_SPACINGS), "channel_ratio": _num(0, 1, hi_open=True), "n_samples": _int(1),
     },
     "reassemble": {"enabled": BOOL_FIELD, "assemble": BOOL_FIELD},
     "train_lowrank": {
         "enabled": BOOL_FIELD, "rank": _int(1), "lr": _num(0, lo_open=True, hint="a finite number > 0"), "epochs": _int(1),
         "batch_size": _int(1), "weight_decay": _num(0, hint="a finite number >= 0"), "train_norms": BOOL_FIELD,
-        "autocast": _str(choices=("auto", "none", "bf16", "fp16")), "seed": _int(),
+        "autocast": _str(choices=AUTOCAST_CHOICES), "seed": _int(),
     },
     "fuse": {"save_model": BOOL_FIELD},
     "gptq": {"damp": _num(0, 1, hi_open=True), "block_size": _int(1), "act_order": BOOL_FIELD, "clip": BOOL_FIELD},
@@ -202,7 +207,7 @@ def validate_combinations(cfg: dict) -> None:
             if os.path.getsize(path) == 0:
                 purpose = "calibrate on" if key == "calib_path" else "evaluate on"
                 raise PipelineError(f"data.{key}={path} is empty; it must hold the text to {purpose}")
-    known = {"wiki_sample", "wikitext2", "c4", "text_files", "calib_heldout"}
+    known = {*CORPORA, HELDOUT}
     for name in cfg["eval"]["datasets"]:
         if name not in known:
             raise PipelineError(f"unknown eval.datasets entry {name!r}; choose from {sorted(known)}")
