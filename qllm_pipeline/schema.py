@@ -14,6 +14,7 @@ from typing import Any
 
 from .data import CORPORA, HELDOUT
 from .errors import PipelineError
+from .export_ct import MODEL_FORMATS
 from .lowrank import AUTOCAST_CHOICES
 from .model_loading import DTYPES
 from .reassembly import GRID_SPACINGS
@@ -124,7 +125,7 @@ SCHEMA: dict[str, dict[str, Field] | None] = {
         "batch_size": _int(1), "weight_decay": _num(0, hint="a finite number >= 0"), "train_norms": BOOL_FIELD,
         "autocast": _str(choices=AUTOCAST_CHOICES), "seed": _int(),
     },
-    "fuse": {"save_model": BOOL_FIELD},
+    "fuse": {"save_model": BOOL_FIELD, "format": _str(choices=MODEL_FORMATS)},
     "gptq": {"damp": _num(0, 1, hi_open=True), "block_size": _int(1), "act_order": BOOL_FIELD, "clip": BOOL_FIELD},
     "eval": {
         "datasets": Field(LIST), "seq_len": _int(2, hint="an integer >= 2 (a window predicts its next tokens)"),

@@ -1,15 +1,19 @@
 """fuse: per block, merge the low-rank correction into the transformed weight and quantize it: W' = Q(T(W) + B·A),
 with Q round-to-nearest or GPTQ (`quant.weight_algorithm`, see qllm_pipeline.weight_rounding).
 
-The stored block has no LoRA modules left; after the last block the whole model is written with packed integer
-weights plus our quantization metadata (see qllm_pipeline.export).
+The stored block has no LoRA modules left; after the last block the whole model is written (`fuse.format`): as a
+compressed-tensors checkpoint that stock transformers loads (qllm_pipeline.export_ct), or with our packed layout and
+loader (qllm_pipeline.export), which also holds the run-time transforms compressed-tensors cannot run.
 """
 from __future__ import annotations
 
 import logging
 
+from qllm_pipeline.cache import artifact_key
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.export import save_quantized_model
+from qllm_pipeline.export_ct import FORMAT_NAME as CT_FORMAT
+from qllm_pipeline.export_ct import PACKED_FORMAT, save_compressed_tensors_model, stock_blockers
 from qllm_pipeline.fused import fused_block_tensors
 from qllm_pipeline.lowrank import fuse_block, load_lora_state
 from qllm_pipeline.stage import BlockStage, StageSpec
@@ -22,6 +26,10 @@ log = logging.getLogger(__name__)
 
 def uses_gptq(cfg: dict) -> bool:
     return cfg["quant"].get("weight_algorithm", "rtn") == "gptq"
+
+
+def model_format(cfg: dict) -> str:
+    return cfg["fuse"].get("format", PACKED_FORMAT)
 
 
 def gptq_config(cfg: dict) -> GPTQConfig:
@@ -47,6 +55,19 @@ class Fuse(BlockStage):
             raise PipelineError(f"quant.weight_algorithm={algorithm!r} is not one of {list(WEIGHT_ALGORITHMS)}")
         if algorithm == "gptq":
             gptq_config(cfg)
+        fmt = model_format(cfg)
+        if fmt == CT_FORMAT and cfg["fuse"].get("save_model", True):
+            blockers = stock_blockers(cfg)
+            if blockers:
+                raise PipelineError(
+                    f"fuse.format={CT_FORMAT} cannot hold this method's run-time parts: {'; '.join(blockers)}. "
+                    f"Use fuse.format={PACKED_FORMAT} (our loader) for it"
+                )
+            try:
+                import compressed_tensors  # noqa: F401
+            except ImportError as exc:
+                raise PipelineError(f"fuse.format={CT_FORMAT} needs the compressed-tensors package: "
+                                    "pip install 'compressed-tensors>=0.15'") from exc
 
     def run(self, ctx, state, writer) -> None:
         block = quant_block(ctx, state)
@@ -70,10 +91,12 @@ class Fuse(BlockStage):
         """Write the whole quantized model once per final key (cached like any artifact)."""
         if not ctx.cfg["fuse"].get("save_model", True):
             return
-        key = ctx.keys["fuse"]
+        fmt = model_format(ctx.cfg)
+        key = artifact_key("model", 1, {"format": fmt}, {"fuse": ctx.keys["fuse"]})
+        save = save_compressed_tensors_model if fmt == CT_FORMAT else save_quantized_model
 
         def write(writer):
-            sizes = save_quantized_model(
+            sizes = save(
                 ctx.model, ctx.tokenizer, [a.tensors("block.safetensors") for a in runner.artifacts["fuse"]],
                 ctx.cfg["quant"], writer.tmp,
             )
@@ -86,5 +109,5 @@ class Fuse(BlockStage):
         if not link.exists():
             link.symlink_to(model_dir.path, target_is_directory=True)
         sizes = model_dir.json("sizes.json")
-        log.info("quantized model: %s (%.1f MB; the same model in FP16: %.1f MB)", model_dir.path, sizes["file_bytes"] / 1e6,
+        log.info("quantized model (%s): %s (%.1f MB; the same model in FP16: %.1f MB)", fmt, model_dir.path, sizes["file_bytes"] / 1e6,
                  sizes["fp16_bytes"] / 1e6)

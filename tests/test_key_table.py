@@ -43,6 +43,7 @@ NO_EFFECT = {
     "pipeline.progress": "progress bars",
     "eval.batch_size": "windows per forward pass at evaluation",
     "fuse.save_model": "whether the whole model is also written",
+    "fuse.format": "the written model's layout (the model artifact's own key carries it)",
     "logger.": "where metrics go",
     "quant.name": "a label",
 }

@@ -1,0 +1,62 @@
+"""fuse.format=compressed-tensors: every method whose transforms fold into the weights writes a checkpoint that stock
+transformers (with the compressed-tensors package) reloads in a fresh process to the pipeline's perplexity."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, read_results, run_cli, tiny_overrides
+
+OFFLINE_ROTATION = ["rotate.online_down=false", "rotate.online_o=false", "rotate.online_qk=false", "quant.a_clip_ratio=1.0"]
+METHODS = {  # method -> overrides that keep it stock-loadable
+    "rtn": [],
+    "gptq": [],
+    "smoothquant": [],
+    "lrc": [],
+    "rotation": OFFLINE_ROTATION,
+    "rotation_lrc_gptq": OFFLINE_ROTATION,
+}
+VARIANT = {"rtn": "rtn", "gptq": "gptq", "smoothquant": "smoothquant", "lrc": "lrc", "rotation": "rotation",
+           "rotation_lrc_gptq": "rotation+lrc+gptq"}
+
+
+@pytest.fixture(scope="module")
+def eval_windows(tiny_model_dir, tmp_path_factory):
+    """The evaluation windows of the tiny runs (wiki_sample, 8 × 32), built with the pipeline's own data functions."""
+    from transformers import AutoTokenizer
+
+    from qllm_pipeline.data import evaluation_windows, load_corpus, tokenize
+
+    tokens = tokenize(AutoTokenizer.from_pretrained(tiny_model_dir), load_corpus("wiki_sample").eval_text)
+    path = tmp_path_factory.mktemp("ct") / "windows.pt"
+    torch.save(evaluation_windows(tokens, 32, 8), path)
+    return path
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_checkpoint_reloads_with_stock_transformers(method, tiny_model_dir, tmp_path, eval_windows):
+    run = tmp_path / "run"
+    args = [*tiny_overrides(tiny_model_dir, tmp_path / "cache", run), f"method={method}", "fuse.format=compressed-tensors",
+            *METHODS[method]]
+    proc = run_cli(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_results(run)["ppl"]["wiki_sample"]
+    variant = next(v for v in rows if v not in ("fp", "rtn")) if method != "rtn" else "rtn"
+    assert variant == VARIANT[method]
+    model_dir = run / "quantized_model"
+    config = json.loads((model_dir / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
+    assert config["config_groups"]["group_0"]["input_activations"]["strategy"] == "token"
+    assert not (model_dir / "qllm_quant.json").exists()
+
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "ct_reload.py"), str(model_dir), str(eval_windows)],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reloaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert reloaded["input_quantized"] == reloaded["linear_count"] == 3 * 7  # activations quantized in every projection
+    # The issue asks for 0.1 %; the reload is in fact exact up to float summation order (measured ≤ 1e-6).
+    assert reloaded["ppl"] == pytest.approx(rows[variant], rel=1e-5)
+    assert abs(reloaded["ppl"] / rows["fp"] - 1) > 1e-4  # and it is not the FP model
