@@ -43,3 +43,21 @@ def test_scaling_benchmark_tiny(tmp_path):
     assert {(r["hidden"], r["blocks"]) for r in result["rows"]} == {(64, 1), (128, 1), (64, 2)}
     assert set(result["exponents"]) == {"hidden", "params per block", "blocks"}
     assert all(r["search_theta_s"] > 0 and r["train_lowrank_s"] > 0 for r in result["rows"])
+
+
+def test_int_speed_benchmark_tiny(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/int_speed.py", "--models=random", "--hidden=128", "--intermediate=256", "--heads=4",
+         "--layers=1", "--tokens=64", "--repeats=1", "--quants=w8a8,w4a4", f"--out={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "int_speed.json").read_text())["rows"]
+    assert [(r["quant"], r["variant"]) for r in rows] == [
+        ("-", "fp32"), ("w8a8", "fake quant"), ("w8a8", "integer GEMM"), ("w4a4", "fake quant"), ("w4a4", "integer GEMM")]
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+    # int8 codes: a quarter of the fp32 weights (plus per-channel scales)
+    assert rows[2]["block_weight_mib"] < 0.3 * rows[0]["block_weight_mib"]
+    bad = subprocess.run([sys.executable, "benchmarks/int_speed.py", "--quants=w3a3"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --quants: unknown bit width 'w3a3'; choose from w8a8, w4a8, w4a4"

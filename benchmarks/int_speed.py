@@ -1,0 +1,199 @@
+"""Integer execution on the CPU: prefill speed and memory of W8A8, W4A8 and W4A4 models run with integer GEMM
+(qllm_pipeline.int_linear.IntLinear, torch._int_mm) against the fp32 model and the fake-quantized one.
+
+For each model and bit width every decoder projection is fused with round-to-nearest codes (per output channel,
+asymmetric; activations per token, dynamic, asymmetric); the speed does not depend on how the codes were chosen.
+Measured, on one prompt of --tokens tokens (batch 1): prefill tokens/s (best of --repeats), the decoder blocks'
+weight memory, and the process's peak RSS while the variant is built and run. On SmolLM2-135M the perplexity of
+the integer and the fake-quantized model is also compared on the first --eval-windows evaluation windows of
+wiki_sample (512 tokens each). Writes benchmarks/results/int_speed.md and .json.
+
+    python benchmarks/int_speed.py                                   # SmolLM2-135M and a random LLaMA (hidden 2048)
+    python benchmarks/int_speed.py --models random --hidden 4096 --intermediate 11008 --layers 2
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
+from _cli import CliError, Parser, logger  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+QUANTS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
+log = logger("int_speed")
+
+
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2,random", help="comma list of smollm2, random")
+    parser.add_argument("--quants", default="w8a8,w4a8,w4a4")
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.quants = [q for q in args.quants.split(",") if q]
+    for m in args.models:
+        if m not in ("smollm2", "random"):
+            raise CliError(f"--models: unknown model {m!r}; choose from smollm2, random")
+    for q in args.quants:
+        if q not in QUANTS:
+            raise CliError(f"--quants: unknown bit width {q!r}; choose from {', '.join(QUANTS)}")
+    for name in ("tokens", "repeats", "eval_windows", "hidden", "intermediate", "heads", "layers"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
+    if args.hidden % args.heads:
+        raise CliError(f"--hidden={args.hidden} must be a multiple of --heads={args.heads}")
+    return args
+
+
+def best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def block_bytes(model) -> int:
+    from qllm_pipeline.blocks import decoder_layers
+
+    layers = decoder_layers(model)
+    return sum(t.numel() * t.element_size() for t in [*layers.parameters(), *layers.buffers()])
+
+
+def fused(model, wbits: int, abits: int):
+    """A copy of `model` whose projections are fused W{wbits}A{abits} QuantLinears (RTN codes, fake quantization)."""
+    from qllm_pipeline.blocks import decoder_layers, quantize_block_linears
+    from qllm_pipeline.quantizer import QuantSpec
+
+    out = copy.deepcopy(model)
+    for layer in decoder_layers(out):
+        for ql in quantize_block_linears(layer, QuantSpec(wbits), QuantSpec(abits)).values():
+            ql.fuse()
+    return out
+
+
+def perplexity(model, windows: torch.Tensor) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, windows.shape[0], 4):
+            ids = windows[start : start + 4]
+            logits = model(ids).logits.float()
+            total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+            count += ids[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def load(name: str, args):
+    if name == "smollm2":
+        import yaml
+
+        from qllm_pipeline.model_loading import ModelSource, load_model, load_tokenizer
+
+        source = ModelSource.from_config(yaml.safe_load((REPO / "conf" / "model" / "smollm2_135m.yaml").read_text()))
+        return load_model(source).eval(), load_tokenizer(source), "SmolLM2-135M (hidden 576, intermediate 1536, 30 blocks)"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=args.heads,
+                         num_key_value_heads=args.heads, num_hidden_layers=args.layers, vocab_size=32000,
+                         max_position_embeddings=max(args.tokens, 2048), attn_implementation="sdpa")
+    label = f"random LLaMA (hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} blocks)"
+    return LlamaForCausalLM(config).eval(), None, label
+
+
+def run(args) -> dict:
+    from qllm_pipeline.int_linear import to_integer_model
+    from qllm_pipeline.memory import PeakRSS, release_freed_memory
+
+    rows = []
+    for name in args.models:
+        model, tokenizer, label = load(name, args)
+        prompt = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+        windows = None
+        if tokenizer is not None:
+            from qllm_pipeline.data import evaluation_windows, load_corpus, tokenize
+
+            windows = evaluation_windows(tokenize(tokenizer, load_corpus("wiki_sample").eval_text), 512, args.eval_windows)
+
+        def measure(variant: str, quant: str, build):
+            release_freed_memory()
+            with PeakRSS() as peak:
+                m = build()
+                with torch.no_grad():
+                    seconds = best_seconds(lambda: m(prompt), args.repeats)
+            row = {"model": label, "quant": quant, "variant": variant, "tokens_per_s": args.tokens / seconds,
+                   "block_weight_mib": block_bytes(m) / 2**20, "peak_rss_mib": peak.mib}
+            if windows is not None and variant != "fp32":
+                row["ppl"] = perplexity(m, windows)
+            log(f"{label} {quant} {variant}: {row['tokens_per_s']:.0f} tok/s, blocks {row['block_weight_mib']:.0f} MiB, "
+                f"peak RSS {row['peak_rss_mib']:.0f} MiB" + (f", ppl {row['ppl']:.3f}" if "ppl" in row else ""))
+            rows.append(row)
+            del m
+            gc.collect()
+
+        measure("fp32", "-", lambda: model)
+        for quant in args.quants:
+            wbits, abits = QUANTS[quant]
+            measure("fake quant", quant, lambda: fused(model, wbits, abits))
+            measure("integer GEMM", quant, lambda: to_integer_model(fused(model, wbits, abits)))
+        del model
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "tokens": args.tokens,
+            "repeats": args.repeats, "eval_windows": args.eval_windows, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Integer execution on the CPU (torch._int_mm)", "",
+             f"CPU, {result['threads']} threads, torch {result['torch']}; prefill of one {result['tokens']}-token prompt "
+             f"(batch 1), best of {result['repeats']}. Command: `python benchmarks/int_speed.py`.", "",
+             "| model | quant | variant | prefill tok/s | × fp32 | × fake quant | block weights (MiB) | peak RSS (MiB) | ppl |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    fp = {r["model"]: r["tokens_per_s"] for r in result["rows"] if r["variant"] == "fp32"}
+    fake = {(r["model"], r["quant"]): r["tokens_per_s"] for r in result["rows"] if r["variant"] == "fake quant"}
+    for r in result["rows"]:
+        vs_fake = r["tokens_per_s"] / fake[(r["model"], r["quant"])] if r["variant"] == "integer GEMM" else None
+        lines.append(f"| {r['model']} | {r['quant']} | {r['variant']} | {r['tokens_per_s']:.0f} | "
+                     f"{r['tokens_per_s'] / fp[r['model']]:.2f} | {'' if vs_fake is None else f'{vs_fake:.2f}'} | "
+                     f"{r['block_weight_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['ppl']:.3f} |" if "ppl" in r else
+                     f"| {r['model']} | {r['quant']} | {r['variant']} | {r['tokens_per_s']:.0f} | "
+                     f"{r['tokens_per_s'] / fp[r['model']]:.2f} | {'' if vs_fake is None else f'{vs_fake:.2f}'} | "
+                     f"{r['block_weight_mib']:.0f} | {r['peak_rss_mib']:.0f} | |")
+    ppl = {(r["model"], r["quant"], r["variant"]): r["ppl"] for r in result["rows"] if "ppl" in r}
+    diffs = [abs(ppl[(m, q, "integer GEMM")] / ppl[(m, q, "fake quant")] - 1) for (m, q, v) in ppl if v == "fake quant"]
+    if diffs:
+        lines += ["", f"Perplexity (wiki_sample, first {result['eval_windows']} windows × 512): integer GEMM against fake "
+                      f"quantization differs by at most {max(diffs) * 100:.4f} %."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    try:
+        args = parse_args(argv)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "int_speed.json").write_text(json.dumps(result, indent=2))
+    (args.out / "int_speed.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
