@@ -10,6 +10,7 @@ wiki_sample (512 tokens each). Writes benchmarks/results/int_speed.md and .json.
 
     python benchmarks/int_speed.py                                   # SmolLM2-135M and a random LLaMA (hidden 2048)
     python benchmarks/int_speed.py --models random --hidden 4096 --intermediate 11008 --layers 2
+    python benchmarks/int_speed.py --device cuda --models random --out DIR   # CUDA: torch._int_mm's cuBLAS int8 path
 """
 from __future__ import annotations
 
@@ -42,8 +43,13 @@ def parse_args(argv=None):
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (peak memory is then the device's)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    if args.device not in ("cpu", "cuda"):
+        raise CliError(f"--device={args.device} must be cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device=cuda but no CUDA device is available")
     args.models = [m for m in args.models.split(",") if m]
     args.quants = [q for q in args.quants.split(",") if q]
     for m in args.models:
@@ -60,14 +66,16 @@ def parse_args(argv=None):
     return args
 
 
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+def best_seconds(fn, repeats: int, device: str = "cpu") -> float:
+    def timed():
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed()  # warm-up
+    return min(timed() for _ in range(repeats))
 
 
 def block_bytes(model) -> int:
@@ -125,21 +133,29 @@ def run(args) -> dict:
     rows = []
     for name in args.models:
         model, tokenizer, label = load(name, args)
+        model.to(args.device)
         prompt = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+        prompt = prompt.to(args.device)
         windows = None
         if tokenizer is not None:
             from qllm_pipeline.data import evaluation_windows, load_corpus, tokenize
 
             windows = evaluation_windows(tokenize(tokenizer, load_corpus("wiki_sample").eval_text), 512, args.eval_windows)
+            windows = windows.to(args.device)
 
         def measure(variant: str, quant: str, build):
             release_freed_memory()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
             with PeakRSS() as peak:
                 m = build()
                 with torch.no_grad():
-                    seconds = best_seconds(lambda: m(prompt), args.repeats)
+                    seconds = best_seconds(lambda: m(prompt), args.repeats, args.device)
             row = {"model": label, "quant": quant, "variant": variant, "tokens_per_s": args.tokens / seconds,
                    "block_weight_mib": block_bytes(m) / 2**20, "peak_rss_mib": peak.mib}
+            if args.device == "cuda":
+                row["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
             if windows is not None and variant != "fp32":
                 row["ppl"] = perplexity(m, windows)
             log(f"{label} {quant} {variant}: {row['tokens_per_s']:.0f} tok/s, blocks {row['block_weight_mib']:.0f} MiB, "
@@ -154,27 +170,31 @@ def run(args) -> dict:
             measure("fake quant", quant, lambda: fused(model, wbits, abits))
             measure("integer GEMM", quant, lambda: to_integer_model(fused(model, wbits, abits)))
         del model
-    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "tokens": args.tokens,
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__, "tokens": args.tokens,
             "repeats": args.repeats, "eval_windows": args.eval_windows, "rows": rows}
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Integer execution on the CPU (torch._int_mm)", "",
-             f"CPU, {result['threads']} threads, torch {result['torch']}; prefill of one {result['tokens']}-token prompt "
+    rows = result["rows"]
+    on_gpu = any("peak_device_mib" in r for r in rows)
+    lines = ["# Integer execution (torch._int_mm)", "",
+             f"{result['device']}, fp32, torch {result['torch']}; prefill of one {result['tokens']}-token prompt "
              f"(batch 1), best of {result['repeats']}. Command: `python benchmarks/int_speed.py`.", "",
-             "| model | quant | variant | prefill tok/s | × fp32 | × fake quant | block weights (MiB) | peak RSS (MiB) | ppl |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    fp = {r["model"]: r["tokens_per_s"] for r in result["rows"] if r["variant"] == "fp32"}
-    fake = {(r["model"], r["quant"]): r["tokens_per_s"] for r in result["rows"] if r["variant"] == "fake quant"}
-    for r in result["rows"]:
-        vs_fake = r["tokens_per_s"] / fake[(r["model"], r["quant"])] if r["variant"] == "integer GEMM" else None
-        lines.append(f"| {r['model']} | {r['quant']} | {r['variant']} | {r['tokens_per_s']:.0f} | "
-                     f"{r['tokens_per_s'] / fp[r['model']]:.2f} | {'' if vs_fake is None else f'{vs_fake:.2f}'} | "
-                     f"{r['block_weight_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['ppl']:.3f} |" if "ppl" in r else
-                     f"| {r['model']} | {r['quant']} | {r['variant']} | {r['tokens_per_s']:.0f} | "
-                     f"{r['tokens_per_s'] / fp[r['model']]:.2f} | {'' if vs_fake is None else f'{vs_fake:.2f}'} | "
-                     f"{r['block_weight_mib']:.0f} | {r['peak_rss_mib']:.0f} | |")
-    ppl = {(r["model"], r["quant"], r["variant"]): r["ppl"] for r in result["rows"] if "ppl" in r}
+             "| model | quant | variant | prefill tok/s | × fp32 | × fake quant | block weights (MiB) | peak RSS (MiB) | "
+             + ("peak device (MiB) | " if on_gpu else "") + "ppl |",
+             "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if on_gpu else "") + "---:|"]
+    fp = {r["model"]: r["tokens_per_s"] for r in rows if r["variant"] == "fp32"}
+    fake = {(r["model"], r["quant"]): r["tokens_per_s"] for r in rows if r["variant"] == "fake quant"}
+    for r in rows:
+        vs_fake = f"{r['tokens_per_s'] / fake[(r['model'], r['quant'])]:.2f}" if r["variant"] == "integer GEMM" else ""
+        cells = [r["model"], r["quant"], r["variant"], f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / fp[r['model']]:.2f}",
+                 vs_fake, f"{r['block_weight_mib']:.0f}", f"{r['peak_rss_mib']:.0f}"]
+        if on_gpu:
+            cells.append(f"{r.get('peak_device_mib', 0):.0f}")
+        cells.append(f"{r['ppl']:.3f}" if "ppl" in r else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    ppl = {(r["model"], r["quant"], r["variant"]): r["ppl"] for r in rows if "ppl" in r}
     diffs = [abs(ppl[(m, q, "integer GEMM")] / ppl[(m, q, "fake quant")] - 1) for (m, q, v) in ppl if v == "fake quant"]
     if diffs:
         lines += ["", f"Perplexity (wiki_sample, first {result['eval_windows']} windows × 512): integer GEMM against fake "
