@@ -11,12 +11,16 @@ Our codes go over unchanged: compressed-tensors' asymmetric grid is signed ([-2^
 unsigned ([0, 2^b - 1]), so the zero point shifts by 2^(b-1) and the dequantized weights are equal. Its dynamic
 per-token activation quantizer is min-max over each token, as ours is without a clip ratio.
 
-What stock compressed-tensors cannot run is refused before any work (`stock_blockers`): input transforms applied at
-run time (QLLM's channel reassembly, the online Hadamard rotations), an activation clip ratio and quantized attention
-inputs. Those methods export with `fuse.format=qllm-packed` until a checkpoint can ship its own modeling code.
+Methods with parts that run at run time (`runtime_parts`: QLLM's channel reassembly, the online Hadamard rotations,
+an activation clip ratio, quantized attention inputs) get the same weights plus a modeling file in the checkpoint
+(`modeling_qllm.py`, from qllm_pipeline/remote_modeling.py; `auto_map`, loaded with `trust_remote_code=True`) that
+applies them; their transform tensors sit in the weights file and their layout in `config.json` (`qllm_runtime`).
+There compressed-tensors holds the weights only and the modeling file quantizes the activations (our quantizer, with
+the clip). What cannot be written at all is refused before any work (`export_blockers`).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -32,8 +36,22 @@ BLOCK_PREFIX = "model.layers."
 WEIGHTS_FILE = "model.safetensors"
 
 
-def stock_blockers(cfg: dict) -> list[str]:
-    """The parts of a run's config that stock compressed-tensors cannot execute (empty: it can)."""
+REMOTE_FILE = "modeling_qllm.py"
+REMOTE_CLASS = "QLLMLlamaForCausalLM"
+
+
+def export_blockers(cfg: dict) -> list[str]:
+    """What a compressed-tensors checkpoint cannot hold at all (empty: it can be written)."""
+    quant = cfg["quant"]
+    if quant.get("wbits") is None:
+        return ["unquantized weights (nothing to pack)"]
+    if int(quant["wbits"]) > 8:
+        return [f"{quant['wbits']}-bit weights (compressed-tensors' integer formats hold 1 to 8 bits)"]
+    return []
+
+
+def runtime_parts(cfg: dict) -> list[str]:
+    """The parts of a run that stock compressed-tensors cannot execute, so its checkpoint ships modeling code."""
     quant, stages = cfg["quant"], cfg["pipeline"]["stages"]
     out = []
     if "reassemble" in stages:
@@ -47,10 +65,6 @@ def stock_blockers(cfg: dict) -> list[str]:
         out.append(f"an activation clip ratio ({activation_clip_ratio(quant)}; compressed-tensors' dynamic quantizer is min-max)")
     if quant.get("attn_bits") is not None:
         out.append("quantized attention inputs (quant.attn_bits)")
-    if quant.get("wbits") is None:
-        out.append("unquantized weights (nothing to pack)")
-    elif int(quant["wbits"]) > 8:
-        out.append(f"{quant['wbits']}-bit weights (pack-quantized holds 1 to 8 bits)")
     return out
 
 
@@ -61,8 +75,9 @@ def weight_format(quant: dict) -> str:
     return PACK_FORMAT if quant.get("w_symmetric", False) else INT_FORMAT
 
 
-def quantization_config(quant: dict):
-    """The compressed-tensors QuantizationConfig of our scheme (one group: every Linear except lm_head)."""
+def quantization_config(quant: dict, activations: bool = True):
+    """The compressed-tensors QuantizationConfig of our scheme (one group: every Linear except lm_head); without
+    `activations` the scheme holds the weights only (the shipped modeling code quantizes the activations)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     group_size = quant.get("group_size")
@@ -71,7 +86,7 @@ def quantization_config(quant: dict):
         strategy="group" if group_size else "channel", group_size=group_size, dynamic=False,
     )
     acts = None
-    if quant.get("abits") is not None:
+    if activations and quant.get("abits") is not None:
         acts = QuantizationArgs(
             num_bits=int(quant["abits"]), type="int", symmetric=bool(quant.get("a_symmetric", False)), strategy="token",
             dynamic=True,
@@ -102,34 +117,101 @@ def compressed_projection(codes: torch.Tensor, scale: torch.Tensor, zero: torch.
     return compressor.compress(state, scheme)
 
 
-def save_compressed_tensors_model(model, tokenizer, block_tensors: list[dict[str, torch.Tensor]], quant: dict, out_dir) -> dict:
-    """Write the compressed-tensors directory from the fused blocks; returns sizes in bytes (file, and FP16)."""
+def _transform_buffers(transforms: list) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Kinds and tensors (`t<i>_<field>`) of an ordered list of input transforms, as remote_modeling reads them."""
+    from .hadamard import _factor_matrices
+
+    kinds, tensors = [], {}
+    for i, t in enumerate(transforms):
+        kinds.append(t.kind)
+        if t.kind == "hadamard":
+            sylvester, paley = _factor_matrices(t.size, "cpu", torch.float32)
+            tensors[f"t{i}_sylvester"] = sylvester.clone()  # the factors are cached and shared: own copies
+            if paley is not None:
+                tensors[f"t{i}_paley"] = paley.clone()
+        elif t.kind == "reassembly":
+            src, dst, coef = t._cpu()
+            tensors.update({f"t{i}_src": src, f"t{i}_dst": dst, f"t{i}_coef": coef,
+                            f"t{i}_out_channels": torch.tensor(t.out_channels)})
+        else:
+            raise ValueError(f"no run-time code for input transform kind {t.kind!r}")
+    return kinds, tensors
+
+
+def _runtime_layer(block: dict[str, torch.Tensor], names: list[str], head_dim: int, attn_bits) -> tuple[dict, dict]:
+    """One layer's `qllm_runtime` entry and its tensors (relative to the layer)."""
+    from .hadamard import OnlineHadamard
+    from .transforms import transforms_from_tensors
+
+    entry, tensors = {"projections": {}}, {}
+
+    def add(key: str, kinds: list[str], buffers: dict[str, torch.Tensor]) -> dict:
+        tensors.update({f"qllm_transforms.{key}.{k}": v for k, v in buffers.items()})
+        return {"kinds": kinds, "buffers": {k: list(v.shape) for k, v in buffers.items()},
+                "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in buffers.items()}}
+
+    for name in names:
+        prefix = f"{name}.transforms."
+        transforms = transforms_from_tensors({k[len(prefix):]: v for k, v in block.items() if k.startswith(prefix)})
+        kinds, buffers = _transform_buffers(transforms)
+        entry["projections"][name] = {"in_features": int(block[f"{name}.codes"].shape[1]),
+                                      **add(name.replace(".", "__"), kinds, buffers)}
+    if attn_bits is not None and any(k.endswith("qk_hadamard") for k in block):
+        kinds, buffers = _transform_buffers([OnlineHadamard(head_dim)])
+        entry["qk"] = add("qk", kinds, buffers)
+    return entry, tensors
+
+
+def save_compressed_tensors_model(model, tokenizer, block_tensors: list[dict[str, torch.Tensor]], quant: dict, out_dir,
+                                  runtime: bool = False) -> dict:
+    """Write the compressed-tensors directory from the fused blocks; returns sizes in bytes (file, and FP16).
+    `runtime`: the method has run-time parts (see `runtime_parts`), so the checkpoint ships modeling_qllm.py."""
+    import shutil
+
     from compressed_tensors.compressors import ModelCompressor
     from safetensors.torch import save_file
 
+    from .quantizer import activation_clip_ratio
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = quantization_config(quant)
+    config = quantization_config(quant, activations=not runtime)
     scheme = config.config_groups["group_0"]
     dtype = next(model.parameters()).dtype
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(BLOCK_PREFIX)}
     if getattr(model.config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)  # tied: rebuilt from the embeddings on load
+    layers = []
     for i, block in enumerate(block_tensors):
         prefix = f"{BLOCK_PREFIX}{i}."
-        transforms = sorted({k.split(".transforms.")[0] for k in block if ".transforms." in k})
-        if transforms or any(k.endswith("qk_hadamard") for k in block):
-            raise ValueError(f"block {i} has run-time transforms ({', '.join(transforms) or 'Q/K Hadamard'}); "
-                             f"compressed-tensors cannot run them: use fuse.format=qllm-packed")
         names = sorted({k.rsplit(".", 1)[0] for k in block if k.endswith(".codes")})
+        has_runtime = any(".transforms." in k or k.endswith("qk_hadamard") for k in block)
+        if has_runtime and not runtime:
+            raise ValueError(f"block {i} has run-time transforms, but the checkpoint is being written without its modeling code")
         for name in names:
             packed = compressed_projection(block[f"{name}.codes"], block[f"{name}.scale"], block[f"{name}.zero"], scheme, dtype)
             tensors.update({f"{prefix}{name}.{k}": v.contiguous() for k, v in packed.items()})
         for key, value in block.items():
-            if key.rsplit(".", 1)[0] not in names:  # norms, biases
-                tensors[prefix + key] = value.detach().to(dtype).contiguous()
+            if key.rsplit(".", 1)[0] not in names and ".transforms." not in key and not key.endswith("qk_hadamard"):
+                tensors[prefix + key] = value.detach().to(dtype).contiguous()  # norms, biases
+        if runtime:
+            entry, extra = _runtime_layer(block, names, head_dim, quant.get("attn_bits"))
+            layers.append(entry)
+            tensors.update({prefix + k: v.contiguous() for k, v in extra.items()})
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    model.config.save_pretrained(out_dir)
+    hf_config = copy.deepcopy(model.config)
+    if runtime:
+        abits = quant.get("abits")
+        hf_config.qllm_runtime = {
+            "activations": {"bits": abits, "symmetric": bool(quant.get("a_symmetric", False)),
+                            "clip": activation_clip_ratio(quant) if abits is not None else 1.0},
+            "attn_bits": quant.get("attn_bits"), "layers": layers,
+        }
+        hf_config.architectures = [REMOTE_CLASS]
+        hf_config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_FILE.removesuffix('.py')}.{REMOTE_CLASS}"}
+        shutil.copyfile(Path(__file__).with_name("remote_modeling.py"), out_dir / REMOTE_FILE)
+    hf_config.save_pretrained(out_dir)
     ModelCompressor(quantization_config=config).update_config(str(out_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

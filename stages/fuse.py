@@ -13,7 +13,7 @@ from qllm_pipeline.cache import artifact_key
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.export import save_quantized_model
 from qllm_pipeline.export_ct import FORMAT_NAME as CT_FORMAT
-from qllm_pipeline.export_ct import PACKED_FORMAT, save_compressed_tensors_model, stock_blockers
+from qllm_pipeline.export_ct import PACKED_FORMAT, export_blockers, runtime_parts, save_compressed_tensors_model
 from qllm_pipeline.fused import fused_block_tensors
 from qllm_pipeline.lowrank import fuse_block, load_lora_state
 from qllm_pipeline.stage import BlockStage, StageSpec
@@ -57,12 +57,9 @@ class Fuse(BlockStage):
             gptq_config(cfg)
         fmt = model_format(cfg)
         if fmt == CT_FORMAT and cfg["fuse"].get("save_model", True):
-            blockers = stock_blockers(cfg)
+            blockers = export_blockers(cfg)
             if blockers:
-                raise PipelineError(
-                    f"fuse.format={CT_FORMAT} cannot hold this method's run-time parts: {'; '.join(blockers)}. "
-                    f"Use fuse.format={PACKED_FORMAT} (our loader) for it"
-                )
+                raise PipelineError(f"fuse.format={CT_FORMAT} cannot hold {'; '.join(blockers)}; use fuse.format={PACKED_FORMAT}")
             try:
                 import compressed_tensors  # noqa: F401
             except ImportError as exc:
@@ -93,13 +90,18 @@ class Fuse(BlockStage):
             return
         fmt = model_format(ctx.cfg)
         key = artifact_key("model", 1, {"format": fmt}, {"fuse": ctx.keys["fuse"]})
-        save = save_compressed_tensors_model if fmt == CT_FORMAT else save_quantized_model
 
         def write(writer):
-            sizes = save(
-                ctx.model, ctx.tokenizer, [a.tensors("block.safetensors") for a in runner.artifacts["fuse"]],
-                ctx.cfg["quant"], writer.tmp,
-            )
+            blocks = [a.tensors("block.safetensors") for a in runner.artifacts["fuse"]]
+            if fmt == CT_FORMAT:
+                parts = runtime_parts(ctx.cfg)
+                if parts:
+                    log.info("the checkpoint ships modeling_qllm.py (load it with trust_remote_code=True) for: %s",
+                             "; ".join(parts))
+                sizes = save_compressed_tensors_model(ctx.model, ctx.tokenizer, blocks, ctx.cfg["quant"], writer.tmp,
+                                                      runtime=bool(parts))
+            else:
+                sizes = save_quantized_model(ctx.model, ctx.tokenizer, blocks, ctx.cfg["quant"], writer.tmp)
             writer.save_json("sizes.json", sizes)
 
         model_dir, _ = ctx.cache.produce("model", key, write)

@@ -1,5 +1,6 @@
-"""fuse.format=compressed-tensors: every method whose transforms fold into the weights writes a checkpoint that stock
-transformers (with the compressed-tensors package) reloads in a fresh process to the pipeline's perplexity."""
+"""fuse.format=compressed-tensors: every method writes a checkpoint that transformers (with the compressed-tensors
+package) reloads in a fresh process to the pipeline's perplexity: stock for the methods whose transforms fold into the
+weights, with the shipped modeling_qllm.py (trust_remote_code=True) for those with run-time parts."""
 import json
 import subprocess
 import sys
@@ -20,6 +21,15 @@ METHODS = {  # method -> overrides that keep it stock-loadable
 }
 VARIANT = {"rtn": "rtn", "gptq": "gptq", "smoothquant": "smoothquant", "lrc": "lrc", "rotation": "rotation",
            "rotation_lrc_gptq": "rotation+lrc+gptq"}
+# method -> overrides, for methods with run-time parts (reassembly, online Hadamards, the A4 clip, attention inputs)
+REMOTE = {
+    "cra": ("cra", []),
+    "qllm": ("cra+lrc", []),
+    "qllm_disassembly_only": ("cra+lrc", ["method=qllm", "reassemble.assemble=false", "search_theta.channel_ratio=0.2"]),
+    "quarot": ("rotation+gptq", []),
+    "quarot_attn4": ("rotation+gptq", ["method=quarot", "quant.attn_bits=4"]),
+    "rotation_qllm_gptq": ("rotation+cra+lrc+gptq", []),
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +61,38 @@ def test_checkpoint_reloads_with_stock_transformers(method, tiny_model_dir, tmp_
     assert config["config_groups"]["group_0"]["input_activations"]["strategy"] == "token"
     assert not (model_dir / "qllm_quant.json").exists()
 
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, str(REPO / "tests" / "ct_reload.py"), str(model_dir), str(eval_windows)],
-                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    reloaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not (model_dir / "modeling_qllm.py").exists()
+    reloaded = reload(model_dir, eval_windows, tmp_path)
     assert reloaded["input_quantized"] == reloaded["linear_count"] == 3 * 7  # activations quantized in every projection
     # The issue asks for 0.1 %; the reload is in fact exact up to float summation order (measured ≤ 1e-6).
     assert reloaded["ppl"] == pytest.approx(rows[variant], rel=1e-5)
     assert abs(reloaded["ppl"] / rows["fp"] - 1) > 1e-4  # and it is not the FP model
+
+
+def reload(model_dir, windows, cwd) -> dict:
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(cwd / "hf")}
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "ct_reload.py"), str(model_dir), str(windows)],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(REMOTE))
+def test_checkpoint_with_runtime_parts_reloads_with_its_modeling_code(case, tiny_model_dir, tmp_path, eval_windows):
+    variant, extra = REMOTE[case]
+    run = tmp_path / "run"
+    method = [] if extra and extra[0].startswith("method=") else [f"method={case}"]
+    proc = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache", run), *method, "fuse.format=compressed-tensors", *extra])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ships modeling_qllm.py" in proc.stdout + proc.stderr
+    rows = read_results(run)["ppl"]["wiki_sample"]
+    model_dir = run / "quantized_model"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_qllm.QLLMLlamaForCausalLM"
+    assert config["quantization_config"]["config_groups"]["group_0"]["input_activations"] is None  # ours, in the file
+    # the shipped file imports nothing of ours
+    assert "qllm_pipeline" not in "".join(
+        line for line in (model_dir / "modeling_qllm.py").read_text().splitlines() if line.startswith(("import", "from")))
+    reloaded = reload(model_dir, eval_windows, tmp_path)
+    assert reloaded["ppl"] == pytest.approx(rows[variant], rel=1e-5)
+    assert abs(reloaded["ppl"] / rows["fp"] - 1) > 1e-4

@@ -1,0 +1,124 @@
+"""Modeling code shipped inside a compressed-tensors checkpoint (as `modeling_qllm.py`, loaded with
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`) for the methods whose parts run at run time:
+QLLM's channel reassembly, the online Hadamard rotations, the activation clip ratio and quantized attention inputs.
+
+It imports only torch and transformers (never qllm_pipeline): a user of the checkpoint needs neither our package nor
+our config. compressed-tensors stores and decompresses the integer weights (already transformed: the reassembly and
+the Hadamards are folded into their columns); this file applies, before each projection, its ordered input transforms
+and the per-token activation quantizer, and quantizes Q, K (after RoPE and the optional per-head Hadamard) and V
+when the checkpoint says so. Everything it needs is in `config.json` (`qllm_runtime`) and in the weights file
+(`model.layers.<i>.qllm_transforms.*`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ATTENTION = "qllm_runtime_sdpa"
+
+
+def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool, clip: float = 1.0) -> torch.Tensor:
+    """Per-vector (last dimension) min-max quantization, the range shrunk by `clip`; returns the dequantized values."""
+    xf = x.float()
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = (xf.abs().amax(dim=-1, keepdim=True) * clip / qmax).clamp(min=1e-8)
+        return (torch.clamp(torch.round(xf / scale), -qmax - 1, qmax) * scale).to(x.dtype)
+    qmax = 2**bits - 1
+    lo, hi = xf.amin(dim=-1, keepdim=True) * clip, xf.amax(dim=-1, keepdim=True) * clip
+    scale = ((hi - lo) / qmax).clamp(min=1e-8)
+    zero = torch.round(-lo / scale)
+    return ((torch.clamp(torch.round(xf / scale) + zero, 0, qmax) - zero) * scale).to(x.dtype)
+
+
+def hadamard(x: torch.Tensor, sylvester: torch.Tensor, paley: torch.Tensor | None) -> torch.Tensor:
+    """x ↦ x (S ⊗ P) / √n with the scaled Sylvester factor S and the Paley factor P (or S alone)."""
+    if paley is None:
+        return x @ sylvester
+    s, m = sylvester.shape[0], paley.shape[0]
+    grid = x.reshape(*x.shape[:-1], s, m) @ paley
+    return (grid.transpose(-1, -2) @ sylvester).transpose(-1, -2).reshape(x.shape)
+
+
+class InputTransforms(nn.Module):
+    """A projection's ordered input transforms; buffers `t<i>_<field>` as the checkpoint stores them."""
+
+    def __init__(self, kinds: list[str], shapes: dict[str, list[int]], prefix_dtypes: dict[str, str]):
+        super().__init__()
+        self.kinds = list(kinds)
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=getattr(torch, prefix_dtypes[name])))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, kind in enumerate(self.kinds):
+            if kind == "hadamard":
+                paley = getattr(self, f"t{i}_paley", None)
+                x = hadamard(x, getattr(self, f"t{i}_sylvester").to(x.dtype), None if paley is None else paley.to(x.dtype))
+            elif kind == "reassembly":  # output k = Σ coef[e] x[src[e]] over the entries e with dst[e] = k
+                src, dst, coef = getattr(self, f"t{i}_src"), getattr(self, f"t{i}_dst"), getattr(self, f"t{i}_coef").to(x.dtype)
+                n = int(getattr(self, f"t{i}_out_channels"))
+                take = lambda index: torch.gather(x, -1, index.expand(*x.shape[:-1], index.numel()))  # noqa: E731
+                out = take(src[:n]) * coef[:n]
+                if src.numel() > n:
+                    out = out.index_add(-1, dst[n:], take(src[n:]) * coef[n:])
+                x = out
+            else:
+                raise ValueError(f"unknown input transform {kind!r} in this checkpoint")
+        return x
+
+
+def _quantized_attention(module, query, key, value, attention_mask, **kwargs):
+    spec = getattr(module, "qllm_attention", None)
+    if spec is not None:
+        if spec["qk"] is not None:  # the online per-head Hadamard of Q and K, before their quantizer
+            query, key = spec["qk"](query), spec["qk"](key)
+        # [batch, heads, tokens, head_dim]: one (scale, zero) per token and head
+        query, key, value = (fake_quantize(t, spec["bits"], spec["symmetric"]) for t in (query, key, value))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION, _quantized_attention)
+
+
+class QLLMLlamaForCausalLM(LlamaForCausalLM):
+    """LlamaForCausalLM whose projections run their input transforms and activation quantizer before the matmul."""
+
+    def __init__(self, config):
+        runtime = config.qllm_runtime
+        if runtime.get("attn_bits") is not None:
+            config._attn_implementation = ATTENTION
+        super().__init__(config)
+        act = runtime["activations"]
+        for i, layer in enumerate(self.model.layers):
+            spec = runtime["layers"][i]
+            transforms = nn.ModuleDict()
+            if "qk" in spec:
+                transforms["qk"] = InputTransforms(spec["qk"]["kinds"], spec["qk"]["buffers"], spec["qk"]["dtypes"])
+            for path, entry in spec["projections"].items():
+                linear = layer.get_submodule(path)
+                if entry["in_features"] != linear.in_features:  # disassembly without assembly widens the input
+                    parent, _, name = path.rpartition(".")
+                    setattr(layer.get_submodule(parent), name, nn.Linear(entry["in_features"], linear.out_features, bias=False))
+                    linear = layer.get_submodule(path)
+                key = path.replace(".", "__")
+                if entry["kinds"]:
+                    transforms[key] = InputTransforms(entry["kinds"], entry["buffers"], entry["dtypes"])
+                linear.register_forward_pre_hook(self._input_hook(transforms, key, act))
+            layer.qllm_transforms = transforms
+            if runtime.get("attn_bits") is not None:
+                layer.self_attn.qllm_attention = {"bits": runtime["attn_bits"], "symmetric": act["symmetric"],
+                                                  "qk": transforms["qk"] if "qk" in transforms else None}
+
+    @staticmethod
+    def _input_hook(transforms: nn.ModuleDict, key: str, act: dict):
+        def hook(module, args):
+            x = args[0]
+            if key in transforms:
+                x = transforms[key](x)
+            if act["bits"] is not None:
+                x = fake_quantize(x, act["bits"], act["symmetric"], act["clip"])
+            return (x, *args[1:])
+
+        return hook
