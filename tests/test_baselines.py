@@ -92,7 +92,7 @@ def test_smoothquant_and_rotation_qllm_run_cache_and_export(tiny_model_dir, tmp_
     rows = stage_rows(r_combo)
     assert rows["smooth"]["cached"] == 1 and rows["smooth"]["computed"] == 2 and rows["search_theta"]["computed"] == 3
 
-    rot = run_cli([*tiny_overrides(tiny_model_dir, cache, tmp_path / "rot"), "method=rotation_qllm"])
+    rot = run_cli([*tiny_overrides(tiny_model_dir, cache, tmp_path / "rot"), "method=rotation_qllm", "fuse.format=qllm-packed"])
     assert rot.returncode == 0, rot.stderr[-3000:]
     r_rot = read_results(tmp_path / "rot")
     row = r_rot["ppl"]["wiki_sample"]

@@ -55,7 +55,7 @@ def test_integer_perplexity_of_a_pipeline_model(tiny_model_dir, tmp_path):
     from qllm_pipeline.export import load_quantized_model
 
     run = tmp_path / "run"
-    proc = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache", run), "method=quarot"])
+    proc = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache", run), "method=quarot", "fuse.format=qllm-packed"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     fake = load_quantized_model(run / "quantized_model")
     integer = to_integer_model(load_quantized_model(run / "quantized_model"))
