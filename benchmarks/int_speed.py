@@ -13,6 +13,8 @@ Writes benchmarks/results/int_speed.md and .json.
     python benchmarks/int_speed.py                                   # SmolLM2-135M and a random LLaMA (hidden 2048)
     python benchmarks/int_speed.py --models random --hidden 4096 --intermediate 11008 --layers 2
     python benchmarks/int_speed.py --device cuda --models random --out DIR   # CUDA: torch._int_mm's cuBLAS int8 path
+    python benchmarks/int_speed.py --packed-model outputs/runs/<run>/quantized_model   # also a model the pipeline
+        # wrote with fuse.format=qllm-packed (its own codes and online transforms; timed and checked the same way)
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--packed-model", type=Path, help="a fuse.format=qllm-packed model directory to add")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (peak memory is then the device's)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
@@ -63,6 +66,10 @@ def parse_args(argv=None):
     for name in ("tokens", "repeats", "eval_windows", "hidden", "intermediate", "heads", "layers"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
+    if args.packed_model is not None:
+        if not (args.packed_model / "qllm_quant.json").is_file():
+            raise CliError(f"--packed-model={args.packed_model} is not a fuse.format=qllm-packed model directory (no qllm_quant.json)")
+        args.models.append("packed")
     if args.hidden % args.heads:
         raise CliError(f"--hidden={args.hidden} must be a multiple of --heads={args.heads}")
     return args
@@ -134,7 +141,24 @@ def run(args) -> dict:
 
     rows = []
     for name in args.models:
-        model, tokenizer, label = load(name, args)
+        if name == "packed":  # the pipeline's own model: its codes and online transforms, as written
+            from transformers import AutoTokenizer
+
+            from qllm_pipeline.export import load_quantized_model
+
+            meta = json.loads((args.packed_model / "qllm_quant.json").read_text())
+            quant_name = f"w{meta['quant']['wbits']}a{meta['quant']['abits']}"
+            model, tokenizer = load_quantized_model(args.packed_model), AutoTokenizer.from_pretrained(args.packed_model)
+            label = f"SmolLM2-135M, pipeline model `{args.packed_model.name}`"
+            loaded = lambda: load_quantized_model(args.packed_model).to(args.device)  # noqa: E731
+            variants = [("fake quant", quant_name, loaded), ("integer GEMM", quant_name, lambda: to_integer_model(loaded()))]
+        else:
+            model, tokenizer, label = load(name, args)
+            variants = [("fp32", "-", lambda: model)]
+            for quant in args.quants:
+                wbits, abits = QUANTS[quant]
+                variants += [("fake quant", quant, lambda w=wbits, a=abits: fused(model, w, a)),
+                             ("integer GEMM", quant, lambda w=wbits, a=abits: to_integer_model(fused(model, w, a)))]
         model.to(args.device)
         prompt = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
         prompt = prompt.to(args.device)
@@ -168,11 +192,8 @@ def run(args) -> dict:
             del m
             gc.collect()
 
-        measure("fp32", "-", lambda: model)
-        for quant in args.quants:
-            wbits, abits = QUANTS[quant]
-            measure("fake quant", quant, lambda: fused(model, wbits, abits))
-            measure("integer GEMM", quant, lambda: to_integer_model(fused(model, wbits, abits)))
+        for variant, quant, build in variants:
+            measure(variant, quant, build)
         del model
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__, "tokens": args.tokens,
@@ -192,7 +213,8 @@ def markdown(result: dict) -> str:
     fake = {(r["model"], r["quant"]): r["tokens_per_s"] for r in rows if r["variant"] == "fake quant"}
     for r in rows:
         vs_fake = f"{r['tokens_per_s'] / fake[(r['model'], r['quant'])]:.2f}" if r["variant"] == "integer GEMM" else ""
-        cells = [r["model"], r["quant"], r["variant"], f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / fp[r['model']]:.2f}",
+        vs_fp = f"{r['tokens_per_s'] / fp[r['model']]:.2f}" if r["model"] in fp else ""
+        cells = [r["model"], r["quant"], r["variant"], f"{r['tokens_per_s']:.0f}", vs_fp,
                  vs_fake, f"{r['block_weight_mib']:.0f}", f"{r['peak_rss_mib']:.0f}"]
         if on_gpu:
             cells.append(f"{r.get('peak_device_mib', 0):.0f}")

@@ -61,3 +61,22 @@ def test_int_speed_benchmark_tiny(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/int_speed.py", "--quants=w3a3"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --quants: unknown bit width 'w3a3'; choose from w8a8, w4a8, w4a4"
+
+
+def test_int_speed_on_a_pipeline_model(tiny_model_dir, tmp_path):
+    from conftest import run_cli, tiny_overrides
+
+    run = tmp_path / "run"
+    job = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache", run), "method=quarot", "fuse.format=qllm-packed"])
+    assert job.returncode == 0, job.stderr[-3000:]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/int_speed.py", "--models=", f"--packed-model={run / 'quantized_model'}", "--tokens=32",
+         "--repeats=1", "--eval-windows=2", f"--out={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "int_speed.json").read_text())["rows"]
+    assert [(r["quant"], r["variant"]) for r in rows] == [("w4a4", "fake quant"), ("w4a4", "integer GEMM")]
+    fake, integer = rows
+    assert integer["ppl"] == fake["ppl"] or abs(integer["ppl"] / fake["ppl"] - 1) < 5e-3
+    assert "ppl_fp64" in fake and "| fake quant, fp32 |" in (tmp_path / "int_speed.md").read_text()
