@@ -149,12 +149,14 @@ def main() -> None:
     parser.add_argument("--tiny-model-dir", type=Path)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
-    args.quants, args.methods = args.quants.split(","), args.methods.split(",")
+    args.quants, args.methods = args.quants.split(","), [m for m in args.methods.split(",") if m]
     attn_methods = [m for m in args.attn_methods.split(",") if m]
     for kind, names, known in (("method", args.methods + attn_methods, METHODS), ("quant", args.quants, QUANTS)):
         unknown = [n for n in names if n not in known]
         if unknown:
             raise SystemExit(f"error: unknown {kind}(s) {unknown}; choose from {known}")
+    if not args.methods and not attn_methods:
+        raise SystemExit("error: nothing to run: give --methods and/or --attn-methods")
     if attn_methods and any(abits(q) is None for q in args.quants):
         raise SystemExit("error: --attn-methods needs quants with activation bits (not fp16)")
     command = " ".join(["python benchmarks/accuracy.py", *sys.argv[1:]])
@@ -171,7 +173,8 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)  # runs of an earlier invocation must not mix into this table
         started = time.perf_counter()
         for quant in args.quants:
-            runs += sweep(args, quant, args.methods, [], cache, root / quant)
+            if args.methods:  # empty with --methods "": only the attention-quantized rows
+                runs += sweep(args, quant, args.methods, [], cache, root / quant)
             if attn_methods:
                 runs += sweep(args, quant, attn_methods, [f"quant.attn_bits={abits(quant)}"], cache, root / f"{quant}-attn")
         total_s = time.perf_counter() - started
