@@ -166,8 +166,17 @@ def main() -> None:
         args.overrides = ["model.name=tiny", f"model.path={args.tiny_model_dir}", "model.package=null", "model.gguf_file=null",
                           "model.hub_id=null", *TINY_OVERRIDES, *args.overrides]
     args.out.mkdir(parents=True, exist_ok=True)
+    # One invocation per results folder at a time: each one clears its run folder and merges into accuracy.json.
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(args.out / ".accuracy.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SystemExit(f"error: another benchmarks/accuracy.py is writing to {args.out}; wait for it to finish "
+                         "or give this one its own --out") from None
     runs = []
-    with tempfile.TemporaryDirectory(prefix="qllm-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="qllm-bench-") as tmp:  # the lock is held until the process exits
         cache = args.cache or Path(tmp) / "cache"
         root = args.out / "runs" / ("tiny" if args.tiny else "sweep")
         shutil.rmtree(root, ignore_errors=True)  # runs of an earlier invocation must not mix into this table
@@ -178,10 +187,11 @@ def main() -> None:
             if attn_methods:
                 runs += sweep(args, quant, attn_methods, [f"quant.attn_bits={abits(quant)}"], cache, root / f"{quant}-attn")
         total_s = time.perf_counter() - started
-    rows = merge(args.out / "accuracy.json", [row_from(r, args.tag) for r in runs])
-    (args.out / "accuracy.json").write_text(json.dumps({"command": command, "total_wall_s": round(total_s, 1), "rows": rows}, indent=2))
-    text = markdown(rows, command) + f"\nWall time of the last invocation: {total_s / 60:.1f} min.\n"
-    (args.out / "accuracy.md").write_text(text)
+        rows = merge(args.out / "accuracy.json", [row_from(r, args.tag) for r in runs])
+        (args.out / "accuracy.json").write_text(json.dumps({"command": command, "total_wall_s": round(total_s, 1), "rows": rows},
+                                                           indent=2))
+        text = markdown(rows, command) + f"\nWall time of the last invocation: {total_s / 60:.1f} min.\n"
+        (args.out / "accuracy.md").write_text(text)
     print(text)
 
 

@@ -80,3 +80,14 @@ def test_int_speed_on_a_pipeline_model(tiny_model_dir, tmp_path):
     fake, integer = rows
     assert integer["ppl"] == fake["ppl"] or abs(integer["ppl"] / fake["ppl"] - 1) < 5e-3
     assert "ppl_fp64" in fake and "| fake quant, fp32 |" in (tmp_path / "int_speed.md").read_text()
+
+
+def test_accuracy_benchmark_refuses_a_second_writer(tmp_path):
+    from filelock import FileLock
+
+    with FileLock(str(tmp_path / ".accuracy.lock")):
+        proc = subprocess.run([sys.executable, "benchmarks/accuracy.py", "--quants=w4a4", "--methods=rtn", f"--out={tmp_path}"],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: another benchmarks/accuracy.py is writing to {tmp_path}; "
+                                                    "wait for it to finish or give this one its own --out")
