@@ -46,6 +46,9 @@ NO_EFFECT = {
     "fuse.format": "the written model's layout (the model artifact's own key carries it)",
     "logger.": "where metrics go",
     "quant.name": "a label",
+    # keys carry the *resolved* clip ratio: the A6 entry of the recipes' {4: .., 6: ..} map changes nothing in these
+    # A4 configs (at A6 it moves the quant stages like any quant.* key)
+    "quant.a_clip_ratio.6": "the clip ratio of another activation bit width",
 }
 
 
