@@ -43,9 +43,7 @@ REMOTE_CLASS = "QLLMLlamaForCausalLM"
 def export_blockers(cfg: dict) -> list[str]:
     """What a compressed-tensors checkpoint cannot hold at all (empty: it can be written)."""
     quant = cfg["quant"]
-    if quant.get("wbits") is None:
-        return ["unquantized weights (nothing to pack)"]
-    if int(quant["wbits"]) > 8:
+    if quant.get("wbits") is not None and int(quant["wbits"]) > 8:
         return [f"{quant['wbits']}-bit weights (compressed-tensors' integer formats hold 1 to 8 bits)"]
     return []
 
@@ -65,6 +63,8 @@ def runtime_parts(cfg: dict) -> list[str]:
         out.append(f"an activation clip ratio ({activation_clip_ratio(quant)}; compressed-tensors' dynamic quantizer is min-max)")
     if quant.get("attn_bits") is not None:
         out.append("quantized attention inputs (quant.attn_bits)")
+    if quant.get("wbits") is None and quant.get("abits") is not None:
+        out.append("quantized activations beside full-precision weights")
     return out
 
 
@@ -154,7 +154,8 @@ def _runtime_layer(block: dict[str, torch.Tensor], names: list[str], head_dim: i
         prefix = f"{name}.transforms."
         transforms = transforms_from_tensors({k[len(prefix):]: v for k, v in block.items() if k.startswith(prefix)})
         kinds, buffers = _transform_buffers(transforms)
-        entry["projections"][name] = {"in_features": int(block[f"{name}.codes"].shape[1]),
+        weight = block[f"{name}.codes"] if f"{name}.codes" in block else block[f"{name}.weight"]
+        entry["projections"][name] = {"in_features": int(weight.shape[1]),
                                       **add(name.replace(".", "__"), kinds, buffers)}
     if attn_bits is not None and any(k.endswith("qk_hadamard") for k in block):
         kinds, buffers = _transform_buffers([OnlineHadamard(head_dim)])
@@ -175,8 +176,9 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors: list[dict[str
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = quantization_config(quant, activations=not runtime)
-    scheme = config.config_groups["group_0"]
+    # Full-precision weights (quant.wbits=null): a plain checkpoint, no quantization_config
+    config = quantization_config(quant, activations=not runtime) if quant.get("wbits") is not None else None
+    scheme = config.config_groups["group_0"] if config is not None else None
     dtype = next(model.parameters()).dtype
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(BLOCK_PREFIX)}
@@ -186,6 +188,8 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors: list[dict[str
     for i, block in enumerate(block_tensors):
         prefix = f"{BLOCK_PREFIX}{i}."
         names = sorted({k.rsplit(".", 1)[0] for k in block if k.endswith(".codes")})
+        dense = sorted({k.rsplit(".", 1)[0] for k in block if k.endswith(".weight") and ".transforms." not in k
+                        and k.rsplit(".", 1)[0] not in ("input_layernorm", "post_attention_layernorm")})
         has_runtime = any(".transforms." in k or k.endswith("qk_hadamard") for k in block)
         if has_runtime and not runtime:
             raise ValueError(f"block {i} has run-time transforms, but the checkpoint is being written without its modeling code")
@@ -196,7 +200,7 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors: list[dict[str
             if key.rsplit(".", 1)[0] not in names and ".transforms." not in key and not key.endswith("qk_hadamard"):
                 tensors[prefix + key] = value.detach().to(dtype).contiguous()  # norms, biases
         if runtime:
-            entry, extra = _runtime_layer(block, names, head_dim, quant.get("attn_bits"))
+            entry, extra = _runtime_layer(block, names or dense, head_dim, quant.get("attn_bits"))
             layers.append(entry)
             tensors.update({prefix + k: v.contiguous() for k, v in extra.items()})
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -212,7 +216,8 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors: list[dict[str
         hf_config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_FILE.removesuffix('.py')}.{REMOTE_CLASS}"}
         shutil.copyfile(Path(__file__).with_name("remote_modeling.py"), out_dir / REMOTE_FILE)
     hf_config.save_pretrained(out_dir)
-    ModelCompressor(quantization_config=config).update_config(str(out_dir))
+    if config is not None:
+        ModelCompressor(quantization_config=config).update_config(str(out_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     fp16_bytes = sum(p.numel() for p in model.parameters()) * 2

@@ -53,8 +53,8 @@ BAD = [
     ("model.dtype=int8", "model.dtype='int8' is not one of ['float32', 'float16', 'bfloat16']"),
     ("rotate.online_down=maybe", "rotate.online_down='maybe' must be true or false"),
     ("fuse.format=onnx", "fuse.format='onnx' is not one of ['qllm-packed', 'compressed-tensors']"),
-    ("quant=fp16 fuse.format=compressed-tensors", "fuse.format=compressed-tensors cannot hold unquantized weights "
-     "(nothing to pack); use fuse.format=qllm-packed"),
+    ("quant.wbits=12 fuse.format=compressed-tensors", "fuse.format=compressed-tensors cannot hold 12-bit weights "
+     "(compressed-tensors' integer formats hold 1 to 8 bits); use fuse.format=qllm-packed"),
     ("logger.kind=tensorboard", "logger.kind='tensorboard' is not one of ['none', 'wandb']"),
     ("pipeline.stages=[calibrate,reassemble,fuse]", "stage reassemble needs stage search_theta; add search_theta to "
      "pipeline.stages or remove reassemble"),

@@ -96,3 +96,14 @@ def test_checkpoint_with_runtime_parts_reloads_with_its_modeling_code(case, tiny
     reloaded = reload(model_dir, eval_windows, tmp_path)
     assert reloaded["ppl"] == pytest.approx(rows[variant], rel=1e-5)
     assert abs(reloaded["ppl"] / rows["fp"] - 1) > 1e-4
+
+
+def test_full_precision_weights_write_a_plain_checkpoint(tiny_model_dir, tmp_path, eval_windows):
+    """quant=fp16 (nothing quantized): a plain checkpoint, no quantization_config, the FP perplexity."""
+    run = tmp_path / "run"
+    proc = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache", run), "method=rtn", "quant=fp16"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_results(run)["ppl"]["wiki_sample"]
+    config = json.loads((run / "quantized_model" / "config.json").read_text())
+    assert "quantization_config" not in config and "auto_map" not in config
+    assert reload(run / "quantized_model", eval_windows, tmp_path)["ppl"] == pytest.approx(rows["fp"], rel=1e-5)
