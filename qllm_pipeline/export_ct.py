@@ -1,11 +1,12 @@
 """compressed-tensors export (`fuse.format=compressed-tensors`): a Hugging Face model directory that stock
-transformers loads with the `compressed-tensors` package installed, and that vLLM reads the same way.
+transformers loads with the `compressed-tensors` package installed (the format vLLM reads; not tested here).
 
 The directory holds `config.json` with a `quantization_config` (`quant_method: compressed-tensors`, format
 `pack-quantized` or `int-quantized`, one config group for the seven projections of every block: integer weights per channel or per
 group, input activations per token, dynamic), `model.safetensors` with each projection's packed codes
 (`weight_packed`, `weight_scale`, `weight_zero_point`, `weight_shape`, written by compressed-tensors' own compressor)
-and everything else (embeddings, norms, lm_head) in the model's dtype, and the tokenizer files.
+and everything else (embeddings, norms, lm_head) in the model's dtype, and the tokenizer files. Full-precision
+weights (`quant.wbits=null`) give a plain checkpoint without a quantization_config.
 
 Our codes go over unchanged: compressed-tensors' asymmetric grid is signed ([-2^(b-1), 2^(b-1) - 1]) where ours is
 unsigned ([0, 2^b - 1]), so the zero point shifts by 2^(b-1) and the dequantized weights are equal. Its dynamic
