@@ -64,7 +64,7 @@ class Fuse(BlockStage):
                 import compressed_tensors  # noqa: F401
             except ImportError as exc:
                 raise PipelineError(f"fuse.format={CT_FORMAT} needs the compressed-tensors package: "
-                                    "pip install 'compressed-tensors>=0.15'") from exc
+                                    "pip install 'compressed-tensors>=0.20,<1'") from exc
 
     def run(self, ctx, state, writer) -> None:
         block = quant_block(ctx, state)
