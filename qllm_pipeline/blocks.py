@@ -93,11 +93,12 @@ class BlockRunner:
         return out[0] if isinstance(out, tuple) else out
 
     def run_batched(self, block: nn.Module, hidden: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Run `block` (already on self.device) over CPU-resident `hidden` in mini-batches; result on CPU."""
-        outs = []
+        """Run `block` (already on self.device) over CPU-resident `hidden` in mini-batches; result on CPU.
+        The result is written into one preallocated tensor (a list of chunks and a cat would hold it twice)."""
+        out = torch.empty_like(hidden, device="cpu")
         with torch.no_grad():
             for start in range(0, hidden.shape[0], batch_size):
                 chunk = hidden[start : start + batch_size].to(self.device, self.dtype)
-                outs.append(self(block, chunk).to("cpu", hidden.dtype))
-        return torch.cat(outs)
+                out[start : start + batch_size] = self(block, chunk).to("cpu", hidden.dtype)
+        return out
 

@@ -2,7 +2,7 @@
 
 A saved model directory holds:
 - `config.json`, `generation_config.json`, tokenizer files (as `save_pretrained` writes them);
-- `model.safetensors`: for every decoder-block projection the weight codes packed into bytes (`<name>.qweight`:
+- `model.safetensors` (or one shard per block with `model.safetensors.index.json`, for a streamed model): for every decoder-block projection the weight codes packed into bytes (`<name>.qweight`:
   two 4-bit codes per byte for bits <= 4, one byte for bits <= 8, int32 above), per-channel (or per-group) `scales`
   and `zeros`, the input transforms (`<name>.transforms.<i>.<kind>.<field>`: reassembly maps, online Hadamard sizes),
   and everything else (embeddings, norms,
@@ -17,15 +17,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .attention import attention_spec
 from .blocks import LINEAR_NAMES, decoder_layers
 from .fused import build_fused_block
 from .quantizer import QuantSpec, activation_clip_ratio
+from .shards import ShardWriter, read_checkpoint_tensors
 
 QUANT_FILE = "qllm_quant.json"
-WEIGHTS_FILE = "model.safetensors"
 FORMAT = "qllm-packed"
 FORMAT_VERSION = 2  # 2: ordered input transforms instead of one reassembly map
 
@@ -61,37 +60,42 @@ def unpack_codes(packed: torch.Tensor, bits: int, symmetric: bool, in_features: 
     return codes - 2 ** (bits - 1) if symmetric else codes
 
 
-def save_quantized_model(model, tokenizer, block_tensors: list[dict[str, torch.Tensor]], quant: dict, out_dir: str | Path) -> dict:
-    """Write the packed model; returns sizes in bytes (file, and the same model in FP16)."""
+def save_quantized_model(model, tokenizer, block_tensors, quant: dict, out_dir: str | Path, sharded: bool = False) -> dict:
+    """Write the packed model; returns sizes in bytes (file, and the same model in FP16). `block_tensors`: block i's
+    fused tensors in order (any iterable); `sharded`: one safetensors shard per block (the writer holds one block)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weight_spec, _ = specs_from_quant_cfg(quant)
-    tensors = {}
     block_prefix = "model.layers."
-    for key, value in model.state_dict().items():
-        if not key.startswith(block_prefix):
-            tensors[key] = value.detach().contiguous()
+    writer = ShardWriter(out_dir, parts=model.config.num_hidden_layers + 1 if sharded else None)
+    skeleton = {k: v for k, v in model.state_dict().items() if not k.startswith(block_prefix)}
+    if getattr(model.config, "tie_word_embeddings", False):
+        skeleton.pop("lm_head.weight", None)  # tied: rebuilt from the embeddings on load
+    writer.add(skeleton)
+    block_params = 0
     for i, block in enumerate(block_tensors):
+        tensors = {}
         prefix = f"{block_prefix}{i}."
         for key, value in block.items():
             name, _, field = key.rpartition(".")
             if field == "codes":
                 tensors[f"{prefix}{name}.qweight"] = pack_codes(value, weight_spec.bits, weight_spec.symmetric).contiguous()
                 tensors[f"{prefix}{name}.in_features"] = torch.tensor([value.shape[1]], dtype=torch.int32)
+                block_params += value.numel()
             elif field in ("scale", "zero"):
                 tensors[f"{prefix}{name}.{field}s"] = value.contiguous()
             else:
                 tensors[prefix + key] = value.detach().contiguous()
-    if getattr(model.config, "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)  # tied: rebuilt from the embeddings on load
-    save_file(tensors, str(out_dir / WEIGHTS_FILE))
+                block_params += value.numel() if ".transforms." not in key else 0
+        writer.add(tensors)
+    file_bytes = writer.close()
     model.config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "quant": quant, "dtype": str(next(model.parameters()).dtype)}
     (out_dir / QUANT_FILE).write_text(json.dumps(meta, indent=2))
-    fp16_bytes = sum(p.numel() for p in model.parameters()) * 2
-    return {"file_bytes": (out_dir / WEIGHTS_FILE).stat().st_size, "fp16_bytes": fp16_bytes}
+    fp16_bytes = (sum(v.numel() for v in skeleton.values()) + block_params) * 2
+    return {"file_bytes": file_bytes, "fp16_bytes": fp16_bytes}
 
 
 def load_quantized_model(path: str | Path, dtype: torch.dtype | None = None):
@@ -107,7 +111,7 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype | None = None):
     config = AutoConfig.from_pretrained(path)
     config._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    tensors = load_file(str(path / WEIGHTS_FILE))
+    tensors = read_checkpoint_tensors(path)
     block_prefix = "model.layers."
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(block_prefix)}, strict=False)
     if getattr(config, "tie_word_embeddings", False):

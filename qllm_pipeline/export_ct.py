@@ -5,7 +5,8 @@ The directory holds `config.json` with a `quantization_config` (`quant_method: c
 `pack-quantized` or `int-quantized`, one config group for the seven projections of every block: integer weights per channel or per
 group, input activations per token, dynamic), `model.safetensors` with each projection's packed codes
 (`weight_packed`, `weight_scale`, `weight_zero_point`, `weight_shape`, written by compressed-tensors' own compressor)
-and everything else (embeddings, norms, lm_head) in the model's dtype, and the tokenizer files. Full-precision
+and everything else (embeddings, norms, lm_head) in the model's dtype, and the tokenizer files. A streamed model is
+written as one shard per block (`model.safetensors.index.json`), so the export holds one block at a time. Full-precision
 weights (`quant.wbits=null`) give a plain checkpoint without a quantization_config.
 
 Our codes go over unchanged: compressed-tensors' asymmetric grid is signed ([-2^(b-1), 2^(b-1) - 1]) where ours is
@@ -34,7 +35,6 @@ MODEL_FORMATS = (PACKED_FORMAT, FORMAT_NAME)  # fuse.format choices
 PACK_FORMAT = "pack-quantized"  # codes packed into int32 (symmetric weights)
 INT_FORMAT = "int-quantized"  # one int8 per code (asymmetric weights; see weight_format)
 BLOCK_PREFIX = "model.layers."
-WEIGHTS_FILE = "model.safetensors"
 
 
 REMOTE_FILE = "modeling_qllm.py"
@@ -164,16 +164,18 @@ def _runtime_layer(block: dict[str, torch.Tensor], names: list[str], head_dim: i
     return entry, tensors
 
 
-def save_compressed_tensors_model(model, tokenizer, block_tensors: list[dict[str, torch.Tensor]], quant: dict, out_dir,
-                                  runtime: bool = False) -> dict:
+def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, out_dir, runtime: bool = False,
+                                  sharded: bool = False) -> dict:
     """Write the compressed-tensors directory from the fused blocks; returns sizes in bytes (file, and FP16).
-    `runtime`: the method has run-time parts (see `runtime_parts`), so the checkpoint ships modeling_qllm.py."""
+    `block_tensors`: block i's fused tensors in order (any iterable: a streamed model's are read one at a time);
+    `runtime`: the method has run-time parts (see `runtime_parts`), so the checkpoint ships modeling_qllm.py;
+    `sharded`: one safetensors shard per block (plus one for the rest), so the writer holds one block at a time."""
     import shutil
 
     from compressed_tensors.compressors import ModelCompressor
-    from safetensors.torch import save_file
 
     from .quantizer import activation_clip_ratio
+    from .shards import ShardWriter
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,11 +184,15 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors: list[dict[str
     scheme = config.config_groups["group_0"] if config is not None else None
     dtype = next(model.parameters()).dtype
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(BLOCK_PREFIX)}
+    n_blocks = model.config.num_hidden_layers
+    writer = ShardWriter(out_dir, parts=n_blocks + 1 if sharded else None, metadata={"format": "pt"})
+    skeleton = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(BLOCK_PREFIX)}
     if getattr(model.config, "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)  # tied: rebuilt from the embeddings on load
-    layers = []
+        skeleton.pop("lm_head.weight", None)  # tied: rebuilt from the embeddings on load
+    writer.add(skeleton)
+    layers, block_params = [], 0
     for i, block in enumerate(block_tensors):
+        tensors = {}
         prefix = f"{BLOCK_PREFIX}{i}."
         names = sorted({k.rsplit(".", 1)[0] for k in block if k.endswith(".codes")})
         dense = sorted({k.rsplit(".", 1)[0] for k in block if k.endswith(".weight") and ".transforms." not in k
@@ -197,14 +203,17 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors: list[dict[str
         for name in names:
             packed = compressed_projection(block[f"{name}.codes"], block[f"{name}.scale"], block[f"{name}.zero"], scheme, dtype)
             tensors.update({f"{prefix}{name}.{k}": v.contiguous() for k, v in packed.items()})
+            block_params += block[f"{name}.codes"].numel()
         for key, value in block.items():
             if key.rsplit(".", 1)[0] not in names and ".transforms." not in key and not key.endswith("qk_hadamard"):
                 tensors[prefix + key] = value.detach().to(dtype).contiguous()  # norms, biases
+                block_params += value.numel()
         if runtime:
             entry, extra = _runtime_layer(block, names or dense, head_dim, quant.get("attn_bits"))
             layers.append(entry)
             tensors.update({prefix + k: v.contiguous() for k, v in extra.items()})
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+        writer.add(tensors)
+    file_bytes = writer.close()
     hf_config = copy.deepcopy(model.config)
     if runtime:
         abits = quant.get("abits")
@@ -221,5 +230,5 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors: list[dict[str
         ModelCompressor(quantization_config=config).update_config(str(out_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    fp16_bytes = sum(p.numel() for p in model.parameters()) * 2
-    return {"file_bytes": (out_dir / WEIGHTS_FILE).stat().st_size, "fp16_bytes": fp16_bytes}
+    fp16_bytes = (sum(v.numel() for v in skeleton.values()) + block_params) * 2
+    return {"file_bytes": file_bytes, "fp16_bytes": fp16_bytes}

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LOAD_MODES = ("auto", "whole", "streamed")
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,14 @@ class ModelSource:
     gguf_file: str | None = None
     revision: str | None = None
     dtype: str = "float32"
+    load: str = "auto"  # auto | whole | streamed: see `load_model`
 
     @classmethod
     def from_config(cls, model_cfg: dict) -> "ModelSource":
         """From a `model` config group (its other keys, e.g. `arch`, are not about where the weights are)."""
-        return cls(**{f.name: model_cfg.get(f.name) for f in dataclasses.fields(cls)})
+        values = {f.name: model_cfg.get(f.name) for f in dataclasses.fields(cls)}
+        values["load"] = values["load"] or "auto"
+        return cls(**values)
 
     def location(self) -> tuple[str, dict]:
         """(pretrained_model_name_or_path, extra from_pretrained kwargs)."""
@@ -88,15 +92,60 @@ def check_architecture(config, name: str) -> None:
         )
 
 
+def streams(source: ModelSource) -> bool:
+    """Whether the model's blocks are streamed from safetensors shards (qllm_pipeline.streaming) rather than loaded
+    whole. `model.load=auto` streams every safetensors checkpoint (a local directory or a hub snapshot) and loads a
+    GGUF file whole: transformers dequantizes GGUF tensors only through a full load, and the embedded GGUF
+    (SmolLM2-135M, ~0.5 GB in fp32) fits any host."""
+    if source.load not in LOAD_MODES:
+        raise PipelineError(f"model.load={source.load!r} is not one of {list(LOAD_MODES)}")
+    if source.load == "whole":
+        return False
+    gguf = bool(source.gguf_file)
+    if source.load == "streamed" and gguf:
+        raise PipelineError(f"model.load=streamed needs safetensors weights, but model={source.name} is a GGUF file "
+                            f"({source.gguf_file}); use model.load=whole (or auto)")
+    return not gguf
+
+
+def _local_snapshot(source: ModelSource) -> Path:
+    """The directory holding the checkpoint: model.path / the package directory, or the hub snapshot (config,
+    tokenizer and safetensors files only; downloaded once into the hub cache)."""
+    where, _ = source.location()
+    if Path(where).exists():
+        return Path(where)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(where, revision=source.revision,
+                                      allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except Exception as exc:  # noqa: BLE001 - network, auth and missing-repo errors all end the same way
+        raise PipelineError(f"could not download model={source.name} ({where}) from the hub ({exc.__class__.__name__}); "
+                            "check model.hub_id, hub access (HF_TOKEN for gated LLaMA weights), or set model.path") from exc
+
+
 @functools.lru_cache(maxsize=1)
 def load_model(source: ModelSource):
-    """Load the causal LM on CPU (blocks are moved to the compute device one at a time) with SDPA attention.
+    """The causal LM with SDPA attention, blocks on CPU (moved to the compute device one at a time).
 
+    Streamed (`streams(source)`): the skeleton in memory, each decoder block read from the safetensors shards when a
+    stage asks for it, so host memory holds one block, not the model. Whole: the full model in memory (GGUF).
     Memoized: the jobs of a multirun (basic launcher, one process) share the loaded model; stages never modify it.
 
     Call `load_config` first: it refuses non-LLaMA models before any weights are read."""
     from transformers import AutoModelForCausalLM
 
+    if streams(source):
+        from .streaming import ShardIndex, load_streamed_model
+
+        directory = _local_snapshot(source)
+        if not ShardIndex.available(directory):
+            if source.load == "streamed":
+                raise PipelineError(f"model.load=streamed: {directory} has no safetensors weights; "
+                                    "use model.load=whole for other formats")
+        else:
+            log.info("loading model %s from %s (blocks streamed from its safetensors files)", source.name, directory)
+            return load_streamed_model(directory, source.torch_dtype)
     where, kwargs = source.location()
     log.info("loading model %s from %s", source.name, where)
     model = AutoModelForCausalLM.from_pretrained(

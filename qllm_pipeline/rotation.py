@@ -40,6 +40,9 @@ __all__ = [
     "rotate_value_heads",
     "add_online_hadamard",
     "add_online_qk_hadamard",
+    "rotate_layer",
+    "rotate_skeleton",
+    "rotated_view",
 ]
 
 # Linears of a LLaMA decoder layer that read / write the residual stream.
@@ -88,6 +91,21 @@ def _fold_norm(norm: nn.Module, linears: list[nn.Module]) -> None:
 
 
 @torch.no_grad()
+def fuse_layer_norms(layer: nn.Module) -> None:
+    """In place: fold one decoder block's RMSNorm weights into the linears they feed (input_layernorm -> q/k/v,
+    post_attention_layernorm -> gate/up) and set them to ones."""
+    for norm_path, linear_paths in NORM_LINEARS.items():
+        _fold_norm(layer.get_submodule(norm_path), [layer.get_submodule(p) for p in linear_paths])
+
+
+@torch.no_grad()
+def fuse_final_norm(model: nn.Module) -> None:
+    """In place: fold the final norm into lm_head (untied from embed_tokens first if tied)."""
+    untie_lm_head(model)
+    _fold_norm(model.model.norm, [model.lm_head])
+
+
+@torch.no_grad()
 def fuse_norms_into_linears(model: nn.Module) -> None:
     """In place: fold every RMSNorm weight into the input columns of the linears it feeds and set it to ones.
 
@@ -95,10 +113,50 @@ def fuse_norms_into_linears(model: nn.Module) -> None:
     embed_tokens first if tied). Exact in full precision (up to rounding); idempotent.
     """
     for layer in decoder_layers(model):
-        for norm_path, linear_paths in NORM_LINEARS.items():
-            _fold_norm(layer.get_submodule(norm_path), [layer.get_submodule(p) for p in linear_paths])
-    untie_lm_head(model)
-    _fold_norm(model.model.norm, [model.lm_head])
+        fuse_layer_norms(layer)
+    fuse_final_norm(model)
+
+
+def _read(linear: nn.Module, q: Tensor) -> None:
+    w = linear.weight
+    _set(w, w.data.double() @ q.to(w.device))
+    weight_changed(linear)
+
+
+def _write(linear: nn.Module, q: Tensor) -> None:
+    w = linear.weight
+    _set(w, q.to(w.device).T @ w.data.double())
+    if getattr(linear, "bias", None) is not None:
+        _set(linear.bias, linear.bias.data.double() @ q.to(linear.bias.device))
+    weight_changed(linear)
+
+
+def _check_rotation(q: Tensor, hidden: int) -> Tensor:
+    if q.shape != (hidden, hidden):
+        raise ValueError(f"rotation has shape {tuple(q.shape)} but the model's hidden size is {hidden}")
+    return q.double().cpu()
+
+
+@torch.no_grad()
+def rotate_layer(layer: nn.Module, q: Tensor) -> None:
+    """In place: one decoder block's part of :func:`rotate_model` (norms folded, readers W Q, writers Qᵀ W)."""
+    fuse_layer_norms(layer)
+    q = q.double().cpu()
+    for path in READ_LINEARS:
+        _read(layer.get_submodule(path), q)
+    for path in WRITE_LINEARS:
+        _write(layer.get_submodule(path), q)
+
+
+@torch.no_grad()
+def rotate_skeleton(model: nn.Module, q: Tensor) -> None:
+    """In place: the parts of :func:`rotate_model` outside the decoder blocks (final norm folded into lm_head,
+    embeddings E Q, lm_head W Q), so that blocks can be rotated one at a time (:func:`rotate_layer`)."""
+    q = _check_rotation(q, model.config.hidden_size)
+    fuse_final_norm(model)
+    embed = model.model.embed_tokens.weight
+    _set(embed, embed.data.double() @ q.to(embed.device))
+    _read(model.lm_head, q)
 
 
 @torch.no_grad()
@@ -110,33 +168,16 @@ def rotate_model(model: nn.Module, seed: int = 0, q: Tensor | None = None) -> Te
     Then embed_tokens E ← E Q, readers (q/k/v/gate/up, lm_head) W ← W Q, writers (o_proj, down_proj) W ← Qᵀ W and
     their biases b ← b Q. The model's logits are unchanged up to float rounding.
     """
-    fuse_norms_into_linears(model)
     hidden = model.config.hidden_size
-    q = random_hadamard(hidden, seed, torch.float64) if q is None else q.double().cpu()
-    if q.shape != (hidden, hidden):
-        raise ValueError(f"rotation has shape {tuple(q.shape)} but the model's hidden size is {hidden}")
-
-    def read(linear: nn.Module) -> None:
-        w = linear.weight
-        _set(w, w.data.double() @ q.to(w.device))
-        weight_changed(linear)
-
-    def write(linear: nn.Module) -> None:
-        w = linear.weight
-        _set(w, q.to(w.device).T @ w.data.double())
-        if getattr(linear, "bias", None) is not None:
-            _set(linear.bias, linear.bias.data.double() @ q.to(linear.bias.device))
-        weight_changed(linear)
-
-    embed = model.model.embed_tokens.weight
-    _set(embed, embed.data.double() @ q.to(embed.device))
+    q = random_hadamard(hidden, seed, torch.float64) if q is None else _check_rotation(q, hidden)
+    rotate_skeleton(model, q)
     for layer in decoder_layers(model):
-        for path in READ_LINEARS:
-            read(layer.get_submodule(path))
-        for path in WRITE_LINEARS:
-            write(layer.get_submodule(path))
-    read(model.lm_head)
+        rotate_layer(layer, q)
     return q
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 @torch.no_grad()
@@ -147,22 +188,25 @@ def rotate_value_heads(model: nn.Module) -> None:
     so every head's output is rotated by the same H and o_proj undoes it: exact in FP, also with grouped KV heads.
     It spreads outliers of the o_proj input (the attention output) over each head's channels.
     """
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
-    head_dim = getattr(model.config, "head_dim", None) or head_dim
-    h = OnlineHadamard(head_dim).matrix(torch.float64)
-
     for layer in decoder_layers(model):
-        v, o = layer.self_attn.v_proj, layer.self_attn.o_proj
-        wv = v.weight.data.double()
-        heads = wv.shape[0] // head_dim
-        _set(v.weight, (h.T.to(wv.device) @ wv.reshape(heads, head_dim, -1)).reshape(wv.shape))
-        if getattr(v, "bias", None) is not None:
-            b = v.bias.data.double().reshape(heads, head_dim)
-            _set(v.bias, (b @ h.to(b.device)).reshape(-1))
-        wo = o.weight.data.double()
-        _set(o.weight, (wo.reshape(wo.shape[0], -1, head_dim) @ h.to(wo.device)).reshape(wo.shape))
-        weight_changed(v)
-        weight_changed(o)
+        rotate_layer_value_heads(layer, _head_dim(model.config))
+
+
+@torch.no_grad()
+def rotate_layer_value_heads(layer: nn.Module, head_dim: int) -> None:
+    """One decoder block's part of :func:`rotate_value_heads`."""
+    h = OnlineHadamard(head_dim).matrix(torch.float64)
+    v, o = layer.self_attn.v_proj, layer.self_attn.o_proj
+    wv = v.weight.data.double()
+    heads = wv.shape[0] // head_dim
+    _set(v.weight, (h.T.to(wv.device) @ wv.reshape(heads, head_dim, -1)).reshape(wv.shape))
+    if getattr(v, "bias", None) is not None:
+        b = v.bias.data.double().reshape(heads, head_dim)
+        _set(v.bias, (b @ h.to(b.device)).reshape(-1))
+    wo = o.weight.data.double()
+    _set(o.weight, (wo.reshape(wo.shape[0], -1, head_dim) @ h.to(wo.device)).reshape(wo.shape))
+    weight_changed(v)
+    weight_changed(o)
 
 
 def add_online_hadamard(model: nn.Module, path: str = "mlp.down_proj") -> None:
@@ -171,23 +215,62 @@ def add_online_hadamard(model: nn.Module, path: str = "mlp.down_proj") -> None:
     R2 only mixes within a head). The projection becomes a full-precision QuantLinear whose input transform is the
     Hadamard, so its weight is used as W H and the output is unchanged; quantized copies of the block keep the
     transform before their activation quantizer."""
+    for layer in decoder_layers(model):
+        add_layer_online_hadamard(layer, path)
+
+
+def add_layer_online_hadamard(layer: nn.Module, path: str) -> None:
+    """One decoder block's part of :func:`add_online_hadamard`."""
     from .qlinear import QuantLinear
     from .quantizer import QuantSpec
 
-    for layer in decoder_layers(model):
-        linear = layer.get_submodule(path)
-        if isinstance(linear, QuantLinear) and any(t.kind == "hadamard" for t in linear.input_transforms):
-            continue
-        online = QuantLinear.from_module(linear, QuantSpec(None), QuantSpec(None))
-        online.set_transforms([OnlineHadamard(online.in_features), *online.input_transforms])
-        parent, _, name = path.rpartition(".")
-        setattr(layer.get_submodule(parent), name, online)
+    linear = layer.get_submodule(path)
+    if isinstance(linear, QuantLinear) and any(t.kind == "hadamard" for t in linear.input_transforms):
+        return
+    online = QuantLinear.from_module(linear, QuantSpec(None), QuantSpec(None))
+    online.set_transforms([OnlineHadamard(online.in_features), *online.input_transforms])
+    parent, _, name = path.rpartition(".")
+    setattr(layer.get_submodule(parent), name, online)
 
 
 def add_online_qk_hadamard(model: nn.Module) -> None:
     """Mark every attention module to rotate Q and K per head by a Hadamard online before quantizing them
     (QuaRot's online rotation for K; exact in FP). Only takes effect in blocks whose attention inputs are quantized."""
+    for layer in decoder_layers(model):
+        mark_layer_qk_hadamard(layer)
+
+
+def mark_layer_qk_hadamard(layer: nn.Module) -> None:
     from .attention import QK_HADAMARD_ATTR
 
-    for layer in decoder_layers(model):
-        setattr(layer.self_attn, QK_HADAMARD_ATTR, True)
+    setattr(layer.self_attn, QK_HADAMARD_ATTR, True)
+
+
+def rotated_view(model: nn.Module, q: Tensor | None = None, value_heads: bool = False, online: tuple[str, ...] = (),
+                 online_qk: bool = False) -> nn.Module:
+    """The model with the rotations applied, without a rotated copy of its blocks: the skeleton (embeddings, final
+    norm, lm_head) is copied and rotated now, and block i is rotated when a stage asks for it
+    (:class:`qllm_pipeline.streaming.TransformedLayers`), so memory holds one rotated block at a time. The same
+    numbers as applying :func:`rotate_model`, :func:`rotate_value_heads`, :func:`add_online_hadamard` (for each
+    path in `online`) and :func:`add_online_qk_hadamard` to a copy of the whole model, in that order."""
+    from .streaming import TransformedLayers, skeleton_copy
+
+    view = skeleton_copy(model)
+    if q is not None:
+        q = _check_rotation(q, model.config.hidden_size)
+        rotate_skeleton(view, q)
+    head_dim = _head_dim(model.config)
+
+    def transform(layer: nn.Module, index: int) -> nn.Module:
+        if q is not None:
+            rotate_layer(layer, q)
+        if value_heads:
+            rotate_layer_value_heads(layer, head_dim)
+        for path in online:
+            add_layer_online_hadamard(layer, path)
+        if online_qk:
+            mark_layer_qk_hadamard(layer)
+        return layer
+
+    view.model.layers = TransformedLayers(model.model.layers, transform)
+    return view

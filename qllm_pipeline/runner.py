@@ -101,6 +101,7 @@ class BlockState:
             block = self.fp_block.to(self.ctx.device)
             self._targets = self.ctx.block_runner.run_batched(block, self.x_fp, self.ctx.cfg["pipeline"]["batch_size"])
             self.fp_block.to("cpu")
+            self.x_fp = None  # the FP stream moves on to the targets; host memory holds two streams, not three
         return self._targets
 
 
@@ -248,6 +249,7 @@ class Runner:
             streams = self._replay(streams, pending, fused, windows)
             pending = []
             state = BlockState(i, ctx, *streams)
+            streams = None  # the block state holds the only references, so the FP stream is freed once its targets exist
             state.artifacts = {n: None for n in self.block_stages}
             for name in enabled:
                 stage = self.stages[name]
@@ -257,7 +259,9 @@ class Runner:
                 stage.apply(ctx, state, artifact)  # e.g. smooth: later stages see the smoothed block
             for n in self.block_stages:
                 per_stage[n].append(state.artifacts[n])
-            streams = (self._advance(i, streams[0], state.artifacts["fuse"]), state.targets if self.needs_fp_stream() else None)
+            targets = state.targets if self.needs_fp_stream() else None
+            streams = (self._advance(i, state.x_q, state.artifacts["fuse"]), targets)
+            state = targets = None
             prev_key = keys["fuse"]
         return prev_key, per_stage
 

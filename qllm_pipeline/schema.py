@@ -16,7 +16,7 @@ from .data import CORPORA, HELDOUT
 from .errors import PipelineError
 from .export_ct import MODEL_FORMATS
 from .lowrank import AUTOCAST_CHOICES
-from .model_loading import DTYPES
+from .model_loading import DTYPES, LOAD_MODES
 from .reassembly import GRID_SPACINGS
 from .weight_rounding import WEIGHT_ALGORITHMS
 
@@ -97,7 +97,7 @@ SCHEMA: dict[str, dict[str, Field] | None] = {
     "model": {
         "name": _str(), "package": _str(null=True), "gguf_file": _str(null=True), "hub_id": _str(null=True),
         "path": _str(null=True), "revision": _str(null=True), "dtype": _str(choices=tuple(DTYPES)),
-        "arch": Field(DICT, null=True),
+        "load": _str(choices=LOAD_MODES), "arch": Field(DICT, null=True),
     },
     "quant": {
         "name": _str(), "wbits": BITS, "abits": BITS, "attn_bits": BITS,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 
+from torch import nn
+
 from qllm_pipeline.blocks import decoder_layers
 from qllm_pipeline.data import HELDOUT, calibration_starts, evaluation_windows, heldout_windows, load_corpus, tokenize
 from qllm_pipeline.fused import build_fused_block
@@ -123,20 +125,19 @@ def zeroshot(ctx, runner, plan: dict, cfg: dict) -> dict:
     tasks = list(cfg["tasks"])
     table = {}
     for name, (deps, block_for, model) in plan.items():
-        layers = decoder_layers(model)
         key = runner.key("evaluate", {**deps, "model": ctx.model_id},
                          extra={"variant": name, "tasks": tasks, "limit": cfg.get("limit"), "zeroshot": True})
 
-        def compute(writer, name=name, block_for=block_for, model=model, layers=layers):
-            original = list(layers)
+        def compute(writer, name=name, block_for=block_for, model=model):
+            # lm-eval runs the whole model's forward: the variant's blocks are all built and swapped in for the call
+            # (the one place a streamed model is held whole).
+            original = model.model.layers
+            model.model.layers = nn.ModuleList(block_for(i) for i in range(len(original)))
             try:
-                for i in range(len(original)):
-                    layers[i] = block_for(i)
                 log.info("zero-shot %s on %s", name, tasks)
                 writer.save_json("zeroshot.json", run_zeroshot(model, ctx.tokenizer, tasks, cfg.get("limit"), cfg["batch_size"], ctx.device))
             finally:
-                for i, layer in enumerate(original):
-                    layers[i] = layer
+                model.model.layers = original
 
         artifact, computed = ctx.cache.produce("evaluate", key, compute, force=runner.is_forced("evaluate"))
         runner.records["evaluate"].computed += computed

@@ -17,6 +17,7 @@ from qllm_pipeline.export_ct import PACKED_FORMAT, export_blockers, runtime_part
 from qllm_pipeline.fused import fused_block_tensors
 from qllm_pipeline.lowrank import fuse_block, load_lora_state
 from qllm_pipeline.stage import BlockStage, StageSpec
+from qllm_pipeline.streaming import is_streamed
 from qllm_pipeline.weight_rounding import WEIGHT_ALGORITHMS, GPTQConfig, gptq_fuse_block, load_base_tensors
 
 from .reassemble import quant_block
@@ -92,16 +93,18 @@ class Fuse(BlockStage):
         key = artifact_key("model", 1, {"format": fmt}, {"fuse": ctx.keys["fuse"]})
 
         def write(writer):
-            blocks = [a.tensors("block.safetensors") for a in runner.artifacts["fuse"]]
+            # Read one block at a time; a streamed model is written one shard per block, so the export never holds it whole.
+            blocks = (a.tensors("block.safetensors") for a in runner.artifacts["fuse"])
+            sharded = is_streamed(ctx.fp_model)  # the model as loaded (a rotated view of an in-memory one is not streamed)
             if fmt == CT_FORMAT:
                 parts = runtime_parts(ctx.cfg)
                 if parts:
                     log.info("the checkpoint ships modeling_qllm.py (load it with trust_remote_code=True) for: %s",
                              "; ".join(parts))
                 sizes = save_compressed_tensors_model(ctx.model, ctx.tokenizer, blocks, ctx.cfg["quant"], writer.tmp,
-                                                      runtime=bool(parts))
+                                                      runtime=bool(parts), sharded=sharded)
             else:
-                sizes = save_quantized_model(ctx.model, ctx.tokenizer, blocks, ctx.cfg["quant"], writer.tmp)
+                sizes = save_quantized_model(ctx.model, ctx.tokenizer, blocks, ctx.cfg["quant"], writer.tmp, sharded=sharded)
             writer.save_json("sizes.json", sizes)
 
         model_dir, _ = ctx.cache.produce("model", key, write)

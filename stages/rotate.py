@@ -10,17 +10,17 @@ before the blocks. Each part is switchable:
 * `rotate.online_qk`: an online per-head Hadamard on Q and K before the attention-input quantizer (`quant.attn_bits`).
 
 Stored: rotation.safetensors (Q, float32; the other parts are deterministic). `apply` swaps the run's model for a
-rotated copy, so every later stage works in the rotated basis; the loaded model is kept for the FP and RTN reference
-rows (the copy doubles the CPU memory held for weights).
+rotated view (qllm_pipeline.rotation.rotated_view: the skeleton rotated once, each block rotated when a stage asks for
+it), so every later stage works in the rotated basis without a whole rotated copy in memory; the loaded model is kept
+for the FP and RTN reference rows.
 """
 from __future__ import annotations
 
-import copy
 import logging
 
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.hadamard import hadamard_factors
-from qllm_pipeline.rotation import add_online_hadamard, add_online_qk_hadamard, random_hadamard, rotate_model, rotate_value_heads
+from qllm_pipeline.rotation import random_hadamard, rotated_view
 from qllm_pipeline.stage import ONCE, OnceStage, StageSpec
 
 log = logging.getLogger(__name__)
@@ -61,16 +61,7 @@ class Rotate(OnceStage):
 
     def apply(self, ctx, artifact) -> None:
         rot = ctx.cfg["rotate"]
-        model = copy.deepcopy(ctx.fp_model)
-        if rot["residual"]:
-            rotate_model(model, q=artifact.tensors("rotation.safetensors")["Q"])
-        if rot["value_heads"]:
-            rotate_value_heads(model)
-        if rot["online_down"]:
-            add_online_hadamard(model, "mlp.down_proj")
-        if rot["online_o"]:
-            add_online_hadamard(model, "self_attn.o_proj")
-        if rot["online_qk"]:
-            add_online_qk_hadamard(model)
-        ctx.model = model
+        online = tuple(path for part, path in (("online_down", "mlp.down_proj"), ("online_o", "self_attn.o_proj")) if rot[part])
+        ctx.model = rotated_view(ctx.fp_model, artifact.tensors("rotation.safetensors")["Q"] if rot["residual"] else None,
+                                 value_heads=rot["value_heads"], online=online, online_qk=rot["online_qk"])
         log.info("rotated: %s", ", ".join(p for p in PARTS if rot[p]))

@@ -83,6 +83,7 @@ class SearchTheta(BlockStage):
                 result["baseline_loss"] = result["curve"][0]["loss"] if result["curve"] else None
                 result["channels"] = int(m.numel())
                 results[point] = result
+                del loss_fn  # its copy of the block goes before the next point makes one
         finally:
             block.to("cpu")
         writer.save_json("theta.json", results)
