@@ -91,3 +91,20 @@ def test_accuracy_benchmark_refuses_a_second_writer(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (f"error: another benchmarks/accuracy.py is writing to {tmp_path}; "
                                                     "wait for it to finish or give this one its own --out")
+
+
+def test_memory_benchmark_tiny(tmp_path):
+    """The block check end to end on a tiny model: a plan-only run and a real run with the same overrides, both
+    stage peaks reported against the plan; bad arguments are one error line."""
+    proc = subprocess.run([sys.executable, "benchmarks/memory.py", "--tiny", "--part", "block70b", f"--out={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "memory.json").read_text())
+    rows = {r["stage"]: r for r in result["block70b"]["rows"]}
+    assert set(rows) == {"search_theta", "train_lowrank"}
+    for r in rows.values():
+        assert r["predicted_mib"] > 500 and r["measured_mib"] > 500  # both include the Python process
+        assert r["error"] == round(r["measured_mib"] / r["predicted_mib"] - 1, 4)
+    assert "| search_theta |" in (tmp_path / "memory.md").read_text()
+    bad = subprocess.run([sys.executable, "benchmarks/memory.py", "--part", "nope"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: argument --part")

@@ -1,4 +1,6 @@
 """Bad input: one `error:` line naming the key and what to do, exit code 2, nothing half-written in the cache."""
+import json
+
 import pytest
 
 from conftest import run_cli, tiny_overrides
@@ -97,3 +99,18 @@ def test_plan_only_for_70b_needs_no_weights_and_fits_80gb(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "80 blocks" in proc.stdout and "fits one 80 GB GPU: yes" in proc.stdout
     assert "cached inputs (128×2048)" in proc.stdout
+    # the blocks stream from the safetensors shards: the host holds a block, not the 128.5 GiB model (#13)
+    assert "one block at a time (streamed from safetensors)" in proc.stdout
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["host_peak_bytes"] <= 32e9 and plan["device_peak_bytes"] <= 80e9
+    assert plan["host_peak_bytes"] < plan["host_model_bytes"] / 4
+    assert "within a 32 GB host" in proc.stdout
+
+
+def test_plan_only_host_peak_of_a_model_loaded_whole(tmp_path):
+    proc = run_cli(["model=llama2_70b", "quant=w4a4", "pipeline.plan_only=true", "model.load=whole",
+                    f"hydra.run.dir={tmp_path}/run"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["resident"]["blocks held whole"] == 80 * plan["block_bytes"]
+    assert "ABOVE a 32 GB host" in proc.stdout
