@@ -40,7 +40,7 @@ SCALING = {"hidden": 1024, "intermediate": 2816, "heads": 16, "kv_heads": 8, "bl
                          "search_theta.steps=20", "train_lowrank.epochs=1", "eval.seq_len=256", "eval.max_windows=4"]}
 BLOCK70B = {"hidden": 8192, "intermediate": 28672, "heads": 64, "kv_heads": 8, "blocks": 1,
             "overrides": ["calibrate.n_samples=4", "calibrate.seq_len=512", "search_theta.n_samples=4",
-                          "search_theta.steps=10", "train_lowrank.epochs=1", "eval.seq_len=512", "eval.max_windows=2",
+                          "search_theta.steps=4", "train_lowrank.epochs=1", "eval.seq_len=512", "eval.max_windows=2",
                           "fuse.save_model=false"]}
 TINY = {"hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "blocks": [2, 4],
         "overrides": ["calibrate.n_samples=2", "calibrate.seq_len=32", "search_theta.n_samples=1", "search_theta.steps=5",
@@ -162,14 +162,23 @@ def growth(rows: list[dict], load: str) -> float:
 
 
 def write_report(out: Path, result: dict, command: str) -> None:
+    """memory.md/.json; a part not run this time keeps its earlier result (each part says its command)."""
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / "memory.json"
+    if previous.exists():
+        old = json.loads(previous.read_text())
+        kept = {k: {"command": old.get("command", command), **v} for k, v in old.items() if k in ("scaling", "block70b")}
+        result = {**kept, **result}
+    for part in ("scaling", "block70b"):
+        if part in result and "command" not in result[part]:
+            result[part]["command"] = command
     (out / "memory.json").write_text(json.dumps(result, indent=2))
     lines = ["# Memory: host peak of the pipeline, streamed from safetensors vs loaded whole", "",
-             f"Command: `{command}` (CPU, {os.cpu_count()} cores).", ""]
+             f"CPU, {os.cpu_count()} cores. Each part names the command that measured it.", ""]
     if "scaling" in result:
         s = result["scaling"]
         lines += [f"## Peak RSS against model size (random LLaMA, hidden {s['shape']['hidden']}, default pipeline: "
-                  "CRA + LRC + evaluate, W4A4)", "", f"Overrides: `{' '.join(s['shape']['overrides'])}`.", "",
+                  "CRA + LRC + evaluate, W4A4)", "", f"Command: `{s['command']}`. Overrides: `{' '.join(s['shape']['overrides'])}`.", "",
                   "| blocks | load | peak RSS (MiB) | wall (s) |", "|---:|---|---:|---:|"]
         lines += [f"| {r['blocks']} | {r['load']} | {r['peak_rss_mib']:.0f} | {r['wall_s']:.0f} |" for r in s["rows"]]
         lines += ["", f"Growth from {min(s['shape']['blocks'])} to {max(s['shape']['blocks'])} blocks: streamed "
@@ -178,6 +187,7 @@ def write_report(out: Path, result: dict, command: str) -> None:
     if "block70b" in result:
         b = result["block70b"]
         lines += ["## One LLaMA-2-70B block on this CPU: measured stage peaks against `pipeline.plan_only=true`", "",
+                  f"Command: `{b['command']}`.", "",
                   f"Random weights (float32, tied embeddings, SmolLM2 vocabulary), overrides `{' '.join(b['overrides'])}`, "
                   "`pipeline.device=cpu`. Peaks are the process RSS sampled while the stage runs; the plan is the "
                   "`host_per_stage` entry of the plan-only run's plan.json with the same overrides.", "",

@@ -1,6 +1,7 @@
 """Hydra entry point. Bad input ends with one `error: ...` line on stderr and exit code 2."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
@@ -178,6 +179,10 @@ def run(cfg: DictConfig) -> dict:
 
     model = load_model(source)
     tokenizer = load_tokenizer(source)
+    # What exists now (modules, the model's skeleton) lives for the run: keep it out of the cycle collector, so the
+    # per-block collections (Runner.walk_blocks) take milliseconds instead of half a second.
+    gc.collect()
+    gc.freeze()
     tracker = make_tracker(c["logger"], c, str(run_dir), group=_sweep_group(), name=run_dir.name)
     ctx = RunContext(
         cfg=c,

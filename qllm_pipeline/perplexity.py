@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .blocks import BlockRunner, decoder_layers
+from .memory import release_freed_memory
 
 
 def blockwise_perplexity(
@@ -36,7 +37,8 @@ def blockwise_perplexity(
         for name, block_for in variants.items():
             block = block_for(i).to(device)
             streams[name] = runner.run_batched(block, streams[name], batch_size)
-            block.to("cpu")
+            del block
+        release_freed_memory()  # the blocks just run are garbage (see Runner.walk_blocks)
     return {name: math.exp(_mean_nll(model, hidden, windows, device, batch_size)) for name, hidden in streams.items()}
 
 

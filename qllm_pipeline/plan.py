@@ -25,6 +25,7 @@ RUNTIME_BYTES = int(0.7 * GIB)  # the Python process of a run before its model: 
 WIKITEXT2_TEST_TOKENS = 341_469
 MAX_SCORE_TOKENS = 4096  # tokens the reassembly scorer keeps (stages.search_theta)
 SCORER_ROWS = 2048  # rows per block of the scorer's distance matrix (qllm_pipeline.reassembly)
+RUNS_FP_BLOCK = {"collect_activations", "search_theta"}  # stages whose working set includes the FP block itself
 
 
 def architecture(model_cfg: dict, source: ModelSource) -> dict:
@@ -106,11 +107,15 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True) -> 
     stream = n * seq * h * nbytes
     resident = {
         "runtime": RUNTIME_BYTES,
-        "skeleton": skeleton_params(arch) * nbytes,
+        # the rotate stage keeps a rotated copy of the skeleton beside the loaded one (its blocks are rotated on request)
+        "skeleton": skeleton_params(arch) * nbytes * (2 if "rotate" in stages else 1),
         "streams": (3 if lrc_on else 2) * stream,  # quantized stream, FP targets, the next block's output
         "blocks held whole": 0 if streamed else arch["num_hidden_layers"] * block,
     }
-    work = {"collect_activations": block}
+    batch_tokens = int(cfg["pipeline"].get("batch_size", 1)) * seq
+    # collect_activations: the FP block and one batch's activations (hidden- and intermediate-wide, float32 maxima)
+    work = {"collect_activations": block + batch_tokens * (4 * h + 3 * arch["intermediate_size"]) * 4} \
+        if "collect_activations" in stages else {}
     if "search_theta" in stages and cfg["quant"].get("abits") is not None:
         tokens = min(int(cfg["search_theta"]["n_samples"]), n) * seq
         work["search_theta"] = max(search_theta_working_set(arch, tokens, nbytes, block).values())
@@ -126,15 +131,22 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True) -> 
     eval_seq = int(ev.get("seq_len", seq))
     windows = ev.get("max_windows") or math.ceil(WIKITEXT2_TEST_TOKENS / eval_seq)
     eval_streams = 3 * windows * eval_seq * h * nbytes if "evaluate" in stages else 0  # two variants + the output
+    if "evaluate" in stages:  # a batch's logits in float32 and their log-softmax, then the block being run
+        logits = 2 * int(ev.get("batch_size", 1)) * eval_seq * arch["vocab_size"] * 4
+        work["evaluate"] = max(logits, 2 * block)
     base = sum(resident.values())
-    if device_type == "cpu":  # the working sets are host memory too, beside the FP block the stages read
-        per_stage = {name: base + block + ws for name, ws in work.items()}
-        per_stage["evaluate"] = base - resident["streams"] + eval_streams + 2 * block
+    if device_type == "cpu":  # the working sets are host memory too, beside the FP block the block state holds
+        # (collect_activations and search_theta run that very block: "moving it to the device" copies nothing)
+        per_stage = {name: base + ws + (0 if name in RUNS_FP_BLOCK else block) for name, ws in work.items()
+                     if name != "evaluate"}
+        if "evaluate" in work:
+            per_stage["evaluate"] = base - resident["streams"] + eval_streams + work["evaluate"]
         device_peak = 0
     else:  # host: the FP block as read and one copy on its way to the device
-        per_stage = {name: base + 2 * block for name in work}
-        per_stage["evaluate"] = base - resident["streams"] + eval_streams + 2 * block
-        device_peak = max(work.values())
+        per_stage = {name: base + 2 * block for name in work if name != "evaluate"}
+        if "evaluate" in work:
+            per_stage["evaluate"] = base - resident["streams"] + eval_streams + 2 * block
+        device_peak = max(work.values(), default=block)
     host_peak = max(per_stage.values())
     return {"resident": resident, "stage_working_sets": work, "host_per_stage": per_stage, "host_peak_bytes": host_peak,
             "device_peak_bytes": device_peak, "block_bytes": block, "stream_bytes": stream,
