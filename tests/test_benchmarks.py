@@ -104,7 +104,7 @@ def test_memory_benchmark_tiny(tmp_path):
     assert set(rows) == {"search_theta", "train_lowrank"}
     for r in rows.values():
         assert r["predicted_mib"] > 500 and r["measured_mib"] > 500  # both include the Python process
-        assert r["error"] == round(r["measured_mib"] / r["predicted_mib"] - 1, 4)
+        assert abs(r["error"] - (r["measured_mib"] / r["predicted_mib"] - 1)) < 1e-3
     assert "| search_theta |" in (tmp_path / "memory.md").read_text()
     bad = subprocess.run([sys.executable, "benchmarks/memory.py", "--part", "nope"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: argument --part")
