@@ -140,3 +140,27 @@ def test_full_forward_of_streamed_and_rotated_models(sharded):
         assert torch.equal(streamed(ids).logits, reference)
         view = rotated_view(streamed, random_hadamard(64, 0, torch.float64), value_heads=True, online=("mlp.down_proj",))
         assert torch.allclose(view(ids).logits, reference, atol=1e-4)
+
+
+def test_hub_models_stream_from_their_snapshot(sharded, monkeypatch):
+    """A hub id resolves to its downloaded snapshot (safetensors, config, tokenizer only), which is then streamed."""
+    import huggingface_hub
+
+    from qllm_pipeline import model_loading
+
+    _, path = sharded
+    calls = []
+
+    def fake_snapshot(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, tuple(allow_patterns)))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    source = ModelSource(name="llama2_70b", hub_id="meta-llama/Llama-2-70b-hf", revision="main")
+    model_loading.load_model.cache_clear()
+    try:
+        model = model_loading.load_model(source)
+    finally:
+        model_loading.load_model.cache_clear()
+    assert isinstance(model.model.layers, StreamedLayers)
+    assert calls == [("meta-llama/Llama-2-70b-hf", "main", ("*.json", "*.safetensors", "tokenizer*", "*.model"))]
