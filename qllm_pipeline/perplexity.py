@@ -37,6 +37,7 @@ def blockwise_perplexity(
         for name, block_for in variants.items():
             block = block_for(i).to(device)
             streams[name] = runner.run_batched(block, streams[name], batch_size)
+            block.to("cpu")  # an in-memory model's own block must not stay on the device
             del block
         release_freed_memory()  # the blocks just run are garbage (see Runner.walk_blocks)
     return {name: math.exp(_mean_nll(model, hidden, windows, device, batch_size)) for name, hidden in streams.items()}

@@ -75,7 +75,7 @@ class LazyLayers(nn.Module):
     """A stand-in for `model.model.layers`: `len()`, `layers[i]` (a fresh, materialized block) and iteration.
 
     Blocks are not submodules, so `model.parameters()` / `state_dict()` hold the skeleton only. A full-model forward
-    works (a slice yields the blocks one by one); lm-eval, which runs many, swaps in a real ModuleList (`materialize`)."""
+    works (a slice yields the blocks one by one); lm-eval, which runs many, gets a real ModuleList (stages.evaluate)."""
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -98,10 +98,6 @@ class LazyLayers(nn.Module):
 
     def __iter__(self) -> Iterator[nn.Module]:
         return (self[i] for i in range(len(self)))
-
-    def materialize(self) -> nn.ModuleList:
-        """Every block at once (only for a full-model forward, e.g. lm-eval zero-shot tasks)."""
-        return nn.ModuleList(list(self))
 
 
 class StreamedLayers(LazyLayers):
