@@ -2,7 +2,7 @@
 
 The stages and their order come from the registry (`stages.STAGES`, see qllm_pipeline.stage for the contract):
 - once-stages (calibrate, then e.g. rotate) run before the blocks; each one's key chains to the previous, and the
-  last one's key starts the block chain; `apply` may swap the model (rotate swaps in a rotated copy);
+  last one's key starts the block chain; `apply` may swap the model (rotate swaps in a rotated view);
 - block stages (collect_activations → smooth → search_theta → reassemble → train_lowrank → fuse) run for every
   decoder block in turn; `apply` may change the block the later stages see (smooth does); block i's inputs are the
   outputs of the already-quantized blocks < i, so the key of block i's first stage includes the key of block i-1's
@@ -60,7 +60,7 @@ class RunContext:
     """Everything stages share for one run. Stages read config through `cfg` (a plain dict)."""
 
     cfg: dict
-    model: nn.Module  # the model the blocks are quantized from (a rotated copy when the rotate stage runs)
+    model: nn.Module  # the model the blocks are quantized from (a rotated view when the rotate stage runs)
     tokenizer: Any
     cache: ArtifactCache
     run_dir: Path

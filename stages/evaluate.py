@@ -38,7 +38,7 @@ def variant_plan(ctx, runner, artifacts) -> dict[str, tuple[dict, object, object
     """name -> (cache dependencies, function giving block i, the model whose embeddings and head frame the blocks).
 
     fp and rtn are computed on the model as loaded, so they are the same rows (and cache entries) for every method;
-    the pipeline's own result is computed on ctx.model (the rotated copy when the rotate stage ran).
+    the pipeline's own result is computed on ctx.model (the rotated view when the rotate stage ran).
     """
     fp_layers, layers = decoder_layers(ctx.fp_model), decoder_layers(ctx.model)
     wspec, aspec, attn = ctx.weight_spec, ctx.act_spec, ctx.attn_spec
