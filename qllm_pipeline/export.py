@@ -2,7 +2,8 @@
 
 A saved model directory holds:
 - `config.json`, `generation_config.json`, tokenizer files (as `save_pretrained` writes them);
-- `model.safetensors` (or one shard per block with `model.safetensors.index.json`, for a streamed model): for every decoder-block projection the weight codes packed into bytes (`<name>.qweight`:
+- `model.safetensors` (a streamed model: one shard per block and `model.safetensors.index.json`): for every
+  decoder-block projection the weight codes packed into bytes (`<name>.qweight`:
   two 4-bit codes per byte for bits <= 4, one byte for bits <= 8, int32 above), per-channel (or per-group) `scales`
   and `zeros`, the input transforms (`<name>.transforms.<i>.<kind>.<field>`: reassembly maps, online Hadamard sizes),
   and everything else (embeddings, norms,
@@ -22,7 +23,7 @@ from .attention import attention_spec
 from .blocks import LINEAR_NAMES, decoder_layers
 from .fused import build_fused_block
 from .quantizer import QuantSpec, activation_clip_ratio
-from .shards import ShardWriter, read_checkpoint_tensors
+from .shards import ShardWriter, read_checkpoint_tensors, skeleton_tensors
 
 QUANT_FILE = "qllm_quant.json"
 FORMAT = "qllm-packed"
@@ -68,9 +69,7 @@ def save_quantized_model(model, tokenizer, block_tensors, quant: dict, out_dir: 
     weight_spec, _ = specs_from_quant_cfg(quant)
     block_prefix = "model.layers."
     writer = ShardWriter(out_dir, parts=model.config.num_hidden_layers + 1 if sharded else None)
-    skeleton = {k: v for k, v in model.state_dict().items() if not k.startswith(block_prefix)}
-    if getattr(model.config, "tie_word_embeddings", False):
-        skeleton.pop("lm_head.weight", None)  # tied: rebuilt from the embeddings on load
+    skeleton = skeleton_tensors(model, block_prefix)
     writer.add(skeleton)
     block_params = 0
     for i, block in enumerate(block_tensors):

@@ -175,7 +175,7 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
     from compressed_tensors.compressors import ModelCompressor
 
     from .quantizer import activation_clip_ratio
-    from .shards import ShardWriter
+    from .shards import ShardWriter, skeleton_tensors
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -186,9 +186,7 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     n_blocks = model.config.num_hidden_layers
     writer = ShardWriter(out_dir, parts=n_blocks + 1 if sharded else None, metadata={"format": "pt"})
-    skeleton = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(BLOCK_PREFIX)}
-    if getattr(model.config, "tie_word_embeddings", False):
-        skeleton.pop("lm_head.weight", None)  # tied: rebuilt from the embeddings on load
+    skeleton = skeleton_tensors(model, BLOCK_PREFIX)
     writer.add(skeleton)
     layers, block_params = [], 0
     for i, block in enumerate(block_tensors):

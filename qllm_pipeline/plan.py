@@ -96,9 +96,14 @@ def gptq_working_set(arch: dict, block_bytes: int) -> int:
     return 2 * block_bytes + worst
 
 
+def dtype_bytes(cfg: dict) -> int:
+    """Bytes per weight and stream element in the model's dtype."""
+    return 2 if cfg["model"].get("dtype", "float16") in ("float16", "bfloat16") else 4
+
+
 def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True) -> dict:
     """Host and device peaks of a run (bytes), from config and architecture numbers (see the module doc)."""
-    nbytes = 2 if cfg["model"].get("dtype", "float16") in ("float16", "bfloat16") else 4
+    nbytes = dtype_bytes(cfg)
     stages = set(cfg["pipeline"]["stages"])
     n, seq = cfg["calibrate"]["n_samples"], cfg["calibrate"]["seq_len"]
     h = arch["hidden_size"]
@@ -159,8 +164,7 @@ def print_plan(cfg: dict, source: ModelSource, arch: dict | None = None, device_
     streamed = streams(source)
     plan = run_plan(cfg, arch, device_type, streamed)
     lrc = plan["lrc"]
-    nbytes = 2 if cfg["model"].get("dtype", "float16") in ("float16", "bfloat16") else 4
-    whole = model_params(arch) * nbytes
+    whole = model_params(arch) * dtype_bytes(cfg)
     fits = lrc["device_peak_bytes"] <= GPU_BYTES and plan["device_peak_bytes"] <= GPU_BYTES
     res = plan["resident"]
     lines = [

@@ -12,6 +12,15 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def skeleton_tensors(model, block_prefix: str = "model.layers.") -> dict[str, torch.Tensor]:
+    """The tensors of `model` outside its decoder blocks, as an export writes them: lm_head left out when tied to the
+    embeddings (rebuilt from them on load)."""
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(block_prefix)}
+    if getattr(model.config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    return tensors
+
+
 class ShardWriter:
     """`add(tensors)` once per part (the skeleton, then each block), then `close()`.
 
