@@ -22,7 +22,7 @@ import torch
 
 from .quantizer import QuantSpec, clipped_quant_params, quant_params
 
-__all__ = ["HessianAccumulator", "gptq_weight_codes"]
+__all__ = ["HessianAccumulator", "fp_target_weight", "gptq_weight_codes"]
 
 
 class HessianAccumulator:
@@ -35,13 +35,20 @@ class HessianAccumulator:
     def __init__(self, in_features: int):
         self.in_features = int(in_features)
         self._sum: torch.Tensor | None = None
+        self._cross: torch.Tensor | None = None  # Σ x x_fpᵀ, when FP inputs are given
         self._n = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
+        """Add inputs x; with `x_fp` (the same tokens' inputs in the full-precision model) also Σ x x_fpᵀ, the
+        cross term `fp_target_weight` needs. Either every batch has x_fp or none does."""
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"HessianAccumulator expects inputs [..., {self.in_features}], got shape {tuple(x.shape)}"
             )
+        if x_fp is not None and x_fp.shape != x.shape:
+            raise ValueError(f"x_fp shape {tuple(x_fp.shape)} does not match the inputs' {tuple(x.shape)}")
+        if (x_fp is None) != (self._cross is None) and self._n:
+            raise ValueError("HessianAccumulator.add: pass x_fp with every batch or with none")
         if self._sum is None:
             self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=x.device)
         # Each batch's product in the input's precision (float32 at least: a float64 product of 8k × 1.5k rows costs
@@ -49,6 +56,11 @@ class HessianAccumulator:
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         rows = x.detach().reshape(-1, self.in_features).to(device=self._sum.device, dtype=compute)
         self._sum += (rows.T @ rows).to(torch.float64)
+        if x_fp is not None:
+            if self._cross is None:
+                self._cross = torch.zeros_like(self._sum)
+            fp_rows = x_fp.detach().reshape(-1, self.in_features).to(device=self._sum.device, dtype=compute)
+            self._cross += (rows.T @ fp_rows).to(torch.float64)
         self._n += rows.shape[0]
 
     @property
@@ -59,6 +71,39 @@ class HessianAccumulator:
         if self._n == 0:
             raise ValueError("HessianAccumulator.hessian(): no samples were added; feed calibration inputs to add()")
         return self._sum * (2.0 / self._n)
+
+    def cross(self) -> torch.Tensor:
+        """2/N Σ x x_fpᵀ (the same scale as `hessian()`); needs x_fp in `add`."""
+        if self._cross is None:
+            raise ValueError("HessianAccumulator.cross(): no FP inputs were added; pass x_fp to add()")
+        return self._cross * (2.0 / self._n)
+
+
+def fp_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The weight whose output on the inputs the layer really sees best matches the full-precision layer's output.
+
+    The layer sees x (the quantized stream: earlier layers' errors included) where the FP model has x_fp. GPTQ
+    matches W's own output on x; matching the FP output W·x_fp instead (GPTAQ, Li et al., ICML 2025, arXiv
+    2504.02692: "asymmetric calibration") also undoes the error that reached the layer. Its objective splits:
+
+        ||X Qᵀ - X_fp Wᵀ||² = ||X Qᵀ - X W*ᵀ||² + ||X W*ᵀ - X_fp Wᵀ||²,
+
+    with W* the least-squares weight (the residual is orthogonal to X's columns), so rounding W* with plain GPTQ on
+    the same H minimises it. Here W* = (W·Cᵀ + λW)(H + λI)⁻¹ with H = 2/N Σ x xᵀ, C = 2/N Σ x x_fpᵀ and
+    λ = damp · mean(diag H): ridge-regularised toward W, so a direction calibration barely excites stays as it was.
+    GPTAQ derives the same optimum column by column inside the GPTQ sweep; the closed form is shorter to check.
+    """
+    if tuple(cross.shape) != tuple(hessian.shape) or hessian.shape[0] != weight.shape[1]:
+        raise ValueError(f"hessian {tuple(hessian.shape)} and cross {tuple(cross.shape)} must both be "
+                         f"[{weight.shape[1]}, {weight.shape[1]}] for a weight of shape {tuple(weight.shape)}")
+    H = hessian.double()
+    lam = damp * H.diagonal().mean().clamp_min(1e-12)
+    W = weight.double().to(H.device)
+    rhs = W @ cross.double().T + lam * W
+    A = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    # W* A = rhs with A symmetric positive definite: solve A W*ᵀ = rhsᵀ by Cholesky.
+    L = torch.linalg.cholesky(A)
+    return torch.cholesky_solve(rhs.T, L).T.to(weight.dtype).to(weight.device)
 
 
 def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:

@@ -87,13 +87,15 @@ def search_theta_working_set(arch: dict, tokens: int, nbytes: int, block_bytes: 
     return out
 
 
-def gptq_working_set(arch: dict, block_bytes: int) -> int:
+def gptq_working_set(arch: dict, block_bytes: int, fp_target: bool = False) -> int:
     """GPTQ rounding one projection group (qllm_pipeline.gptq): the block, the group's float64 Hessian with its working
-    copies (sum, permuted copy, Cholesky factor, inverse: 4 × C² × 8) and the weight in float64 twice."""
+    copies (sum, permuted copy, Cholesky factor, inverse: 4 × C² × 8) and the weight in float64 twice. With
+    gptq.fp_target: the FP block too, and the cross term, the ridge matrix and its factor (3 × C² × 8 more)."""
     h, i = arch["hidden_size"], arch["intermediate_size"]
     shapes = _linear_shapes(h, i, arch["num_attention_heads"], arch["num_key_value_heads"])
-    worst = max(4 * n * n * 8 + 2 * o * n * 8 for o, n in shapes.values())
-    return 2 * block_bytes + worst
+    squares = 7 if fp_target else 4
+    worst = max(squares * n * n * 8 + 2 * o * n * 8 for o, n in shapes.values())
+    return (3 if fp_target else 2) * block_bytes + worst
 
 
 def dtype_bytes(cfg: dict) -> int:
@@ -109,12 +111,14 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True) -> 
     h = arch["hidden_size"]
     block = block_params(arch) * nbytes
     lrc_on = "train_lowrank" in stages and cfg["train_lowrank"].get("enabled", True)
+    gptq_on = cfg["quant"].get("weight_algorithm") == "gptq" and cfg["quant"].get("wbits") is not None
+    gptq_fp = gptq_on and bool((cfg.get("gptq") or {}).get("fp_target") or 0)
     stream = n * seq * h * nbytes
     resident = {
         "runtime": RUNTIME_BYTES,
         # the rotate stage keeps a rotated copy of the skeleton beside the loaded one (its blocks are rotated on request)
         "skeleton": skeleton_params(arch) * nbytes * (2 if "rotate" in stages else 1),
-        "streams": (3 if lrc_on else 2) * stream,  # quantized stream, FP targets, the next block's output
+        "streams": (3 if lrc_on or gptq_fp else 2) * stream,  # quantized stream, FP targets, the next block's output
         "blocks held whole": 0 if streamed else arch["num_hidden_layers"] * block,
     }
     batch_tokens = int(cfg["pipeline"].get("batch_size", 1)) * seq
@@ -130,8 +134,8 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True) -> 
                            train_norms=lrc["train_norms"])
     if lrc_on:
         work["train_lowrank"] = lrc_plan["device_peak_bytes"]
-    if cfg["quant"].get("weight_algorithm") == "gptq" and cfg["quant"].get("wbits") is not None:
-        work["gptq"] = gptq_working_set(arch, block)
+    if gptq_on:
+        work["gptq"] = gptq_working_set(arch, block, gptq_fp)
     ev = cfg.get("eval", {})
     eval_seq = int(ev.get("seq_len", seq))
     windows = ev.get("max_windows") or math.ceil(WIKITEXT2_TEST_TOKENS / eval_seq)

@@ -269,8 +269,9 @@ class Runner:
         return prev_key, per_stage
 
     def needs_fp_stream(self) -> bool:
-        """Whether a selected stage trains against FP targets (LRC); otherwise the FP stream costs a block forward for nothing."""
-        return any(self.stages[n].spec.needs_fp_targets for n in self.enabled_of_kind(BLOCK))
+        """Whether a selected stage reads the FP stream (LRC's targets, GPTQ's fp_target); otherwise the FP stream
+        costs a block forward for nothing."""
+        return any(self.stages[n].needs_fp_stream(self.ctx.cfg) for n in self.enabled_of_kind(BLOCK))
 
     def _advance(self, i: int, x_q: torch.Tensor, fused: Artifact) -> torch.Tensor:
         """Quantized stream through block i, rebuilt from its stored artifact (the same path a resumed run takes)."""

@@ -126,7 +126,8 @@ SCHEMA: dict[str, dict[str, Field] | None] = {
         "autocast": _str(choices=AUTOCAST_CHOICES), "seed": _int(),
     },
     "fuse": {"save_model": BOOL_FIELD, "format": _str(choices=MODEL_FORMATS)},
-    "gptq": {"damp": _num(0, 1, hi_open=True), "block_size": _int(1), "act_order": BOOL_FIELD, "clip": BOOL_FIELD},
+    "gptq": {"damp": _num(0, 1, hi_open=True), "block_size": _int(1), "act_order": BOOL_FIELD, "clip": BOOL_FIELD,
+             "fp_target": _num(0, 1, hint="a number in [0, 1]: 0 = GPTQ, 1 = GPTAQ")},
     "eval": {
         "datasets": Field(LIST), "seq_len": _int(2, hint="an integer >= 2 (a window predicts its next tokens)"),
         "max_windows": _int(1, null=True, hint="a positive integer, or null for the whole text"),

@@ -87,6 +87,10 @@ class Stage:
     def validate(self, cfg: dict) -> None:
         """Check the stage's own settings; raise PipelineError with a one-line message."""
 
+    def needs_fp_stream(self, cfg: dict) -> bool:
+        """Whether the runner must track the FP stream for this stage under `cfg` (its FP inputs or targets)."""
+        return self.spec.needs_fp_targets
+
     def preflight(self, cfg: dict, model_config: Any) -> None:
         """Called with the model's config before its weights are read."""
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .blocks import quant_linears
-from .gptq import HessianAccumulator, gptq_weight_codes
+from .gptq import HessianAccumulator, fp_target_weight, gptq_weight_codes
 from .quantizer import weight_codes, weight_codes_with_params
 
 WEIGHT_ALGORITHMS = ("rtn", "gptq")
@@ -37,10 +37,15 @@ class GPTQConfig:
     block_size: int = 128  # columns per lazy update
     act_order: bool = True  # columns in order of decreasing Hessian diagonal (static groups with group_size)
     clip: bool = True  # search each row's (group's) range for the least rounding error instead of min-max
+    # What the rounded layer's output should match, on the inputs it really sees: 0 = the layer's own FP weight
+    # (GPTQ), 1 = the FP model's layer on the FP stream (GPTAQ's asymmetric calibration), between = a blend.
+    fp_target: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
             raise ValueError(f"gptq.damp={self.damp!r} must be a number in [0, 1)")
+        if isinstance(self.fp_target, bool) or not isinstance(self.fp_target, (int, float)) or not 0 <= self.fp_target <= 1:
+            raise ValueError(f"gptq.fp_target={self.fp_target!r} must be a number in [0, 1] (0 = GPTQ, 1 = GPTAQ)")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"gptq.block_size={self.block_size!r} must be a positive integer")
         for name in ("act_order", "clip"):
@@ -59,53 +64,85 @@ class _InputsCollected(Exception):
 
 
 @torch.no_grad()
-def gptq_round_block(block: nn.Module, run_block, inputs: torch.Tensor, device, batch_size: int, cfg: GPTQConfig, apply) -> dict:
+def gptq_round_block(block: nn.Module, run_block, inputs: torch.Tensor, device, batch_size: int, cfg: GPTQConfig, apply,
+                     fp: tuple[nn.Module, torch.Tensor] | None = None) -> dict:
     """GPTQ-round every QuantLinear of `block` (on `device`) group by group; `apply(qlinear, codes)` installs each
     result before the next group's inputs are collected. Returns, per projection, the layer output error (on the
-    Hessian's inputs) of RTN and of GPTQ."""
+    Hessian's inputs) of RTN and of GPTQ.
+
+    With `cfg.fp_target` > 0, `fp` = (the FP block, its inputs on the FP stream) gives each projection's FP inputs
+    (paired token by token with `inputs`), and the weight rounded is `gptq.fp_target_weight`'s: what best reproduces
+    the FP layer's output from the inputs the quantized layer sees."""
     from .quantizer import dequantize_weight
 
+    if cfg.fp_target and fp is None:
+        raise ValueError("gptq.fp_target > 0 needs the FP block and its FP-stream inputs")
     qlinears = quant_linears(block)
+    fp_block, fp_stream = fp if cfg.fp_target else (None, None)
+    if fp_block is not None:
+        fp_block.to(device)
     report = {}
     for group in GPTQ_GROUPS:
         first = qlinears[group[0]]
         acc = HessianAccumulator(first.effective_in_features)
-
-        def collect(module, args):
-            acc.add(module.transform_input(args[0]))
-            raise _InputsCollected  # the rest of the block's forward is not needed for this group
-
-        handle = first.register_forward_pre_hook(collect)
-        try:
-            for start in range(0, inputs.shape[0], batch_size):
-                try:
-                    run_block(block, inputs[start : start + batch_size].to(device, block_dtype(block)))
-                except _InputsCollected:
-                    pass
-        finally:
-            handle.remove()
+        for start in range(0, inputs.shape[0], batch_size):
+            x = first.transform_input(_input_of(block, first, run_block, inputs[start : start + batch_size], device))
+            x_fp = None
+            if fp_block is not None:
+                # The FP layer's input through the quantized layer's transforms: the same basis (reassembly included).
+                raw = _input_of(fp_block, fp_block.get_submodule(group[0]), run_block, fp_stream[start : start + batch_size], device)
+                x_fp = first.transform_input(raw.to(x.dtype))
+            acc.add(x, x_fp)
         hessian = acc.hessian()
+        cross = acc.cross() if fp_block is not None else None
         for name in group:
             ql = qlinears[name]
             merged = ql.merged_weight().detach().float()
-            codes = gptq_weight_codes(merged, hessian, ql.weight_spec, cfg.damp, cfg.block_size, cfg.act_order, cfg.clip)
+            target = merged
+            if cross is not None:
+                # Blend the cross term toward H: fp_target=α gives W* for the target α·X_fp + (1-α)·X.
+                blended = cfg.fp_target * cross + (1 - cfg.fp_target) * hessian
+                target = fp_target_weight(merged, hessian, blended, cfg.damp)
+            codes = gptq_weight_codes(target, hessian, ql.weight_spec, cfg.damp, cfg.block_size, cfg.act_order, cfg.clip)
             rtn = dequantize_weight(**weight_codes(merged, ql.weight_spec))
             report[name] = {
                 "rtn_error": output_error(merged, rtn, hessian),
                 "gptq_error": output_error(merged, dequantize_weight(**codes), hessian),
             }
             apply(ql, {k: v.to(ql.weight.device) for k, v in codes.items()})
+    if fp_block is not None:
+        fp_block.to("cpu")
     return report
 
 
-def gptq_fuse_block(block: nn.Module, run_block, inputs: torch.Tensor, device, batch_size: int, cfg: GPTQConfig) -> dict:
+def _input_of(block: nn.Module, module: nn.Module, run_block, x: torch.Tensor, device) -> torch.Tensor:
+    """`module`'s raw input (before its own transforms) when `block` runs on `x`; the forward stops there."""
+    captured = []
+
+    def hook(_, args):
+        captured.append(args[0].detach())
+        raise _InputsCollected
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        run_block(block, x.to(device, block_dtype(block)))
+    except _InputsCollected:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def gptq_fuse_block(block: nn.Module, run_block, inputs: torch.Tensor, device, batch_size: int, cfg: GPTQConfig,
+                    fp=None) -> dict:
     """Fuse every projection with its GPTQ-rounded weight."""
-    return gptq_round_block(block, run_block, inputs, device, batch_size, cfg, lambda ql, codes: ql.fuse(codes=codes))
+    return gptq_round_block(block, run_block, inputs, device, batch_size, cfg, lambda ql, codes: ql.fuse(codes=codes), fp)
 
 
-def gptq_base_block(block: nn.Module, run_block, inputs: torch.Tensor, device, batch_size: int, cfg: GPTQConfig) -> dict:
+def gptq_base_block(block: nn.Module, run_block, inputs: torch.Tensor, device, batch_size: int, cfg: GPTQConfig,
+                    fp=None) -> dict:
     """Make every projection's GPTQ-rounded weight its frozen base (for LRC to refine on the same grid)."""
-    return gptq_round_block(block, run_block, inputs, device, batch_size, cfg, lambda ql, codes: ql.set_base(codes))
+    return gptq_round_block(block, run_block, inputs, device, batch_size, cfg, lambda ql, codes: ql.set_base(codes), fp)
 
 
 def base_tensors(block: nn.Module) -> dict[str, torch.Tensor]:

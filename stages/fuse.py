@@ -33,6 +33,17 @@ def model_format(cfg: dict) -> str:
     return cfg["fuse"].get("format", PACKED_FORMAT)
 
 
+def gptq_key(cfg: dict) -> dict:
+    """GPTQ's settings as they go into cache keys: fp_target at its default 0 is left out, so the keys of runs
+    made before the setting existed still match."""
+    return {k: v for k, v in cfg["gptq"].items() if not (k == "fp_target" and not v)}
+
+
+def uses_fp_stream(cfg: dict) -> bool:
+    """GPTQ matching the FP model's layers (gptq.fp_target > 0) reads each block's FP-stream inputs."""
+    return uses_gptq(cfg) and bool(cfg["gptq"].get("fp_target") or 0)
+
+
 def gptq_config(cfg: dict) -> GPTQConfig:
     try:
         return GPTQConfig(**cfg["gptq"])
@@ -47,8 +58,11 @@ class Fuse(BlockStage):
         # GPTQ's settings matter only when GPTQ rounds the weights.
         part = super().key_config(cfg)
         if uses_gptq(cfg):
-            part["gptq"] = cfg["gptq"]
+            part["gptq"] = gptq_key(cfg)
         return part
+
+    def needs_fp_stream(self, cfg: dict) -> bool:
+        return super().needs_fp_stream(cfg) or uses_fp_stream(cfg)
 
     def validate(self, cfg: dict) -> None:
         algorithm = cfg["quant"].get("weight_algorithm", "rtn")
@@ -77,7 +91,8 @@ class Fuse(BlockStage):
         if uses_gptq(ctx.cfg) and ctx.weight_spec.enabled and trained is None:
             block.to(ctx.device)
             report = gptq_fuse_block(
-                block, ctx.block_runner, state.x_q, ctx.device, ctx.cfg["pipeline"]["batch_size"], gptq_config(ctx.cfg)
+                block, ctx.block_runner, state.x_q, ctx.device, ctx.cfg["pipeline"]["batch_size"], gptq_config(ctx.cfg),
+                fp=fp_inputs(state),
             )
             block.to("cpu")
             writer.save_json("gptq.json", report)
@@ -116,3 +131,11 @@ class Fuse(BlockStage):
         sizes = model_dir.json("sizes.json")
         log.info("quantized model (%s): %s (%.1f MB; the same model in FP16: %.1f MB)", fmt, model_dir.path, sizes["file_bytes"] / 1e6,
                  sizes["fp16_bytes"] / 1e6)
+
+
+def fp_inputs(state):
+    """(the FP block, its FP-stream inputs) for GPTQ's fp_target; called before the block's targets are computed,
+    which replace the FP inputs."""
+    if state.x_fp is None:
+        return None
+    return state.fp_block, state.x_fp

@@ -12,7 +12,7 @@ from qllm_pipeline.stage import BlockStage, StageSpec
 
 from qllm_pipeline.weight_rounding import base_tensors, gptq_base_block
 
-from .fuse import gptq_config, uses_gptq
+from .fuse import fp_inputs, gptq_config, gptq_key, uses_gptq
 from .reassemble import quant_block
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class TrainLowrank(BlockStage):
     def key_config(self, cfg: dict) -> dict:
         part = super().key_config(cfg)
         if uses_gptq(cfg):  # GPTQ rounds the base LRC refines
-            part["gptq"] = cfg["gptq"]
+            part["gptq"] = gptq_key(cfg)
         return part
 
     def enabled(self, cfg) -> bool:
@@ -49,7 +49,7 @@ class TrainLowrank(BlockStage):
         if uses_gptq(ctx.cfg) and ctx.weight_spec.enabled:
             # GPTQ first: LRC refines GPTQ's rounding on its grid (see qllm_pipeline.weight_rounding).
             report = gptq_base_block(block, ctx.block_runner, state.x_q, ctx.device, ctx.cfg["pipeline"]["batch_size"],
-                                     gptq_config(ctx.cfg))
+                                     gptq_config(ctx.cfg), fp=fp_inputs(state))
             writer.save_tensors("base.safetensors", base_tensors(block))
             writer.save_json("gptq.json", report)
         cfg = lowrank_config(ctx.cfg["train_lowrank"], state.index)
