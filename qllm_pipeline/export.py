@@ -85,7 +85,7 @@ def save_quantized_model(model, tokenizer, block_tensors, quant: dict, out_dir: 
                 tensors[f"{prefix}{name}.{field}s"] = value.contiguous()
             else:
                 tensors[prefix + key] = value.detach().contiguous()
-                block_params += value.numel() if ".transforms." not in key else 0
+                block_params += value.numel() if ".transforms." not in key and not key.endswith(".act_clip") else 0
         writer.add(tensors)
     file_bytes = writer.close()
     model.config.save_pretrained(out_dir)

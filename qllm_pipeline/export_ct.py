@@ -62,6 +62,9 @@ def runtime_parts(cfg: dict) -> list[str]:
             out.append("online Hadamard rotations (" + ", ".join(f"rotate.{k}" for k in online) + ")")
     if quant.get("abits") is not None and activation_clip_ratio(quant) != 1.0:
         out.append(f"an activation clip ratio ({activation_clip_ratio(quant)}; compressed-tensors' dynamic quantizer is min-max)")
+    lrc = cfg.get("train_lowrank") or {}
+    if quant.get("abits") is not None and "train_lowrank" in stages and lrc.get("enabled", True) and lrc.get("learn_act_clip"):
+        out.append("activation clip ratios learned per projection (train_lowrank.learn_act_clip)")
     if quant.get("attn_bits") is not None:
         out.append("quantized attention inputs (quant.attn_bits)")
     if quant.get("wbits") is None and quant.get("abits") is not None:
@@ -158,6 +161,8 @@ def _runtime_layer(block: dict[str, torch.Tensor], names: list[str], head_dim: i
         weight = block[f"{name}.codes"] if f"{name}.codes" in block else block[f"{name}.weight"]
         entry["projections"][name] = {"in_features": int(weight.shape[1]),
                                       **add(name.replace(".", "__"), kinds, buffers)}
+        if f"{name}.act_clip" in block:  # a clip ratio learned for this projection (train_lowrank.learn_act_clip)
+            entry["projections"][name]["clip"] = float(block[f"{name}.act_clip"])
     if attn_bits is not None and any(k.endswith("qk_hadamard") for k in block):
         kinds, buffers = _transform_buffers([OnlineHadamard(head_dim)])
         entry["qk"] = add("qk", kinds, buffers)
@@ -195,7 +200,7 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
         names = sorted({k.rsplit(".", 1)[0] for k in block if k.endswith(".codes")})
         dense = sorted({k.rsplit(".", 1)[0] for k in block if k.endswith(".weight") and ".transforms." not in k
                         and k.rsplit(".", 1)[0] not in ("input_layernorm", "post_attention_layernorm")})
-        has_runtime = any(".transforms." in k or k.endswith("qk_hadamard") for k in block)
+        has_runtime = any(".transforms." in k or k.endswith(("qk_hadamard", ".act_clip")) for k in block)
         if has_runtime and not runtime:
             raise ValueError(f"block {i} has run-time transforms, but the checkpoint is being written without its modeling code")
         for name in names:

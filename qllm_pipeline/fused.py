@@ -3,7 +3,8 @@
 A fused block stores, for each of the seven projections, the weight already transformed (online Hadamard,
 reassembly), merged with its low-rank correction and quantized, in integer form (`codes`, `scale`, `zero`;
 rebuilding needs no training state), its ordered input transforms (`<name>.transforms.<i>.<kind>.<field>`), the
-norm weights (they may have been trained) and whether the attention rotates Q and K online (`self_attn.qk_hadamard`).
+norm weights (they may have been trained), a learned activation clip ratio per projection (`<name>.act_clip`,
+when LRC learned one) and whether the attention rotates Q and K online (`self_attn.qk_hadamard`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def fused_block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
             tensors[f"{name}.weight"] = ql.weight.detach()
         if ql.bias is not None:
             tensors[f"{name}.bias"] = ql.bias.detach()
+        if ql.act_clip_learned:  # this projection's own activation clip ratio (learned with the correction)
+            tensors[f"{name}.act_clip"] = torch.tensor(ql.act_spec.clip_ratio, dtype=torch.float32)
         tensors.update({f"{name}.transforms.{k}": v for k, v in transforms_to_tensors(ql.input_transforms).items()})
     if getattr(block.self_attn, QK_HADAMARD_ATTR, False):
         tensors[f"self_attn.{QK_HADAMARD_ATTR}"] = torch.ones(1, dtype=torch.int8)
@@ -61,6 +64,8 @@ def build_fused_block(
             ql.weight = nn.Parameter(tensors[f"{name}.weight"].to(ql.weight.dtype).clone(), requires_grad=False)
         if f"{name}.bias" in tensors:
             ql.bias = nn.Parameter(tensors[f"{name}.bias"].clone(), requires_grad=False)
+        if f"{name}.act_clip" in tensors and act_spec.enabled:
+            ql.set_act_clip(float(tensors[f"{name}.act_clip"]))
         ql.weight_is_quantized = True
     with torch.no_grad():
         for norm in NORM_NAMES:

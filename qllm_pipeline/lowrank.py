@@ -25,6 +25,7 @@ from .blocks import LINEAR_NAMES, get_submodule, quant_linears
 from .fused import NORM_NAMES
 
 AUTOCAST_CHOICES = ("auto", "none", "bf16", "fp16")
+ACT_CLIP_MIN = 0.5  # a learned activation clip ratio stays in [0.5, 1]
 _NORMS_TRAINED_ATTR = "_lrc_norms_trained"
 
 
@@ -38,6 +39,8 @@ class LowRankConfig:
     train_norms: bool = True
     autocast: str = "auto"  # "auto": bf16 autocast on CUDA if supported, none on CPU; "none" | "bf16" | "fp16"
     seed: int = 0
+    learn_act_clip: bool = False  # also learn each projection's activation clip ratio (from quant.a_clip_ratio)
+    act_clip_lr: float | None = None  # its learning rate (None: lr); Adam moves a ratio by about this much per step
 
     def __post_init__(self):
         if int(self.rank) < 1:
@@ -50,6 +53,10 @@ class LowRankConfig:
             raise ValueError(f"train_lowrank.lr={self.lr} must be positive")
         if self.autocast not in AUTOCAST_CHOICES:
             raise ValueError(f"train_lowrank.autocast={self.autocast!r} is not one of {AUTOCAST_CHOICES}")
+        if not isinstance(self.learn_act_clip, bool):
+            raise ValueError(f"train_lowrank.learn_act_clip={self.learn_act_clip!r} must be true or false")
+        if self.act_clip_lr is not None and not float(self.act_clip_lr) > 0:
+            raise ValueError(f"train_lowrank.act_clip_lr={self.act_clip_lr} must be positive (or null: the same as lr)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -90,6 +97,7 @@ def trainable_parameters(block: nn.Module, train_norms: bool) -> list[nn.Paramet
         if ql.lora_A is None or ql.lora_B is None:
             raise ValueError(f"{name} has no low-rank correction attached; call attach_lora first")
         params += [ql.lora_A, ql.lora_B]
+    params += [ql.act_clip for ql in _require_quant_linears(block).values() if ql.act_clip is not None]
     if train_norms:
         params += [norm.weight for norm in _norm_modules(block).values()]
     return params
@@ -104,6 +112,8 @@ def lora_state(block: nn.Module, include_norms: bool | None = None) -> dict[str,
             raise ValueError(f"{name} has no low-rank correction attached; nothing to save")
         state[f"{name}.lora_A"] = ql.lora_A.detach().to("cpu", copy=True).contiguous()
         state[f"{name}.lora_B"] = ql.lora_B.detach().to("cpu", copy=True).contiguous()
+        if ql.act_clip is not None:
+            state[f"{name}.act_clip"] = ql.act_clip.detach().to("cpu", torch.float32, copy=True)
     if include_norms is None:
         include_norms = bool(getattr(block, _NORMS_TRAINED_ATTR, False))
     if include_norms:
@@ -120,7 +130,7 @@ def load_lora_state(block: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """
     qlinears = _require_quant_linears(block)
     norms = _norm_modules(block)
-    known = {f"{n}.lora_{p}" for n in qlinears for p in "AB"} | {f"{n}.weight" for n in norms}
+    known = {f"{n}.lora_{p}" for n in qlinears for p in "AB"} | {f"{n}.act_clip" for n in qlinears} | {f"{n}.weight" for n in norms}
     unknown = sorted(set(state) - known)
     if unknown:
         raise ValueError(f"unexpected keys in the low-rank state: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
@@ -144,6 +154,9 @@ def load_lora_state(block: nn.Module, state: dict[str, torch.Tensor]) -> None:
             ql.lora_B.copy_(b)
             ql.lora_A.requires_grad_(False)
             ql.lora_B.requires_grad_(False)
+            if f"{name}.act_clip" in state:
+                ql.add_act_clip()
+                ql.act_clip.copy_(state[f"{name}.act_clip"])
             ql.weight_changed()
         loaded_norms = False
         for name, norm in norms.items():
@@ -237,6 +250,10 @@ def train_block(
     qlinears = _require_quant_linears(block)
     if any(ql.lora_A is None for ql in qlinears.values()):
         attach_lora(block, cfg.rank, cfg.seed)
+    if cfg.learn_act_clip:
+        for ql in qlinears.values():
+            if ql.act_spec.enabled and ql.act_clip is None:
+                ql.add_act_clip()
     compute_dtype = next(iter(qlinears.values())).weight.dtype
     amp_dtype = resolve_autocast(cfg.autocast, device)
     batch_size = min(int(cfg.batch_size), n)
@@ -257,7 +274,12 @@ def train_block(
                 p.data = p.data.float()
             p.requires_grad_(True)
         if total_steps > 0:
-            optimizer = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
+            clips = {id(ql.act_clip) for ql in qlinears.values() if ql.act_clip is not None}
+            groups = [{"params": [p for p in params if id(p) not in clips]}]
+            if clips:  # no weight decay on a ratio; its own learning rate
+                groups.append({"params": [p for p in params if id(p) in clips], "weight_decay": 0.0,
+                               "lr": float(cfg.act_clip_lr if cfg.act_clip_lr is not None else cfg.lr)})
+            optimizer = torch.optim.AdamW(groups, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
             scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=total_steps)
             scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
             generator = torch.Generator().manual_seed(int(cfg.seed))
@@ -283,6 +305,10 @@ def train_block(
                     scaler.step(optimizer)
                     scaler.update()
                     scheduler.step()
+                    with torch.no_grad():  # a ratio: clip at most half of each token's range, never widen it
+                        for ql in qlinears.values():
+                            if ql.act_clip is not None:
+                                ql.act_clip.clamp_(ACT_CLIP_MIN, 1.0)
                     loss_sum += value * len(idx)
                 epoch_losses.append(loss_sum / n)
                 bar.set_postfix(loss=f"{epoch_losses[-1]:.4g}")

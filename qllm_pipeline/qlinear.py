@@ -10,6 +10,7 @@ The stored `weight` is the untransformed one until `fuse`, which stores the quan
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from .quantizer import (
     QuantSpec,
     dequantize_weight,
     quantize_activation,
+    quantize_lastdim_learned_clip,
     quantize_weight,
     quantize_weight_with_params,
     weight_codes,
@@ -42,6 +44,10 @@ class QuantLinear(nn.Module):
         # basis, and quantized on its own fixed grid (scale, zero) so that with B·A = 0 it stays exactly as rounded.
         self.base_qparams: dict[str, torch.Tensor] | None = None
         self.codes: dict[str, torch.Tensor] | None = None  # integer form of a fused weight
+        # A clip ratio of this projection's activation quantizer learned with the low-rank correction (a 0-dim
+        # parameter while training; `fuse` moves it into act_spec). None: the spec's ratio.
+        self.act_clip: nn.Parameter | None = None
+        self.act_clip_learned = False  # act_spec's clip ratio is this projection's own (stored with the fused block)
         self._qweight_cache: torch.Tensor | None = None
 
     @classmethod
@@ -132,7 +138,21 @@ class QuantLinear(nn.Module):
                 self._qweight_cache = self._quantize(self.merged_weight())
         return self._qweight_cache
 
+    def add_act_clip(self) -> None:
+        """A trainable clip ratio for the activation quantizer, starting at the spec's."""
+        value = torch.tensor(float(self.act_spec.clip_ratio), dtype=torch.float32, device=self.weight.device)
+        self.act_clip = nn.Parameter(value, requires_grad=False)
+
+    def set_act_clip(self, ratio: float) -> None:
+        """This projection's own activation clip ratio (a learned one, fixed from now on)."""
+        self.act_spec = dataclasses.replace(self.act_spec, clip_ratio=float(ratio))
+        self.act_clip = None
+        self.act_clip_learned = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_clip is not None and self.act_spec.enabled:
+            x = quantize_lastdim_learned_clip(self.transform_input(x), self.act_spec.bits, self.act_spec.symmetric, self.act_clip)
+            return nn.functional.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         x = quantize_activation(self.transform_input(x), self.act_spec)
         return nn.functional.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
@@ -152,6 +172,8 @@ class QuantLinear(nn.Module):
                 merged = dequantize_weight(**self.codes).to(merged.dtype)
         self.weight = nn.Parameter(merged.clone(), requires_grad=False)
         self.lora_A = self.lora_B = None
+        if self.act_clip is not None:
+            self.set_act_clip(float(self.act_clip))
         self.base_qparams = None
         self.weight_is_quantized = True
         self._qweight_cache = None

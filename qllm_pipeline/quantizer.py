@@ -156,6 +156,31 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return dequantize(grouped, scale.unsqueeze(-1), zero.unsqueeze(-1)).reshape(out_features, in_features)
 
 
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    # round(x) exactly in the forward (x - x.detach() is exactly 0), the identity in the backward
+    return torch.round(x).detach() + (x - x.detach())
+
+
+def quantize_lastdim_learned_clip(x: torch.Tensor, bits: int, symmetric: bool, clip: torch.Tensor) -> torch.Tensor:
+    """`quantize_lastdim` with the clip ratio a trainable tensor: the same forward values as with
+    `clip_ratio=float(clip)`, and gradients for `clip` through the scale and the zero point (rounding
+    straight-through, clamped values pass no gradient to x: LSQ / OmniQuant's learnable clipping)."""
+    xf = x.float()
+    c = clip.float()
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = (xf.detach().abs().amax(dim=-1, keepdim=True) * c / qmax).clamp(min=1e-8)
+        q = torch.clamp(_round_ste(xf / scale), -qmax - 1, qmax) * scale
+    else:
+        qmax = 2**bits - 1
+        lo = xf.detach().amin(dim=-1, keepdim=True) * c
+        hi = xf.detach().amax(dim=-1, keepdim=True) * c
+        scale = ((hi - lo) / qmax).clamp(min=1e-8)
+        zero = _round_ste(-lo / scale)
+        q = (torch.clamp(_round_ste(xf / scale) + zero, 0, qmax) - zero) * scale
+    return q.to(x.dtype)
+
+
 def quantize_activation(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Per-token dynamic fake quantization: one (scale, zero) per token over its channels."""
     if not spec.enabled:

@@ -105,7 +105,8 @@ class QLLMLlamaForCausalLM(LlamaForCausalLM):
                 key = path.replace(".", "__")
                 if entry["kinds"]:
                     transforms[key] = InputTransforms(entry["kinds"], entry["buffers"], entry["dtypes"])
-                linear.register_forward_pre_hook(self._input_hook(transforms, key, act))
+                # a projection may carry its own (learned) activation clip ratio
+                linear.register_forward_pre_hook(self._input_hook(transforms, key, {**act, "clip": entry.get("clip", act["clip"])}))
             layer.qllm_transforms = transforms
             if runtime.get("attn_bits") is not None:
                 layer.self_attn.qllm_attention = {"bits": runtime["attn_bits"], "symmetric": act["symmetric"],

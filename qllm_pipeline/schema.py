@@ -123,7 +123,8 @@ SCHEMA: dict[str, dict[str, Field] | None] = {
     "train_lowrank": {
         "enabled": BOOL_FIELD, "rank": _int(1), "lr": _num(0, lo_open=True, hint="a finite number > 0"), "epochs": _int(1),
         "batch_size": _int(1), "weight_decay": _num(0, hint="a finite number >= 0"), "train_norms": BOOL_FIELD,
-        "autocast": _str(choices=AUTOCAST_CHOICES), "seed": _int(),
+        "autocast": _str(choices=AUTOCAST_CHOICES), "seed": _int(), "learn_act_clip": BOOL_FIELD,
+        "act_clip_lr": _num(0, lo_open=True, null=True, hint="a finite number > 0, or null (the same as lr)"),
     },
     "fuse": {"save_model": BOOL_FIELD, "format": _str(choices=MODEL_FORMATS)},
     "gptq": {"damp": _num(0, 1, hi_open=True), "block_size": _int(1), "act_order": BOOL_FIELD, "clip": BOOL_FIELD,

@@ -17,7 +17,8 @@ from .reassemble import quant_block
 
 log = logging.getLogger(__name__)
 
-CONFIG_FIELDS = ("rank", "lr", "epochs", "batch_size", "weight_decay", "train_norms", "autocast", "seed")
+CONFIG_FIELDS = ("rank", "lr", "epochs", "batch_size", "weight_decay", "train_norms", "autocast", "seed", "learn_act_clip",
+                 "act_clip_lr")
 
 
 class TrainLowrank(BlockStage):
@@ -25,6 +26,8 @@ class TrainLowrank(BlockStage):
 
     def key_config(self, cfg: dict) -> dict:
         part = super().key_config(cfg)
+        if not part["train_lowrank"].get("learn_act_clip", False):  # off: the keys of runs made before it existed
+            part["train_lowrank"] = {k: v for k, v in part["train_lowrank"].items() if k not in ("learn_act_clip", "act_clip_lr")}
         if uses_gptq(cfg):  # GPTQ rounds the base LRC refines
             part["gptq"] = gptq_key(cfg)
         return part
@@ -64,7 +67,7 @@ class TrainLowrank(BlockStage):
 
 def lowrank_config(cfg: dict, block_index: int) -> LowRankConfig:
     try:
-        lrc = LowRankConfig(**{k: cfg[k] for k in CONFIG_FIELDS})
+        lrc = LowRankConfig(**{k: cfg[k] for k in CONFIG_FIELDS if k in cfg})
     except (ValueError, TypeError) as exc:
         raise PipelineError(str(exc)) from exc
     lrc.seed = int(lrc.seed) + block_index  # a different but reproducible init per block

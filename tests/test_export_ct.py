@@ -29,6 +29,7 @@ REMOTE = {
     "quarot": ("rotation+gptq", []),
     "quarot_attn4": ("rotation+gptq", ["method=quarot", "quant.attn_bits=4"]),
     "rotation_qllm_gptq": ("rotation+cra+lrc+gptq", []),
+    "learned_act_clip": ("rotation+lrc+gptq", ["method=rotation_lrc_gptq", "train_lowrank.learn_act_clip=true"]),
 }
 
 
@@ -93,6 +94,9 @@ def test_checkpoint_with_runtime_parts_reloads_with_its_modeling_code(case, tiny
     # the shipped file imports nothing of ours
     assert "qllm_pipeline" not in "".join(
         line for line in (model_dir / "modeling_qllm.py").read_text().splitlines() if line.startswith(("import", "from")))
+    if "train_lowrank.learn_act_clip=true" in extra:  # each projection carries its own learned ratio
+        clips = [p["clip"] for layer in config["qllm_runtime"]["layers"] for p in layer["projections"].values()]
+        assert len(clips) == 7 * len(config["qllm_runtime"]["layers"]) and len(set(clips)) > 1
     reloaded = reload(model_dir, eval_windows, tmp_path)
     assert reloaded["ppl"] == pytest.approx(rows[variant], rel=1e-5)
     assert abs(reloaded["ppl"] / rows["fp"] - 1) > 1e-4
