@@ -22,6 +22,13 @@ LINEAR_NAMES = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
+# The projections grouped by the input they read, in forward order (one activation quantizer per group when deployed).
+INPUT_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

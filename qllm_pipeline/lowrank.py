@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import LINEAR_NAMES, get_submodule, quant_linears
+from .blocks import INPUT_GROUPS, LINEAR_NAMES, get_submodule, quant_linears
 from .fused import NORM_NAMES
 
 AUTOCAST_CHOICES = ("auto", "none", "bf16", "fp16")
@@ -83,6 +83,19 @@ def attach_lora(block: nn.Module, rank: int, seed: int) -> None:
         ql.lora_B.requires_grad_(False)
 
 
+def attach_act_clips(block: nn.Module) -> None:
+    """A trainable activation clip ratio per input point, not per projection: the projections that read the same
+    input (q/k/v; gate/up) share one parameter, so a deployment quantizes that input once (a fused QKV kernel)."""
+    qlinears = _require_quant_linears(block)
+    for group in INPUT_GROUPS:
+        members = [qlinears[name] for name in group if name in qlinears]
+        if not members or not members[0].act_spec.enabled or members[0].act_clip is not None:
+            continue
+        members[0].add_act_clip()
+        for ql in members[1:]:
+            ql.act_clip = members[0].act_clip
+
+
 def _norm_modules(block: nn.Module) -> dict[str, nn.Module]:
     return {name: get_submodule(block, name) for name in NORM_NAMES}
 
@@ -97,7 +110,8 @@ def trainable_parameters(block: nn.Module, train_norms: bool) -> list[nn.Paramet
         if ql.lora_A is None or ql.lora_B is None:
             raise ValueError(f"{name} has no low-rank correction attached; call attach_lora first")
         params += [ql.lora_A, ql.lora_B]
-    params += [ql.act_clip for ql in _require_quant_linears(block).values() if ql.act_clip is not None]
+    shared = {id(ql.act_clip): ql.act_clip for ql in _require_quant_linears(block).values() if ql.act_clip is not None}
+    params += list(shared.values())  # once each: q/k/v (gate/up) share one
     if train_norms:
         params += [norm.weight for norm in _norm_modules(block).values()]
     return params
@@ -251,9 +265,7 @@ def train_block(
     if any(ql.lora_A is None for ql in qlinears.values()):
         attach_lora(block, cfg.rank, cfg.seed)
     if cfg.learn_act_clip:
-        for ql in qlinears.values():
-            if ql.act_spec.enabled and ql.act_clip is None:
-                ql.add_act_clip()
+        attach_act_clips(block)
     compute_dtype = next(iter(qlinears.values())).weight.dtype
     amp_dtype = resolve_autocast(cfg.autocast, device)
     batch_size = min(int(cfg.batch_size), n)

@@ -18,17 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import quant_linears
+from .blocks import INPUT_GROUPS, quant_linears
 from .gptq import HessianAccumulator, fp_target_weight, gptq_weight_codes
 from .quantizer import weight_codes, weight_codes_with_params
 
 WEIGHT_ALGORITHMS = ("rtn", "gptq")
-GPTQ_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+GPTQ_GROUPS = INPUT_GROUPS  # members of a group share one input, so one Hessian
 
 
 @dataclass(frozen=True)

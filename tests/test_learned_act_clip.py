@@ -45,6 +45,11 @@ def test_learning_the_clip_lowers_the_block_loss_and_stays_in_range():
     clips = [float(ql.act_clip) for ql in quant_linears(blocks[True]).values()]
     assert all(ACT_CLIP_MIN <= c <= 1.0 for c in clips) and any(c != pytest.approx(0.85, abs=1e-4) for c in clips)
     assert all(ql.act_clip is None for ql in quant_linears(blocks[False]).values())
+    # one ratio per input point: q/k/v share theirs, gate/up theirs (a deployment quantizes each input once)
+    learned = quant_linears(blocks[True])
+    assert learned["self_attn.q_proj"].act_clip is learned["self_attn.k_proj"].act_clip is learned["self_attn.v_proj"].act_clip
+    assert learned["mlp.gate_proj"].act_clip is learned["mlp.up_proj"].act_clip
+    assert learned["mlp.gate_proj"].act_clip is not learned["mlp.down_proj"].act_clip
 
 
 def test_learned_clips_survive_saving_fusing_and_rebuilding():
