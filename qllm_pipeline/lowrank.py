@@ -41,6 +41,7 @@ class LowRankConfig:
     seed: int = 0
     learn_act_clip: bool = False  # also learn each projection's activation clip ratio (from quant.a_clip_ratio)
     act_clip_lr: float | None = None  # its learning rate (None: lr); Adam moves a ratio by about this much per step
+    act_clip_shared: bool = True  # one ratio per input point (q/k/v share one; gate/up one) instead of per projection
 
     def __post_init__(self):
         if int(self.rank) < 1:
@@ -55,6 +56,8 @@ class LowRankConfig:
             raise ValueError(f"train_lowrank.autocast={self.autocast!r} is not one of {AUTOCAST_CHOICES}")
         if not isinstance(self.learn_act_clip, bool):
             raise ValueError(f"train_lowrank.learn_act_clip={self.learn_act_clip!r} must be true or false")
+        if not isinstance(self.act_clip_shared, bool):
+            raise ValueError(f"train_lowrank.act_clip_shared={self.act_clip_shared!r} must be true or false")
         if self.act_clip_lr is not None and not float(self.act_clip_lr) > 0:
             raise ValueError(f"train_lowrank.act_clip_lr={self.act_clip_lr} must be positive (or null: the same as lr)")
 
@@ -83,11 +86,13 @@ def attach_lora(block: nn.Module, rank: int, seed: int) -> None:
         ql.lora_B.requires_grad_(False)
 
 
-def attach_act_clips(block: nn.Module) -> None:
-    """A trainable activation clip ratio per input point, not per projection: the projections that read the same
-    input (q/k/v; gate/up) share one parameter, so a deployment quantizes that input once (a fused QKV kernel)."""
+def attach_act_clips(block: nn.Module, shared: bool = True) -> None:
+    """A trainable activation clip ratio per projection, or (`shared`) per input point: the projections that read
+    the same input (q/k/v; gate/up) share one parameter, so a deployment can quantize that input once (a fused QKV
+    kernel). Per projection, q, k and v each quantize the shared input with their own ratio (our runtimes do)."""
     qlinears = _require_quant_linears(block)
-    for group in INPUT_GROUPS:
+    groups = INPUT_GROUPS if shared else tuple((name,) for group in INPUT_GROUPS for name in group)
+    for group in groups:
         members = [qlinears[name] for name in group if name in qlinears]
         if not members or not members[0].act_spec.enabled or members[0].act_clip is not None:
             continue
@@ -265,7 +270,7 @@ def train_block(
     if any(ql.lora_A is None for ql in qlinears.values()):
         attach_lora(block, cfg.rank, cfg.seed)
     if cfg.learn_act_clip:
-        attach_act_clips(block)
+        attach_act_clips(block, cfg.act_clip_shared)
     compute_dtype = next(iter(qlinears.values())).weight.dtype
     amp_dtype = resolve_autocast(cfg.autocast, device)
     batch_size = min(int(cfg.batch_size), n)

@@ -125,6 +125,7 @@ SCHEMA: dict[str, dict[str, Field] | None] = {
         "batch_size": _int(1), "weight_decay": _num(0, hint="a finite number >= 0"), "train_norms": BOOL_FIELD,
         "autocast": _str(choices=AUTOCAST_CHOICES), "seed": _int(), "learn_act_clip": BOOL_FIELD,
         "act_clip_lr": _num(0, lo_open=True, null=True, hint="a finite number > 0, or null (the same as lr)"),
+        "act_clip_shared": BOOL_FIELD,
     },
     "fuse": {"save_model": BOOL_FIELD, "format": _str(choices=MODEL_FORMATS)},
     "gptq": {"damp": _num(0, 1, hi_open=True), "block_size": _int(1), "act_order": BOOL_FIELD, "clip": BOOL_FIELD,

@@ -18,7 +18,7 @@ from .reassemble import quant_block
 log = logging.getLogger(__name__)
 
 CONFIG_FIELDS = ("rank", "lr", "epochs", "batch_size", "weight_decay", "train_norms", "autocast", "seed", "learn_act_clip",
-                 "act_clip_lr")
+                 "act_clip_lr", "act_clip_shared")
 
 
 class TrainLowrank(BlockStage):
@@ -27,7 +27,7 @@ class TrainLowrank(BlockStage):
     def key_config(self, cfg: dict) -> dict:
         part = super().key_config(cfg)
         if not part["train_lowrank"].get("learn_act_clip", False):  # off: the keys of runs made before it existed
-            part["train_lowrank"] = {k: v for k, v in part["train_lowrank"].items() if k not in ("learn_act_clip", "act_clip_lr")}
+            part["train_lowrank"] = {k: v for k, v in part["train_lowrank"].items() if k not in ("learn_act_clip", "act_clip_lr", "act_clip_shared")}
         if uses_gptq(cfg):  # GPTQ rounds the base LRC refines
             part["gptq"] = gptq_key(cfg)
         return part

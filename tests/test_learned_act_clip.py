@@ -50,6 +50,11 @@ def test_learning_the_clip_lowers_the_block_loss_and_stays_in_range():
     assert learned["self_attn.q_proj"].act_clip is learned["self_attn.k_proj"].act_clip is learned["self_attn.v_proj"].act_clip
     assert learned["mlp.gate_proj"].act_clip is learned["mlp.up_proj"].act_clip
     assert learned["mlp.gate_proj"].act_clip is not learned["mlp.down_proj"].act_clip
+    # per projection: seven ratios of their own
+    block = make_quant_block(layer, W4, A4)
+    train_block(block, runner, x, target, LowRankConfig(rank=4, lr=2e-3, epochs=1, learn_act_clip=True, act_clip_shared=False),
+                "cpu", progress=False)
+    assert len({id(ql.act_clip) for ql in quant_linears(block).values()}) == 7
 
 
 def test_learned_clips_survive_saving_fusing_and_rebuilding():
