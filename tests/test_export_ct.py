@@ -10,7 +10,8 @@ import torch
 
 from conftest import REPO, read_results, run_cli, tiny_overrides
 
-OFFLINE_ROTATION = ["rotate.online_down=false", "rotate.online_o=false", "rotate.online_qk=false", "quant.a_clip_ratio=1.0"]
+OFFLINE_ROTATION = ["rotate.online_down=false", "rotate.online_o=false", "rotate.online_qk=false", "quant.a_clip_ratio=1.0",
+                    "train_lowrank.learn_act_clip=false"]
 METHODS = {  # method -> overrides that keep it stock-loadable
     "rtn": [],
     "gptq": [],
