@@ -109,3 +109,19 @@ def test_packed_export_keeps_the_learned_clips(tmp_path):
         assert ql.act_spec.clip_ratio == quant_linears(block)[name].act_spec.clip_ratio != 0.85, name
     with torch.no_grad():
         assert torch.equal(runner(decoder_layers(loaded)[0], x), runner(block, x))
+
+
+def test_a_recipe_sets_keys_of_groups_listed_after_it():
+    """conf/config.yaml lists `method` after the groups a recipe sets, so rotation_lrc_gptq's train_lowrank values are
+    not overwritten by train_lowrank/default.yaml (they once were), and the command line still wins."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        recipe = compose("config", overrides=["method=rotation_lrc_gptq"])
+        assert recipe.train_lowrank.learn_act_clip is True and recipe.train_lowrank.act_clip_shared is False
+        assert recipe.quant.weight_algorithm == "gptq"
+        assert compose("config", overrides=["method=rotation_lrc_gptq", "train_lowrank.learn_act_clip=false"]
+                       ).train_lowrank.learn_act_clip is False
+        assert compose("config").train_lowrank.learn_act_clip is False  # the default job is unchanged
