@@ -19,7 +19,7 @@ DIRECT = {
     "search_theta.": {"search_theta"},
     "reassemble.assemble": {"search_theta", "reassemble"},
     "reassemble.enabled": {"reassemble"},
-    "train_lowrank.": {"train_lowrank"},
+    "train_lowrank.": {"train_lowrank"},  # act_clip_* only while train_lowrank.learn_act_clip (the test sets it)
     "quant.": {"search_theta", "train_lowrank", "fuse"},
     "gptq.": {"train_lowrank", "fuse"},  # only while quant.weight_algorithm=gptq (the test sets it)
 }
@@ -88,7 +88,8 @@ def configs():
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         for extra in ([], ["data=text_files", "data.calib_path=c", "data.eval_path=e", "logger=wandb"],
                       ["method=rotation_qllm_gptq", "smooth.alpha=0.5"]):
-            cfg = compose("config", overrides=["pipeline.cache_dir=/tmp/c", "quant.weight_algorithm=gptq", *extra])
+            cfg = compose("config", overrides=["pipeline.cache_dir=/tmp/c", "quant.weight_algorithm=gptq",
+                                               "train_lowrank.learn_act_clip=true", *extra])
             out[tuple(extra)] = OmegaConf.to_container(cfg, resolve=False)
     return out
 
