@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from .lowrank import GIB, _linear_shapes, format_plan, memory_plan
+from .lrc_memory import GIB, format_plan, linear_shapes, memory_plan
 from .model_loading import ModelSource, load_config, streams
 
 GPU_BYTES = 80 * 10**9  # one 80 GB GPU (A100/H100-80G)
@@ -44,7 +44,7 @@ def arch_from_config(config) -> dict:
 
 
 def block_params(arch: dict) -> int:
-    shapes = _linear_shapes(arch["hidden_size"], arch["intermediate_size"], arch["num_attention_heads"],
+    shapes = linear_shapes(arch["hidden_size"], arch["intermediate_size"], arch["num_attention_heads"],
                             arch["num_key_value_heads"])
     return sum(o * n for o, n in shapes.values()) + 2 * arch["hidden_size"]
 
@@ -67,7 +67,7 @@ def search_theta_working_set(arch: dict, tokens: int, nbytes: int, block_bytes: 
     dtype) plus float32 temporaries of its largest projection (transformed weight, codes, rounding: 3 copies), and the
     quantized input and output in float32 (3 copies of the input, 2 of the output)."""
     h, i = arch["hidden_size"], arch["intermediate_size"]
-    shapes = _linear_shapes(h, i, arch["num_attention_heads"], arch["num_key_value_heads"])
+    shapes = linear_shapes(h, i, arch["num_attention_heads"], arch["num_key_value_heads"])
     points = {  # point -> (input channels C, projections, output width)
         "qkv": (h, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), h),
         "gate_up": (h, ("mlp.gate_proj", "mlp.up_proj"), i),
@@ -92,7 +92,7 @@ def gptq_working_set(arch: dict, block_bytes: int, fp_target: bool = False) -> i
     copies (sum, permuted copy, Cholesky factor, inverse: 4 × C² × 8) and the weight in float64 twice. With
     gptq.fp_target: the FP block too, and the cross term, the ridge matrix and its factor (3 × C² × 8 more)."""
     h, i = arch["hidden_size"], arch["intermediate_size"]
-    shapes = _linear_shapes(h, i, arch["num_attention_heads"], arch["num_key_value_heads"])
+    shapes = linear_shapes(h, i, arch["num_attention_heads"], arch["num_key_value_heads"])
     squares = 7 if fp_target else 4
     worst = max(squares * n * n * 8 + 2 * o * n * 8 for o, n in shapes.values())
     return (3 if fp_target else 2) * block_bytes + worst

@@ -11,15 +11,14 @@ from qllm_pipeline.blocks import LINEAR_NAMES, BlockRunner, quant_linears, quant
 from qllm_pipeline.lowrank import (
     LowRankConfig,
     attach_lora,
-    format_plan,
     fuse_block,
     load_lora_state,
     lora_state,
-    memory_plan,
     resolve_autocast,
     train_block,
     trainable_parameters,
 )
+from qllm_pipeline.lrc_memory import format_plan, memory_plan
 from qllm_pipeline.quantizer import QuantSpec, quantize_weight
 
 N, L = 8, 16
