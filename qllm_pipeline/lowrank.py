@@ -111,11 +111,12 @@ def trainable_parameters(block: nn.Module, train_norms: bool) -> list[nn.Paramet
     Does not change `requires_grad`; `train_block` does that for the duration of training.
     """
     params: list[nn.Parameter] = []
-    for name, ql in _require_quant_linears(block).items():
+    qlinears = _require_quant_linears(block)
+    for name, ql in qlinears.items():
         if ql.lora_A is None or ql.lora_B is None:
             raise ValueError(f"{name} has no low-rank correction attached; call attach_lora first")
         params += [ql.lora_A, ql.lora_B]
-    shared = {id(ql.act_clip): ql.act_clip for ql in _require_quant_linears(block).values() if ql.act_clip is not None}
+    shared = {id(ql.act_clip): ql.act_clip for ql in qlinears.values() if ql.act_clip is not None}
     params += list(shared.values())  # once each: q/k/v (gate/up) share one
     if train_norms:
         params += [norm.weight for norm in _norm_modules(block).values()]

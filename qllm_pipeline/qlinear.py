@@ -150,10 +150,11 @@ class QuantLinear(nn.Module):
         self.act_clip_learned = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_clip is not None and self.act_spec.enabled:
-            x = quantize_lastdim_learned_clip(self.transform_input(x), self.act_spec.bits, self.act_spec.symmetric, self.act_clip)
-            return nn.functional.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        x = quantize_activation(self.transform_input(x), self.act_spec)
+        x = self.transform_input(x)
+        if self.act_clip is not None and self.act_spec.enabled:  # the clip ratio being learned
+            x = quantize_lastdim_learned_clip(x, self.act_spec.bits, self.act_spec.symmetric, self.act_clip)
+        else:
+            x = quantize_activation(x, self.act_spec)
         return nn.functional.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def fuse(self, codes: dict[str, torch.Tensor] | None = None) -> None:
