@@ -98,6 +98,16 @@ def gptq_working_set(arch: dict, block_bytes: int, fp_target: bool = False) -> i
     return (3 if fp_target else 2) * block_bytes + worst
 
 
+def e2e_working_set(arch: dict, cfg: dict, nbytes: int) -> int:
+    """tune_e2e holds the whole quantized model and the FP teacher, the activations a batch's backward keeps
+    (about 12 hidden- and 5 intermediate-wide tensors per block and token, float32 after quantization) and the
+    logits (student, teacher, their log-softmaxes and the gradient)."""
+    tokens = int((cfg.get("tune_e2e") or {}).get("batch_size", 1)) * int(cfg["calibrate"]["seq_len"])
+    activations = arch["num_hidden_layers"] * tokens * (12 * arch["hidden_size"] + 5 * arch["intermediate_size"]) * 4
+    logits = 5 * tokens * arch["vocab_size"] * 4
+    return 2 * model_params(arch) * nbytes + activations + logits
+
+
 def dtype_bytes(cfg: dict) -> int:
     """Bytes per weight and stream element in the model's dtype."""
     return 2 if cfg["model"].get("dtype", "float16") in ("float16", "bfloat16") else 4
@@ -136,6 +146,8 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True) -> 
         work["train_lowrank"] = lrc_plan["device_peak_bytes"]
     if gptq_on:
         work["gptq"] = gptq_working_set(arch, block, gptq_fp)
+    if "tune_e2e" in stages and (cfg["quant"].get("wbits") is not None or cfg["quant"].get("abits") is not None):
+        work["tune_e2e"] = e2e_working_set(arch, cfg, nbytes)
     ev = cfg.get("eval", {})
     eval_seq = int(ev.get("seq_len", seq))
     windows = ev.get("max_windows") or math.ceil(WIKITEXT2_TEST_TOKENS / eval_seq)
@@ -153,6 +165,8 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True) -> 
         device_peak = 0
     else:  # host: the FP block as read and one copy on its way to the device
         per_stage = {name: base + 2 * block for name in work if name != "evaluate"}
+        if "tune_e2e" in work:  # both whole models are built on the host, then moved
+            per_stage["tune_e2e"] = base + 2 * model_params(arch) * nbytes
         if "evaluate" in work:
             per_stage["evaluate"] = base - resident["streams"] + eval_streams + 2 * block
         device_peak = max(work.values(), default=block)

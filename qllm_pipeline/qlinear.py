@@ -48,6 +48,9 @@ class QuantLinear(nn.Module):
         # parameter while training; `fuse` moves it into act_spec). None: the spec's ratio.
         self.act_clip: nn.Parameter | None = None
         self.act_clip_learned = False  # act_spec's clip ratio is this projection's own (stored with the fused block)
+        # End-to-end tuning of a fused weight's grid: the integer codes stay, each row's (group's) scale is
+        # multiplied by 1 + scale_delta (a trainable tensor shaped like the scale; None when not tuning).
+        self.scale_delta: nn.Parameter | None = None
         self._qweight_cache: torch.Tensor | None = None
 
     @classmethod
@@ -128,6 +131,8 @@ class QuantLinear(nn.Module):
         return quantize_weight_with_params(w, p["scale"], p["zero"], self.weight_spec)
 
     def quantized_weight(self) -> torch.Tensor:
+        if self.scale_delta is not None:  # a fused weight whose scales are being tuned: same codes, new scales
+            return dequantize_weight(self.codes["codes"], self.codes["scale"] * (1 + self.scale_delta), self.codes["zero"])
         if self.weight_is_quantized:  # fused: the stored weight is already reassembled, merged and quantized
             return self.weight
         if self.lora_A is not None:  # being trained: recompute so gradients reach A and B
@@ -178,6 +183,21 @@ class QuantLinear(nn.Module):
         self.base_qparams = None
         self.weight_is_quantized = True
         self._qweight_cache = None
+
+    def add_scale_tuning(self) -> None:
+        """Make this fused weight's scales trainable (a multiplicative delta starting at 0: the output is unchanged)."""
+        if not self.weight_is_quantized or self.codes is None:
+            raise ValueError("scale tuning needs a fused weight in integer form (codes, scale, zero)")
+        self.scale_delta = nn.Parameter(torch.zeros_like(self.codes["scale"]), requires_grad=False)
+
+    def commit_scale_tuning(self) -> None:
+        """Fold the tuned scales into the integer form and the stored weight; the codes are unchanged."""
+        if self.scale_delta is None:
+            return
+        with torch.no_grad():
+            scale = self.codes["scale"] * (1 + self.scale_delta.detach().to(self.codes["scale"].dtype))
+        self.scale_delta = None
+        self.load_codes({**self.codes, "scale": scale})
 
     def load_codes(self, codes: dict[str, torch.Tensor]) -> None:
         """Set a fused weight from its integer form (the inverse of what `fuse` stores)."""

@@ -129,6 +129,8 @@ class Runner:
         self.block_stages = [n for n, s in stages.items() if s.spec.kind == BLOCK]
         self.records = {name: StageRecord() for name in self.order}
         self.artifacts: dict[str, list[Artifact | None]] = {}
+        # Per block, fused tensors a stage after the blocks replaced (tune_e2e: scales, clip ratios, norms).
+        self.block_overrides: list[dict[str, torch.Tensor]] | None = None
         validate_config(ctx.cfg, stages)
         self.selected = list(ctx.cfg["pipeline"]["stages"])
         self.force = set(ctx.cfg["pipeline"].get("force") or [])
@@ -172,7 +174,7 @@ class Runner:
             rec.peak_device_mib = max(rec.peak_device_mib, torch.cuda.max_memory_allocated(self.ctx.device) / 2**20)
         return result
 
-    def _produce(self, name: str, key: str, compute) -> Artifact:
+    def produce(self, name: str, key: str, compute) -> Artifact:
         """Return the cached artifact for `key`, or compute it (under the key's lock, so parallel jobs compute it once)."""
         artifact, computed = self.ctx.cache.produce(
             name, key, lambda writer: self._measure(name, compute, writer), force=self.is_forced(name)
@@ -194,7 +196,7 @@ class Runner:
         for name in once:
             stage = self.stages[name]
             key = ctx.keys[name] = self.key(name, upstream)
-            artifact = self._produce(name, key, lambda w, s=stage: s.run(ctx, w))
+            artifact = self.produce(name, key, lambda w, s=stage: s.run(ctx, w))
             self._measure(name, stage.apply, ctx, artifact)
             self._report(name, key)
             upstream = {"model": ctx.model_id, name: stage.content_key(ctx, artifact, key)}
@@ -205,7 +207,7 @@ class Runner:
 
         final_key, artifacts = self.walk_blocks(calib_key, windows, chain_key)
         self.artifacts = artifacts
-        ctx.keys["fuse"] = final_key
+        ctx.keys["fuse"] = ctx.keys["model"] = final_key  # "model": the final model's key (a later stage may change it)
         for name in self.block_stages:
             self._report(name, "per block")
             if self.enabled(name):
@@ -213,8 +215,15 @@ class Runner:
         results: dict[str, Any] = {}
         for name in self.enabled_of_kind(FINAL):
             results.update(self._measure(name, self.stages[name].run, ctx, self) or {})
-            self._report(name, "per variant")
+            self._report(name, ctx.keys.get(name, "per variant"))
         return results
+
+    def block_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i of the final quantized model: its fused tensors, with what a later stage changed applied."""
+        tensors = self.artifacts["fuse"][i].tensors("block.safetensors")
+        if self.block_overrides is not None:
+            tensors.update(self.block_overrides[i])
+        return tensors
 
     def walk_blocks(self, calib_key: str, windows: torch.Tensor, chain_key: str):
         """Run the block stages block by block; returns the last fused key and every block's artifacts by stage.
@@ -254,7 +263,7 @@ class Runner:
             for name in enabled:
                 stage = self.stages[name]
                 bar.set_postfix_str(f"{name}")
-                artifact = self._produce(name, keys[name], lambda w, s=stage: s.run(ctx, state, w))
+                artifact = self.produce(name, keys[name], lambda w, s=stage: s.run(ctx, state, w))
                 state.artifacts[name] = artifact
                 stage.apply(ctx, state, artifact)  # e.g. smooth: later stages see the smoothed block
             for n in self.block_stages:

@@ -13,7 +13,8 @@ from .rotate import Rotate
 from .search_theta import SearchTheta
 from .smooth import Smooth
 from .train_lowrank import TrainLowrank
+from .tune_e2e import TuneE2E
 
 STAGES = registry(
-    [Calibrate(), Rotate(), CollectActivations(), Smooth(), SearchTheta(), Reassemble(), TrainLowrank(), Fuse(), Evaluate()]
+    [Calibrate(), Rotate(), CollectActivations(), Smooth(), SearchTheta(), Reassemble(), TrainLowrank(), Fuse(), TuneE2E(), Evaluate()]
 )

@@ -45,15 +45,13 @@ def variant_plan(ctx, runner, artifacts) -> dict[str, tuple[dict, object, object
     plan = {"fp": ({}, lambda i: fp_layers[i], ctx.fp_model)}
     if not (wspec.enabled or aspec.enabled):
         return plan
-    fused = artifacts["fuse"]
-
     def from_fused(i):
-        return build_fused_block(layers[i], fused[i].tensors("block.safetensors"), aspec, wspec, attn)
+        return build_fused_block(layers[i], runner.block_tensors(i), aspec, wspec, attn)
 
     methods = method_names(ctx, runner)
     quant = {"quant": ctx.cfg["quant"]}
     if not methods:  # the fused model is plain RTN: evaluate it from the artifacts, not a second copy
-        plan["rtn"] = ({**quant, "fuse": ctx.keys["fuse"]}, from_fused, ctx.model)
+        plan["rtn"] = ({**quant, "fuse": ctx.keys["model"]}, from_fused, ctx.model)
         return plan
     plan["rtn"] = (quant, lambda i: make_quant_block(fp_layers[i], wspec, aspec, attn_spec=attn), ctx.fp_model)
     if methods == ["cra", "lrc"]:  # what CRA alone gave on this run's blocks, before LRC
@@ -65,7 +63,7 @@ def variant_plan(ctx, runner, artifacts) -> dict[str, tuple[dict, object, object
             ),
             ctx.model,
         )
-    plan["+".join(methods)] = ({**quant, "fuse": ctx.keys["fuse"]}, from_fused, ctx.model)
+    plan["+".join(methods)] = ({**quant, "fuse": ctx.keys["model"]}, from_fused, ctx.model)
     return plan
 
 

@@ -101,36 +101,42 @@ class Fuse(BlockStage):
         writer.save_tensors("block.safetensors", fused_block_tensors(block))
 
     def finalize(self, ctx, runner) -> None:
-        """Write the whole quantized model once per final key (cached like any artifact)."""
-        if not ctx.cfg["fuse"].get("save_model", True):
+        if runner.enabled("tune_e2e"):  # the blocks change once more: the model is written after that stage
             return
-        fmt = model_format(ctx.cfg)
-        key = artifact_key("model", 1, {"format": fmt}, {"fuse": ctx.keys["fuse"]})
+        write_model(ctx, runner)
 
-        def write(writer):
-            # Read one block at a time; a streamed model is written one shard per block, so the export never holds it whole.
-            blocks = (a.tensors("block.safetensors") for a in runner.artifacts["fuse"])
-            sharded = is_streamed(ctx.fp_model)  # the model as loaded (a rotated view of an in-memory one is not streamed)
-            if fmt == CT_FORMAT:
-                parts = runtime_parts(ctx.cfg)
-                if parts:
-                    log.info("the checkpoint ships modeling_qllm.py (load it with trust_remote_code=True) for: %s",
-                             "; ".join(parts))
-                sizes = save_compressed_tensors_model(ctx.model, ctx.tokenizer, blocks, ctx.cfg["quant"], writer.tmp,
-                                                      runtime=bool(parts), sharded=sharded)
-            else:
-                sizes = save_quantized_model(ctx.model, ctx.tokenizer, blocks, ctx.cfg["quant"], writer.tmp, sharded=sharded)
-            writer.save_json("sizes.json", sizes)
 
-        model_dir, _ = ctx.cache.produce("model", key, write)
-        link = ctx.run_dir / "quantized_model"
-        if link.is_symlink():  # a re-used run directory: point at this run's model
-            link.unlink()
-        if not link.exists():
-            link.symlink_to(model_dir.path, target_is_directory=True)
-        sizes = model_dir.json("sizes.json")
-        log.info("quantized model (%s): %s (%.1f MB; the same model in FP16: %.1f MB)", fmt, model_dir.path, sizes["file_bytes"] / 1e6,
-                 sizes["fp16_bytes"] / 1e6)
+def write_model(ctx, runner) -> None:
+    """Write the whole final quantized model once per final key (cached like any artifact)."""
+    if not ctx.cfg["fuse"].get("save_model", True):
+        return
+    fmt = model_format(ctx.cfg)
+    key = artifact_key("model", 1, {"format": fmt}, {"fuse": ctx.keys["model"]})
+
+    def write(writer):
+        # Read one block at a time; a streamed model is written one shard per block, so the export never holds it whole.
+        blocks = (runner.block_tensors(i) for i in range(len(runner.artifacts["fuse"])))
+        sharded = is_streamed(ctx.fp_model)  # the model as loaded (a rotated view of an in-memory one is not streamed)
+        if fmt == CT_FORMAT:
+            parts = runtime_parts(ctx.cfg)
+            if parts:
+                log.info("the checkpoint ships modeling_qllm.py (load it with trust_remote_code=True) for: %s",
+                         "; ".join(parts))
+            sizes = save_compressed_tensors_model(ctx.model, ctx.tokenizer, blocks, ctx.cfg["quant"], writer.tmp,
+                                                  runtime=bool(parts), sharded=sharded)
+        else:
+            sizes = save_quantized_model(ctx.model, ctx.tokenizer, blocks, ctx.cfg["quant"], writer.tmp, sharded=sharded)
+        writer.save_json("sizes.json", sizes)
+
+    model_dir, _ = ctx.cache.produce("model", key, write)
+    link = ctx.run_dir / "quantized_model"
+    if link.is_symlink():  # a re-used run directory: point at this run's model
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(model_dir.path, target_is_directory=True)
+    sizes = model_dir.json("sizes.json")
+    log.info("quantized model (%s): %s (%.1f MB; the same model in FP16: %.1f MB)", fmt, model_dir.path, sizes["file_bytes"] / 1e6,
+             sizes["fp16_bytes"] / 1e6)
 
 
 def fp_inputs(state):

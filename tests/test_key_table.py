@@ -22,6 +22,7 @@ DIRECT = {
     "train_lowrank.": {"train_lowrank"},  # act_clip_* only while train_lowrank.learn_act_clip (the test sets it)
     "quant.": {"search_theta", "train_lowrank", "fuse"},
     "gptq.": {"train_lowrank", "fuse"},  # only while quant.weight_algorithm=gptq (the test sets it)
+    "tune_e2e.": {"tune_e2e"},
 }
 # keys that enter keys through content, tested in tests/test_content_keys.py
 CONTENT = {

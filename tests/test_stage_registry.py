@@ -20,10 +20,11 @@ QUANTS = sorted(p.stem for p in (CONF / "quant").glob("*.yaml"))
 
 def test_pipeline_order_is_derived_from_the_registry():
     assert list(STAGES) == [
-        "calibrate", "rotate", "collect_activations", "smooth", "search_theta", "reassemble", "train_lowrank", "fuse", "evaluate",
+        "calibrate", "rotate", "collect_activations", "smooth", "search_theta", "reassemble", "train_lowrank", "fuse", "tune_e2e",
+        "evaluate",
     ]
     kinds = [s.spec.kind for s in STAGES.values()]
-    assert kinds == [ONCE] * 2 + [BLOCK] * 6 + [FINAL]
+    assert kinds == [ONCE] * 2 + [BLOCK] * 6 + [FINAL] * 2
     assert [n for n, s in STAGES.items() if s.spec.needs_fp_targets] == ["train_lowrank"]
 
 
