@@ -65,6 +65,8 @@ def runtime_parts(cfg: dict) -> list[str]:
     lrc = cfg.get("train_lowrank") or {}
     if quant.get("abits") is not None and "train_lowrank" in stages and lrc.get("enabled", True) and lrc.get("learn_act_clip"):
         out.append("activation clip ratios learned per projection (train_lowrank.learn_act_clip)")
+    if quant.get("abits") is not None and "tune_e2e" in stages and (cfg.get("tune_e2e") or {}).get("act_clip_lr"):
+        out.append("activation clip ratios tuned per projection (tune_e2e.act_clip_lr)")
     if quant.get("attn_bits") is not None:
         out.append("quantized attention inputs (quant.attn_bits)")
     if quant.get("wbits") is None and quant.get("abits") is not None:

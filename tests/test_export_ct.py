@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, read_results, run_cli, tiny_overrides
 
 OFFLINE_ROTATION = ["rotate.online_down=false", "rotate.online_o=false", "rotate.online_qk=false", "quant.a_clip_ratio=1.0",
-                    "train_lowrank.learn_act_clip=false"]
+                    "train_lowrank.learn_act_clip=false", "tune_e2e.act_clip_lr=0"]
 METHODS = {  # method -> overrides that keep it stock-loadable
     "rtn": [],
     "gptq": [],
@@ -21,7 +21,7 @@ METHODS = {  # method -> overrides that keep it stock-loadable
     "rotation_lrc_gptq": OFFLINE_ROTATION,
 }
 VARIANT = {"rtn": "rtn", "gptq": "gptq", "smoothquant": "smoothquant", "lrc": "lrc", "rotation": "rotation",
-           "rotation_lrc_gptq": "rotation+lrc+gptq"}
+           "rotation_lrc_gptq": "rotation+lrc+e2e+gptq"}
 # method -> overrides, for methods with run-time parts (reassembly, online Hadamards, the A4 clip, attention inputs)
 REMOTE = {
     "cra": ("cra", []),
@@ -30,7 +30,7 @@ REMOTE = {
     "quarot": ("rotation+gptq", []),
     "quarot_attn4": ("rotation+gptq", ["method=quarot", "quant.attn_bits=4"]),
     "rotation_qllm_gptq": ("rotation+cra+lrc+gptq", []),
-    "learned_act_clip": ("rotation+lrc+gptq", ["method=rotation_lrc_gptq", "train_lowrank.learn_act_clip=true"]),
+    "learned_act_clip": ("rotation+lrc+e2e+gptq", ["method=rotation_lrc_gptq", "train_lowrank.learn_act_clip=true"]),
 }
 
 
@@ -95,7 +95,7 @@ def test_checkpoint_with_runtime_parts_reloads_with_its_modeling_code(case, tiny
     # the shipped file imports nothing of ours
     assert "qllm_pipeline" not in "".join(
         line for line in (model_dir / "modeling_qllm.py").read_text().splitlines() if line.startswith(("import", "from")))
-    if "train_lowrank.learn_act_clip=true" in extra:  # each projection carries its own learned ratio
+    if "train_lowrank.learn_act_clip=true" in extra:  # each projection carries its own learned (and tuned) ratio
         clips = [p["clip"] for layer in config["qllm_runtime"]["layers"] for p in layer["projections"].values()]
         assert len(clips) == 7 * len(config["qllm_runtime"]["layers"]) and len(set(clips)) > 1
     reloaded = reload(model_dir, eval_windows, tmp_path)

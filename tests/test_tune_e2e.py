@@ -136,3 +136,24 @@ def test_the_stage_is_cached_evaluated_and_exported(tiny_model_dir, tmp_path):
     with torch.no_grad():
         nll = sum(torch.nn.functional.cross_entropy(model(w[None]).logits[0, :-1], w[1:]).item() for w in windows)
     assert math.exp(nll / len(windows)) == pytest.approx(ppl["rotation+lrc+e2e+gptq"], rel=1e-4)
+
+
+def test_the_best_recipe_tunes_end_to_end_and_the_default_job_does_not():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from conftest import REPO
+    from qllm_pipeline.export_ct import runtime_parts as parts_of
+
+    def runtime_parts(cfg):
+        return parts_of(OmegaConf.to_container(cfg, resolve=False))
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        recipe = compose("config", overrides=["method=rotation_lrc_gptq"])
+        assert list(recipe.pipeline.stages)[-2:] == ["tune_e2e", "evaluate"]
+        assert "tune_e2e" not in compose("config").pipeline.stages
+        # tuned clip ratios are per projection, so the checkpoint needs its modeling file; scales alone do not
+        parts = runtime_parts(compose("config", overrides=["method=rotation_lrc_gptq", "train_lowrank.learn_act_clip=false"]))
+        assert "activation clip ratios tuned per projection (tune_e2e.act_clip_lr)" in parts
+        parts = runtime_parts(compose("config", overrides=["method=rotation_lrc_gptq", "tune_e2e.act_clip_lr=0"]))
+        assert not any("tune_e2e" in p for p in parts)
