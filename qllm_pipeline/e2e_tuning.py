@@ -30,7 +30,7 @@ TUNED_FIELDS = ("scale", "act_clip")  # per projection, plus the norm weights: w
 class E2EConfig:
     epochs: int = 2
     batch_size: int = 1
-    scale_lr: float = 5e-4  # AdamW moves each scale by about this fraction per step
+    scale_lr: float = 4e-3  # AdamW moves each scale by about this fraction per step
     act_clip_lr: float = 5e-3
     norm_lr: float = 0.0  # 0: the norm weights stay as they are
     seed: int = 0
