@@ -157,3 +157,24 @@ def test_the_best_recipe_tunes_end_to_end_and_the_default_job_does_not():
         assert "activation clip ratios tuned per projection (tune_e2e.act_clip_lr)" in parts
         parts = runtime_parts(compose("config", overrides=["method=rotation_lrc_gptq", "tune_e2e.act_clip_lr=0"]))
         assert not any("tune_e2e" in p for p in parts)
+
+
+def test_the_memory_plan_counts_the_whole_model_only_when_tuning():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from conftest import REPO
+    from qllm_pipeline.plan import model_params, run_plan
+
+    arch = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "num_hidden_layers": 30, "vocab_size": 49152, "tie_word_embeddings": True}
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        plans = {}
+        for extra in ([], ["pipeline.stages=[calibrate,rotate,train_lowrank,fuse,evaluate]"]):
+            cfg = OmegaConf.to_container(compose("config", overrides=["method=rotation_lrc_gptq", *extra]), resolve=False)
+            plans[bool(extra)] = run_plan(cfg, arch, "cpu")
+    tuned, plain = plans[False], plans[True]
+    assert "tune_e2e" not in plain["stage_working_sets"]
+    # the student and the FP teacher, whole, at least; the tuning's peak is then the run's host peak here
+    assert tuned["stage_working_sets"]["tune_e2e"] > 2 * model_params(arch) * 4
+    assert tuned["host_peak_bytes"] == tuned["host_per_stage"]["tune_e2e"] > plain["host_peak_bytes"]
