@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 
-from torch import nn
 
 from qllm_pipeline.blocks import decoder_layers
 from qllm_pipeline.data import HELDOUT, calibration_starts, evaluation_windows, heldout_windows, load_corpus, tokenize
+from qllm_pipeline.e2e_tuning import swapped_layers
 from qllm_pipeline.fused import build_fused_block
 from qllm_pipeline.identity import tensor_digest
 from qllm_pipeline.perplexity import blockwise_perplexity
@@ -129,13 +129,9 @@ def zeroshot(ctx, runner, plan: dict, cfg: dict) -> dict:
         def compute(writer, name=name, block_for=block_for, model=model):
             # lm-eval runs the whole model's forward: the variant's blocks are all built and swapped in for the call
             # (the one place a streamed model is held whole).
-            original = model.model.layers
-            model.model.layers = nn.ModuleList(block_for(i) for i in range(len(original)))
-            try:
+            with swapped_layers(model, [block_for(i) for i in range(len(model.model.layers))]):
                 log.info("zero-shot %s on %s", name, tasks)
                 writer.save_json("zeroshot.json", run_zeroshot(model, ctx.tokenizer, tasks, cfg.get("limit"), cfg["batch_size"], ctx.device))
-            finally:
-                model.model.layers = original
 
         artifact, computed = ctx.cache.produce("evaluate", key, compute, force=runner.is_forced("evaluate"))
         runner.records["evaluate"].computed += computed
