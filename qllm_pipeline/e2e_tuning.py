@@ -123,8 +123,8 @@ def _kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -
 def tune_model(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: E2EConfig, device,
                progress: bool = True) -> dict:
     """Tune `model` (fused quantized blocks in its decoder layers) toward `teacher` on `windows` [n, seq] in place;
-    AdamW with a linear decay to 0, clip ratios kept in [ACT_CLIP_MIN, 1]. Returns the KL per epoch (mean over
-    batches; "before" measured with no update) and the number of steps. Everything is moved back to the CPU."""
+    AdamW with a linear decay to 0, clip ratios kept in [ACT_CLIP_MIN, 1]. Returns the KL before and after (means
+    over the windows, no update), the mean KL of each epoch's steps, and the number of steps. Everything is moved back to the CPU."""
     layers = list(decoder_layers(model))
     groups = attach_tuning(layers, cfg)
     model.to(device)
@@ -139,9 +139,7 @@ def tune_model(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg:
     history: list[float] = []
     bar = tqdm(total=steps, desc="tune_e2e", disable=not progress)
     try:
-        with torch.no_grad():
-            before = [float(_kl_to_teacher(model(w.to(device)).logits, teacher(w.to(device)).logits))
-                      for w in windows.split(cfg.batch_size)]
+        before = _mean_kl(model, teacher, windows, cfg.batch_size, device)
         for _ in range(cfg.epochs):
             order = torch.randperm(windows.shape[0], generator=generator)
             losses = []
@@ -161,13 +159,22 @@ def tune_model(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg:
                 bar.update(1)
                 bar.set_postfix_str(f"kl {losses[-1]:.4f}")
             history.append(sum(losses) / len(losses))
+        # The epoch means are taken while the parameters move; the KL of the result is measured the same way as before.
+        after = _mean_kl(model, teacher, windows, cfg.batch_size, device)
     finally:
         bar.close()
         commit_tuning(layers)
         model.to("cpu")
         teacher.to("cpu")
         _codes_to(layers, "cpu")
-    return {"kl_before": sum(before) / len(before), "kl_per_epoch": history, "steps": steps}
+    return {"kl_before": before, "kl_after": after, "kl_per_epoch": history, "steps": steps}
+
+
+def _mean_kl(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch_size: int, device) -> float:
+    with torch.no_grad():
+        kls = [float(_kl_to_teacher(model(w.to(device)).logits, teacher(w.to(device)).logits))
+               for w in windows.split(batch_size)]
+    return sum(kls) / len(kls)
 
 
 def _codes_to(layers: list[nn.Module], device) -> None:

@@ -103,7 +103,7 @@ SCHEMA: dict[str, dict[str, Field] | None] = {
         "name": _str(), "wbits": BITS, "abits": BITS, "attn_bits": BITS,
         "group_size": _int(1, null=True, hint="a positive integer dividing the layer widths, or null for per-channel"),
         "w_symmetric": BOOL_FIELD, "a_symmetric": BOOL_FIELD,
-        "a_clip_ratio": Field(DICT),  # a number or {bits: number}: checked by _check_clip_ratio
+        "a_clip_ratio": Field(DICT),  # a number or {bits: number}: checked by _check_per_bit_width
         "channel_ratio": _num(0, 1, hi_open=True, hint="in [0, 1): extra channels from disassembly as a fraction of C"),
         "weight_algorithm": _str(choices=WEIGHT_ALGORITHMS),
     },
@@ -128,7 +128,7 @@ SCHEMA: dict[str, dict[str, Field] | None] = {
         "act_clip_shared": BOOL_FIELD,
     },
     "tune_e2e": {"epochs": _int(1), "batch_size": _int(1), "seed": _int(),
-                 "scale_lr": _num(0, hint="a finite number >= 0 (0: scales not tuned)"),
+                 "scale_lr": Field(DICT),  # a number or {weight bits: number}: checked by _check_per_bit_width
                  "act_clip_lr": _num(0, hint="a finite number >= 0 (0: clip ratios not tuned)"),
                  "norm_lr": _num(0, hint="a finite number >= 0 (0: norms not tuned)")},
     "fuse": {"save_model": BOOL_FIELD, "format": _str(choices=MODEL_FORMATS)},
@@ -167,8 +167,8 @@ def validate_schema(cfg: dict) -> None:
             if key not in fields:
                 raise PipelineError(f"unknown key {section}.{key}; {section} has {sorted(fields)}")
             field = fields[key]
-            if (section, key) == ("quant", "a_clip_ratio"):
-                _check_clip_ratio(item)
+            if (section, key) in PER_BIT_WIDTH:
+                _check_per_bit_width(f"{section}.{key}", item, *PER_BIT_WIDTH[section, key])
             elif field.kind == DICT and item is not None and not isinstance(item, dict) and section != "search_theta":
                 raise PipelineError(f"{section}.{key}={item!r} must be a mapping")
             if field.kind != DICT:
@@ -177,17 +177,22 @@ def validate_schema(cfg: dict) -> None:
 
 
 CLIP_RATIO = _num(0, 1, lo_open=True, hint="in (0, 1]; 1.0 means no clipping")
+# Settings a recipe may give per bit width, {bits: value}: the field each value is checked against and whose bits key it.
+PER_BIT_WIDTH = {
+    ("quant", "a_clip_ratio"): (CLIP_RATIO, "activation", "{4: 0.85}"),
+    ("tune_e2e", "scale_lr"): (_num(0, hint="a finite number >= 0 (0: scales not tuned)"), "weight", "{4: 0.004}"),
+}
 
 
-def _check_clip_ratio(value: Any) -> None:
-    """quant.a_clip_ratio: one ratio, or {activation bits: ratio} (a recipe's choice per bit width)."""
+def _check_per_bit_width(key: str, value: Any, field: Field, which: str, example: str) -> None:
+    """One value, or {bit width: value} (a recipe's choice per bit width)."""
     if not isinstance(value, dict):
-        CLIP_RATIO.check("quant.a_clip_ratio", value)
+        field.check(key, value)
         return
-    for bits, ratio in value.items():
+    for bits, item in value.items():
         if isinstance(bits, bool) or not str(bits).isdigit():
-            raise PipelineError(f"quant.a_clip_ratio has the key {bits!r}; its keys are activation bit widths, e.g. {{4: 0.85}}")
-        CLIP_RATIO.check(f"quant.a_clip_ratio.{bits}", ratio)
+            raise PipelineError(f"{key} has the key {bits!r}; its keys are {which} bit widths, e.g. {example}")
+        field.check(f"{key}.{bits}", item)
 
 
 def validate_combinations(cfg: dict) -> None:

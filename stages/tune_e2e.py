@@ -14,6 +14,7 @@ from qllm_pipeline.blocks import decoder_layers
 from qllm_pipeline.e2e_tuning import E2EConfig, swapped_layers, tune_model, tuned_tensors
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.fused import build_fused_block
+from qllm_pipeline.quantizer import per_bit_width
 from qllm_pipeline.stage import FINAL, FinalStage, StageSpec
 
 from .fuse import write_model
@@ -24,13 +25,17 @@ CONFIG_FIELDS = ("epochs", "batch_size", "scale_lr", "act_clip_lr", "norm_lr", "
 
 
 class TuneE2E(FinalStage):
-    spec = StageSpec("tune_e2e", version=1, config_keys=("tune_e2e",), upstream=("fuse",), kind=FINAL, label="e2e")
+    spec = StageSpec("tune_e2e", version=2, config_keys=("tune_e2e",), upstream=("fuse",), kind=FINAL, label="e2e")
 
     def enabled(self, cfg) -> bool:
         return cfg["quant"].get("wbits") is not None or cfg["quant"].get("abits") is not None
 
     def disabled_reason(self, cfg) -> str:
         return "no quantization"
+
+    def key_config(self, cfg: dict) -> dict:
+        # The rate this bit width resolves to, not the map: adding a width to the map recomputes nothing.
+        return {"tune_e2e": resolved_settings(cfg)}
 
     def validate(self, cfg: dict) -> None:
         e2e_config(cfg)
@@ -43,8 +48,8 @@ class TuneE2E(FinalStage):
         runner.records["tune_e2e"].computed += computed
         runner.records["tune_e2e"].cached += not computed
         stats = artifact.json("stats.json")
-        log.info("tune_e2e: KL to the FP model %.4f -> %.4f (last epoch) over %d steps", stats["kl_before"],
-                 stats["kl_per_epoch"][-1], stats["steps"])
+        log.info("tune_e2e: KL to the FP model on the calibration windows %.4f -> %.4f over %d steps",
+                 stats["kl_before"], stats["kl_after"], stats["steps"])
         tensors = artifact.tensors("tuned.safetensors")
         n = len(runner.artifacts["fuse"])
         runner.block_overrides = [{} for _ in range(n)]
@@ -66,11 +71,20 @@ class TuneE2E(FinalStage):
         tensors = {f"{i}.{name}": value for i, block in enumerate(tuned_tensors(blocks)) for name, value in block.items()}
         writer.save_tensors("tuned.safetensors", tensors)
         writer.save_json("stats.json", stats)
-        ctx.tracker.log({"e2e/kl_before": stats["kl_before"], "e2e/kl_after": stats["kl_per_epoch"][-1]})
+        ctx.tracker.log({"e2e/kl_before": stats["kl_before"], "e2e/kl_after": stats["kl_after"]})
+
+
+def resolved_settings(cfg: dict) -> dict:
+    """The stage's settings as they act: `scale_lr` may be a map {weight bits: rate} (a recipe's rate per bit width,
+    each chosen on held-out windows); here it is the rate of this run's weight bit width."""
+    settings = {k: cfg["tune_e2e"][k] for k in CONFIG_FIELDS if k in cfg["tune_e2e"]}
+    if "scale_lr" in settings:
+        settings["scale_lr"] = per_bit_width(settings["scale_lr"], cfg["quant"].get("wbits"), "tune_e2e.scale_lr")
+    return settings
 
 
 def e2e_config(cfg: dict) -> E2EConfig:
     try:
-        return E2EConfig(**{k: cfg["tune_e2e"][k] for k in CONFIG_FIELDS if k in cfg["tune_e2e"]})
+        return E2EConfig(**resolved_settings(cfg))
     except (ValueError, TypeError) as exc:
         raise PipelineError(str(exc)) from exc

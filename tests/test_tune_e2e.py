@@ -64,6 +64,7 @@ def test_tuning_lowers_the_kl_keeps_the_codes_and_rebuilds_exactly():
     stats = tune_model(student, teacher, calib, E2EConfig(epochs=4, scale_lr=2e-3, act_clip_lr=1e-2), "cpu", progress=False)
     assert stats["steps"] == 32 and len(stats["kl_per_epoch"]) == 4
     assert stats["kl_before"] == pytest.approx(kl_calib, rel=1e-5)
+    assert stats["kl_after"] == pytest.approx(_kl(student, teacher, calib), rel=1e-5)  # the committed model's KL
     assert _kl(student, teacher, calib) < 0.9 * kl_calib
     assert _kl(student, teacher, held) < kl_held  # not only the windows it saw
     for block, before in zip(decoder_layers(student), codes):
@@ -101,6 +102,23 @@ def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError) as err:
         E2EConfig(**kwargs)
     assert str(err.value) == message
+
+
+def test_scale_lr_per_weight_bit_width_keys_by_the_rate_it_resolves_to():
+    """A map {weight bits: rate} acts as the rate of the run's weight width: the same cache key as that number, another
+    key for another width's rate, and the resolved rate is the one trained with."""
+    from stages.tune_e2e import TuneE2E, e2e_config
+
+    settings = {"epochs": 2, "batch_size": 1, "scale_lr": 0.004, "act_clip_lr": 0.005, "norm_lr": 0.0, "seed": 0}
+    stage = TuneE2E()
+
+    def cfg(scale_lr, wbits):
+        return {"tune_e2e": {**settings, "scale_lr": scale_lr}, "quant": {"wbits": wbits, "abits": 4}}
+
+    by_bits = {4: 0.004, 6: 0.001}
+    assert stage.key_config(cfg(by_bits, 4)) == stage.key_config(cfg(0.004, 4))
+    assert stage.key_config(cfg(by_bits, 6)) == stage.key_config(cfg(0.001, 6)) != stage.key_config(cfg(by_bits, 4))
+    assert e2e_config(cfg(by_bits, 6)).scale_lr == 0.001 and e2e_config(cfg(0.002, 6)).scale_lr == 0.002
 
 
 def test_the_stage_is_cached_evaluated_and_exported(tiny_model_dir, tmp_path):
