@@ -36,9 +36,10 @@ class QuantSpec:
         return self.bits is not None
 
 
-def per_bit_width(setting, bits: int | None, name: str, default: float | None = None) -> float:
+def per_bit_width(setting, bits: int | None, default: float | None = None) -> float:
     """A setting given as one number or as a map {bit width: number} (a recipe's choice per bit width, each chosen on
-    held-out windows). A width the map does not list gets `default`; with no default that is an error naming it."""
+    held-out windows). A width the map does not list gets `default`, or with no default the nearest listed width's
+    value (the smaller width on a tie)."""
     if not isinstance(setting, dict):
         return float(setting)
     by_bits = {int(b): value for b, value in setting.items()}
@@ -46,13 +47,13 @@ def per_bit_width(setting, bits: int | None, name: str, default: float | None = 
         return float(by_bits[bits])
     if default is not None:
         return float(default)
-    raise ValueError(f"{name} lists the bit widths {sorted(by_bits)} and not {bits}; add {bits}: <value> to the map "
-                     f"or give one number, e.g. {name}={next(iter(by_bits.values()))}")
+    nearest = min(by_bits, key=lambda b: (abs(b - bits), b))
+    return float(by_bits[nearest])
 
 
 def activation_clip_ratio(quant: dict) -> float:
     """`quant.a_clip_ratio`: one ratio, or a map {activation bits: ratio} (widths it does not list stay min-max, 1.0)."""
-    return per_bit_width(quant.get("a_clip_ratio", 1.0), quant.get("abits"), "quant.a_clip_ratio", default=1.0)
+    return per_bit_width(quant.get("a_clip_ratio", 1.0), quant.get("abits"), default=1.0)
 
 
 def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -78,8 +78,9 @@ def resolved_settings(cfg: dict) -> dict:
     """The stage's settings as they act: `scale_lr` may be a map {weight bits: rate} (a recipe's rate per bit width,
     each chosen on held-out windows); here it is the rate of this run's weight bit width."""
     settings = {k: cfg["tune_e2e"][k] for k in CONFIG_FIELDS if k in cfg["tune_e2e"]}
-    if "scale_lr" in settings:
-        settings["scale_lr"] = per_bit_width(settings["scale_lr"], cfg["quant"].get("wbits"), "tune_e2e.scale_lr")
+    scale_lr, wbits = settings.get("scale_lr"), cfg["quant"].get("wbits")
+    if isinstance(scale_lr, dict):  # a width it does not list takes the nearest listed width's rate
+        settings["scale_lr"] = 0.0 if wbits is None else per_bit_width(scale_lr, wbits)  # no weight grid: no scales
     return settings
 
 

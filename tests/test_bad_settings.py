@@ -41,10 +41,10 @@ BAD = [
     ("eval.tasks=[no_such_task_xyz]", "unknown lm-eval task 'no_such_task_xyz'; see `lm-eval ls tasks` or use "
      "eval.tasks=[qllm_smoke]"),
     ("quant.a_clip_ratio=0", "quant.a_clip_ratio=0 is out of range: in (0, 1]; 1.0 means no clipping"),
+    ("method=rotation_lrc_gptq +tune_e2e.scale_lr.four=0.004", "tune_e2e.scale_lr has the key 'four'; its keys "
+     "are weight bit widths, e.g. {{4: 0.004}}"),
     ("quant.a_clip_ratio={{x:0.9}}", "quant.a_clip_ratio has the key 'x'; its keys are activation bit widths, e.g. "
      "{{4: 0.85}}"),
-    ("method=rotation_lrc_gptq tune_e2e.scale_lr={{4:0.004,6:0.001}} quant=w8a8", "tune_e2e.scale_lr lists the bit "
-     "widths [4, 6] and not 8; add 8: <value> to the map or give one number, e.g. tune_e2e.scale_lr=0.004"),
     ("method=rotation_lrc_gptq tune_e2e.scale_lr={{4:-1}}", "tune_e2e.scale_lr.4=-1 is out of range: a finite number "
      ">= 0 (0: scales not tuned)"),
     ("quant.wbits=1", "quant.wbits=1 is out of range: an integer in 2..16, or null for full precision"),

@@ -50,6 +50,9 @@ NO_EFFECT = {
     # keys carry the *resolved* clip ratio: the A6 entry of the recipes' {4: .., 6: ..} map changes nothing in these
     # A4 configs (at A6 it moves the quant stages like any quant.* key)
     "quant.a_clip_ratio.6": "the clip ratio of another activation bit width",
+    # likewise tune_e2e keys the scale rate of the run's weight width (4 here): other entries of its map change nothing
+    "tune_e2e.scale_lr.6": "the scale rate of another weight bit width",
+    "tune_e2e.scale_lr.8": "the scale rate of another weight bit width",
 }
 
 

@@ -119,6 +119,9 @@ def test_scale_lr_per_weight_bit_width_keys_by_the_rate_it_resolves_to():
     assert stage.key_config(cfg(by_bits, 4)) == stage.key_config(cfg(0.004, 4))
     assert stage.key_config(cfg(by_bits, 6)) == stage.key_config(cfg(0.001, 6)) != stage.key_config(cfg(by_bits, 4))
     assert e2e_config(cfg(by_bits, 6)).scale_lr == 0.001 and e2e_config(cfg(0.002, 6)).scale_lr == 0.002
+    # A width the map does not list takes the nearest listed width's rate (the smaller on a tie); no weight grid, none.
+    assert [e2e_config(cfg(by_bits, b)).scale_lr for b in (2, 3, 5, 8)] == [0.004, 0.004, 0.004, 0.001]
+    assert e2e_config(cfg(by_bits, None)).scale_lr == 0.0
 
 
 def test_the_stage_is_cached_evaluated_and_exported(tiny_model_dir, tmp_path):
