@@ -124,7 +124,8 @@ def tune_model(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg:
                progress: bool = True) -> dict:
     """Tune `model` (fused quantized blocks in its decoder layers) toward `teacher` on `windows` [n, seq] in place;
     AdamW with a linear decay to 0, clip ratios kept in [ACT_CLIP_MIN, 1]. Returns the KL before and after (means
-    over the windows, no update), the mean KL of each epoch's steps, and the number of steps. Everything is moved back to the CPU."""
+    over the windows, no update), the mean KL of each epoch's steps, and the number of steps. Everything is moved
+    back to the CPU."""
     layers = list(decoder_layers(model))
     groups = attach_tuning(layers, cfg)
     model.to(device)

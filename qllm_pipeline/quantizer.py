@@ -52,7 +52,7 @@ def per_bit_width(setting, bits: int | None, default: float | None = None) -> fl
 
 
 def activation_clip_ratio(quant: dict) -> float:
-    """`quant.a_clip_ratio`: one ratio, or a map {activation bits: ratio} (widths it does not list stay min-max, 1.0)."""
+    """`quant.a_clip_ratio`: one ratio, or a map {activation bits: ratio} (widths it does not list stay min-max)."""
     return per_bit_width(quant.get("a_clip_ratio", 1.0), quant.get("abits"), default=1.0)
 
 

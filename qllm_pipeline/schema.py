@@ -177,7 +177,8 @@ def validate_schema(cfg: dict) -> None:
 
 
 CLIP_RATIO = _num(0, 1, lo_open=True, hint="in (0, 1]; 1.0 means no clipping")
-# Settings a recipe may give per bit width, {bits: value}: the field each value is checked against and whose bits key it.
+# Settings a recipe may give per bit width, {bits: value}: the field each value is checked against, whose bits key
+# it, and an example map for the error message.
 PER_BIT_WIDTH = {
     ("quant", "a_clip_ratio"): (CLIP_RATIO, "activation", "{4: 0.85}"),
     ("tune_e2e", "scale_lr"): (_num(0, hint="a finite number >= 0 (0: scales not tuned)"), "weight", "{4: 0.004}"),
