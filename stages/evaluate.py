@@ -133,9 +133,7 @@ def zeroshot(ctx, runner, plan: dict, cfg: dict) -> dict:
                 log.info("zero-shot %s on %s", name, tasks)
                 writer.save_json("zeroshot.json", run_zeroshot(model, ctx.tokenizer, tasks, cfg.get("limit"), cfg["batch_size"], ctx.device))
 
-        artifact, computed = ctx.cache.produce("evaluate", key, compute, force=runner.is_forced("evaluate"))
-        runner.records["evaluate"].computed += computed
-        runner.records["evaluate"].cached += not computed
+        artifact = runner.produce("evaluate", key, compute, timed=False)
         table[name] = artifact.json("zeroshot.json")
     return table
 

@@ -42,11 +42,7 @@ class TuneE2E(FinalStage):
 
     def run(self, ctx, runner) -> None:
         key = runner.key("tune_e2e", {"model": ctx.keys["fuse"], "calibrate": ctx.keys["calibration_windows"]})
-        # The runner times this whole `run` (a final stage), so the artifact is produced untimed here.
-        artifact, computed = ctx.cache.produce("tune_e2e", key, lambda writer: self._tune(ctx, runner, writer),
-                                               force=runner.is_forced("tune_e2e"))
-        runner.records["tune_e2e"].computed += computed
-        runner.records["tune_e2e"].cached += not computed
+        artifact = runner.produce("tune_e2e", key, lambda writer: self._tune(ctx, runner, writer), timed=False)
         stats = artifact.json("stats.json")
         log.info("tune_e2e: KL to the FP model on the calibration windows %.4f -> %.4f over %d steps",
                  stats["kl_before"], stats["kl_after"], stats["steps"])
