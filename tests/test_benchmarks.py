@@ -108,3 +108,20 @@ def test_memory_benchmark_tiny(tmp_path):
     assert "| search_theta |" in (tmp_path / "memory.md").read_text()
     bad = subprocess.run([sys.executable, "benchmarks/memory.py", "--part", "nope"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: argument --part")
+
+
+def test_cuda_check_dry_run_on_cpu(tiny_model_dir, tmp_path):
+    """The GPU check's code, run with --device cpu: a remote-code checkpoint reloads to the pipeline's perplexity."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/cuda_check.py", "--device=cpu", "--cases=quarot_attn4", f"--tokenizer={tiny_model_dir}",
+         f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "cuda_check.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| quarot_attn4 |")).split("|")[2:-1]
+    pipeline, cpu, device, change, logits = (cell.strip() for cell in row)
+    assert pipeline == cpu == device and float(pipeline) > 1 and change == "+0.0000 %" and float(logits) == 0
+    bad = subprocess.run([sys.executable, "benchmarks/cuda_check.py", "--device=cpu", "--cases=quarot,awq"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: --cases: unknown method 'awq'; choose from cra, qllm, qllm_disassembly_only, quarot, quarot_attn4, "
+        "rotation_qllm_gptq, learned_act_clip")
