@@ -32,8 +32,8 @@ from .quantizer import activation_clip_ratio
 
 FORMAT_NAME = "compressed-tensors"
 MODEL_FORMATS = (PACKED_FORMAT, FORMAT_NAME)  # fuse.format choices
-PACK_FORMAT = "pack-quantized"  # codes packed into int32 (symmetric weights)
-INT_FORMAT = "int-quantized"  # one int8 per code (asymmetric weights; see weight_format)
+PACK_FORMAT = "pack-quantized"  # codes packed into int32 (symmetric weights below 8 bits)
+INT_FORMAT = "int-quantized"  # one int8 per code (asymmetric or 8-bit weights; see weight_format)
 BLOCK_PREFIX = "model.layers."
 
 
@@ -75,10 +75,13 @@ def runtime_parts(cfg: dict) -> list[str]:
 
 
 def weight_format(quant: dict) -> str:
-    """pack-quantized for symmetric weights; int-quantized (codes unpacked in int8) for asymmetric ones, because
-    transformers (5.24, compressed-tensors 0.20) cannot load packed asymmetric zero points: it sizes them unpacked
-    on load (llm-compressor issue #1618)."""
-    return PACK_FORMAT if quant.get("w_symmetric", False) else INT_FORMAT
+    """pack-quantized for symmetric weights below 8 bits; int-quantized (codes unpacked in int8) otherwise:
+    - asymmetric weights, because transformers (5.24, compressed-tensors 0.20) cannot load packed asymmetric zero
+      points: it sizes them unpacked on load (llm-compressor issue #1618);
+    - 8-bit weights, whose codes packing cannot shrink: int-quantized is the W8A8 layout of llm-compressor, and the one
+      vLLM maps to its int8 kernels (packed, it looks for mixed-precision kernels instead)."""
+    packed = quant.get("w_symmetric", False) and int(quant.get("wbits") or 16) < 8
+    return PACK_FORMAT if packed else INT_FORMAT
 
 
 def quantization_config(quant: dict, activations: bool = True):

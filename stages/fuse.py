@@ -111,7 +111,8 @@ def write_model(ctx, runner) -> None:
     if not ctx.cfg["fuse"].get("save_model", True):
         return
     fmt = model_format(ctx.cfg)
-    key = artifact_key("model", 1, {"format": fmt}, {"fuse": ctx.keys["model"]})
+    # version 2: 8-bit symmetric weights are written int-quantized (were pack-quantized)
+    key = artifact_key("model", 2, {"format": fmt}, {"fuse": ctx.keys["model"]})
 
     def write(writer):
         # Read one block at a time; a streamed model is written one shard per block, so the export never holds it whole.

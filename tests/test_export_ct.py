@@ -112,3 +112,18 @@ def test_full_precision_weights_write_a_plain_checkpoint(tiny_model_dir, tmp_pat
     config = json.loads((run / "quantized_model" / "config.json").read_text())
     assert "quantization_config" not in config and "auto_map" not in config
     assert reload(run / "quantized_model", eval_windows, tmp_path)["ppl"] == pytest.approx(rows["fp"], rel=1e-5)
+
+
+@pytest.mark.parametrize("quant, layout", [("w8a8", "int-quantized"), ("w4a8", "pack-quantized")])
+def test_symmetric_weights_layout(quant, layout, tiny_model_dir, tmp_path, eval_windows):
+    """8-bit codes go one per int8 (llm-compressor's W8A8 layout, the one vLLM runs with its int8 kernels), narrower
+    symmetric codes packed into int32; both reload exactly."""
+    run = tmp_path / "run"
+    proc = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache", run), "method=rtn", f"quant={quant}",
+                    "quant.w_symmetric=true", "fuse.format=compressed-tensors"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((run / "quantized_model" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == config["config_groups"]["group_0"]["format"] == layout
+    assert config["config_groups"]["group_0"]["weights"]["symmetric"] is True
+    rtn = read_results(run)["ppl"]["wiki_sample"]["rtn"]
+    assert reload(run / "quantized_model", eval_windows, tmp_path)["ppl"] == pytest.approx(rtn, rel=1e-5)
