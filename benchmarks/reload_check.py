@@ -1,0 +1,93 @@
+"""The checkpoints of our main recipes on SmolLM2-135M reloaded by stock transformers (with the shipped
+modeling_qllm.py where the method has run-time parts), in a fresh process that imports nothing of ours
+(tests/ct_reload.py), against the pipeline's perplexity on the same evaluation windows (wiki_sample 32 × 512).
+
+The test suite checks every method's round trip on tiny random models, whose near-uniform outputs hide small
+differences; this measures it where the perplexity is sensitive. Writes benchmarks/results/reload_check.md and .json.
+
+    python benchmarks/reload_check.py [--cases default_job,best_w4a4] [--cache DIR]
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+from _cli import CliError, Parser, logger  # noqa: E402
+from vllm_check import evaluation_windows, reloaded_by_transformers, run_pipeline  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+# case -> (overrides, the results row it is compared with)
+CASES = {
+    "default_job": ([], "cra+lrc"),  # python -m qllm_pipeline: W4A4 QLLM
+    "best_w4a4": (["method=rotation_lrc_gptq"], "rotation+lrc+e2e+gptq"),
+    "quarot_w4a4": (["method=quarot"], "rotation+gptq"),
+}
+log = logger("reload_check")
+
+
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated, from: " + ", ".join(CASES))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--cache", type=Path, help="the pipeline's cache directory (default: a fresh one)")
+    args = parser.parse_args(argv)
+    args.cases = [c for c in args.cases.split(",") if c]
+    for case in args.cases:
+        if case not in CASES:
+            raise CliError(f"--cases: unknown case {case!r}; choose from {', '.join(CASES)}")
+    return args
+
+
+def run(args) -> dict:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        windows = None
+        for case in args.cases:
+            log(f"{case}: running the pipeline")
+            start = time.perf_counter()
+            results = run_pipeline(case, work / case, args.cache or work / "cache", [], CASES[case][0])
+            model_dir = work / case / "quantized_model"
+            windows = windows or evaluation_windows(model_dir, "wiki_sample", 512, 32, work / "windows.pt")
+            ppl = results["ppl"]["wiki_sample"]
+            row = {"case": case, "overrides": CASES[case][0], "fp": ppl["fp"], "pipeline": ppl[CASES[case][1]],
+                   "remote_code": (model_dir / "modeling_qllm.py").is_file(),
+                   "transformers": reloaded_by_transformers(model_dir, windows), "seconds": 0.0}
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            rows.append(row)
+            log(f"{case}: pipeline {row['pipeline']:.4f}, reloaded {row['transformers']:.4f}")
+    return {"model": "SmolLM2-135M-Instruct", "windows": "wiki_sample 32 × 512", "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Checkpoints reloaded by stock transformers", "",
+             f"{result['model']}, {result['windows']} tokens, float32; the checkpoint reloaded in a fresh process by "
+             "`tests/ct_reload.py`. Command: `python benchmarks/reload_check.py`.", "",
+             "| case | overrides | modeling_qllm.py | FP ppl | pipeline ppl | reloaded ppl | reloaded vs pipeline |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['case']} | `{' '.join(r['overrides']) or '(defaults)'}` | {'yes' if r['remote_code'] else 'no'} | "
+                     f"{r['fp']:.4f} | {r['pipeline']:.4f} | {r['transformers']:.4f} | "
+                     f"{(r['transformers'] / r['pipeline'] - 1) * 100:+.3f} % |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    try:
+        args = parse_args(argv)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "reload_check.json").write_text(json.dumps(result, indent=2))
+    (args.out / "reload_check.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
