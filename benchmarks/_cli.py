@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 
 
@@ -21,3 +23,18 @@ def logger(prefix: str):
         print(f"[{prefix} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     return log
+
+
+def run_benchmark(name: str, parse_args, run, markdown, argv=None) -> None:
+    """A benchmark's main: parse its arguments (bad input: one `error: ...` line, exit code 2, before any work), run
+    it, write `name`.json and `name`.md under args.out, and print the markdown."""
+    try:
+        args = parse_args(argv)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{name}.md").write_text(markdown(result))
+    print(markdown(result))

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
-from _cli import CliError, Parser, logger  # noqa: E402
+from _cli import CliError, Parser, logger, run_benchmark  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 QUANTS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
@@ -235,16 +235,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    try:
-        args = parse_args(argv)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int_speed.json").write_text(json.dumps(result, indent=2))
-    (args.out / "int_speed.md").write_text(markdown(result))
-    print(markdown(result))
+    run_benchmark("int_speed", parse_args, run, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ differences; this measures it where the perplexity is sensitive. Writes benchmar
 """
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import CliError, Parser, logger  # noqa: E402
+from _cli import CliError, Parser, logger, run_benchmark  # noqa: E402
 from vllm_check import evaluation_windows, reloaded_by_transformers, run_pipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,16 +76,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    try:
-        args = parse_args(argv)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "reload_check.json").write_text(json.dumps(result, indent=2))
-    (args.out / "reload_check.md").write_text(markdown(result))
-    print(markdown(result))
+    run_benchmark("reload_check", parse_args, run, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import CliError, Parser, logger  # noqa: E402
+from _cli import CliError, Parser, logger, run_benchmark  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SYMMETRIC = ["quant.w_symmetric=true", "quant.a_symmetric=true"]
@@ -176,16 +176,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    try:
-        args = parse_args(argv)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vllm_check.json").write_text(json.dumps(result, indent=2))
-    (args.out / "vllm_check.md").write_text(markdown(result))
-    print(markdown(result))
+    run_benchmark("vllm_check", parse_args, run, markdown, argv)
 
 
 if __name__ == "__main__":
