@@ -25,6 +25,15 @@ def logger(prefix: str):
     return log
 
 
+def listed(option: str, value: str, known, noun: str) -> list[str]:
+    """A comma-separated option's items, each one of `known` (else a CliError naming the option and the choices)."""
+    items = [item for item in value.split(",") if item]
+    for item in items:
+        if item not in known:
+            raise CliError(f"{option}: unknown {noun} {item!r}; choose from {', '.join(known)}")
+    return items
+
+
 def run_benchmark(name: str, parse_args, run, markdown, argv=None) -> None:
     """A benchmark's main: parse its arguments (bad input: one `error: ...` line, exit code 2, before any work), run
     it, write `name`.json and `name`.md under args.out, and print the markdown."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
-from _cli import CliError, Parser, logger  # noqa: E402
+from _cli import CliError, Parser, listed, logger  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICE = "cuda"  # --device cpu: a dry run of the same code where no GPU is lent
@@ -221,10 +221,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.device not in ("cuda", "cpu"):
         raise CliError(f"--device={args.device} must be cuda or cpu")
-    args.cases = [c for c in args.cases.split(",") if c]
-    for case in args.cases:
-        if case not in REMOTE_CASES:
-            raise CliError(f"--cases: unknown method {case!r}; choose from {', '.join(REMOTE_CASES)}")
+    args.cases = listed("--cases", args.cases, REMOTE_CASES, "method")
     if args.jobs < 1:
         raise CliError(f"--jobs={args.jobs} must be a positive integer")
     if args.text_dir and not all((args.text_dir / f).is_file() for f in ("calib.txt", "eval.txt")):

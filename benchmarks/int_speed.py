@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
-from _cli import CliError, Parser, logger, run_benchmark  # noqa: E402
+from _cli import CliError, Parser, listed, logger, run_benchmark  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 QUANTS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
@@ -55,14 +55,8 @@ def parse_args(argv=None):
         raise CliError(f"--device={args.device} must be cpu or cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device=cuda but no CUDA device is available")
-    args.models = [m for m in args.models.split(",") if m]
-    args.quants = [q for q in args.quants.split(",") if q]
-    for m in args.models:
-        if m not in ("smollm2", "random"):
-            raise CliError(f"--models: unknown model {m!r}; choose from smollm2, random")
-    for q in args.quants:
-        if q not in QUANTS:
-            raise CliError(f"--quants: unknown bit width {q!r}; choose from {', '.join(QUANTS)}")
+    args.models = listed("--models", args.models, ("smollm2", "random"), "model")
+    args.quants = listed("--quants", args.quants, QUANTS, "bit width")
     for name in ("tokens", "repeats", "eval_windows", "hidden", "intermediate", "heads", "layers"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")

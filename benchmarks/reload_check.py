@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import CliError, Parser, logger, run_benchmark  # noqa: E402
+from _cli import Parser, listed, logger, run_benchmark  # noqa: E402
 from vllm_check import evaluation_windows, reloaded_by_transformers, run_pipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,10 +34,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--cache", type=Path, help="the pipeline's cache directory (default: a fresh one)")
     args = parser.parse_args(argv)
-    args.cases = [c for c in args.cases.split(",") if c]
-    for case in args.cases:
-        if case not in CASES:
-            raise CliError(f"--cases: unknown case {case!r}; choose from {', '.join(CASES)}")
+    args.cases = listed("--cases", args.cases, CASES, "case")
     return args
 
 

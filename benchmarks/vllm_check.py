@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import CliError, Parser, logger, run_benchmark  # noqa: E402
+from _cli import CliError, Parser, listed, logger, run_benchmark  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SYMMETRIC = ["quant.w_symmetric=true", "quant.a_symmetric=true"]
@@ -56,10 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--cache", type=Path, help="the pipeline's cache directory (default: a fresh one)")
     args = parser.parse_args(argv)
-    args.cases = [c for c in args.cases.split(",") if c]
-    for case in args.cases:
-        if case not in CASES:
-            raise CliError(f"--cases: unknown case {case!r}; choose from {', '.join(CASES)}")
+    args.cases = listed("--cases", args.cases, CASES, "case")
     if not (args.vllm_python.is_file() and os.access(args.vllm_python, os.X_OK)):
         raise CliError(f"--vllm-python={args.vllm_python} is not an executable file; give the Python of an environment "
                        "that has vLLM")
