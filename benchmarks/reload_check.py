@@ -5,7 +5,7 @@ modeling_qllm.py where the method has run-time parts), in a fresh process that i
 The test suite checks every method's round trip on tiny random models, whose near-uniform outputs hide small
 differences; this measures it where the perplexity is sensitive. Writes benchmarks/results/reload_check.md and .json.
 
-    python benchmarks/reload_check.py [--cases default_job,best_w4a4] [--cache DIR]
+    python benchmarks/reload_check.py [--cases default_job,best_w4a4,...] [--cache DIR]
 """
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ CASES = {
     "default_job": ([], "cra+lrc"),  # python -m qllm_pipeline: W4A4 QLLM
     "best_w4a4": (["method=rotation_lrc_gptq"], "rotation+lrc+e2e+gptq"),
     "quarot_w4a4": (["method=quarot"], "rotation+gptq"),
+    # stock checkpoints: compressed-tensors quantizes the activations itself
+    "rtn_w8a8": (["method=rtn", "quant=w8a8"], "rtn"),
+    "gptq_w8a8": (["method=gptq", "quant=w8a8"], "gptq"),
+    "smoothquant_w8a8": (["method=smoothquant", "quant=w8a8"], "smoothquant"),
+    "rtn_w4a8": (["method=rtn", "quant=w4a8"], "rtn"),
+    # symmetric activations: compressed-tensors divides a token's max by 2^(b-1) - 0.5, we (and vLLM) by 2^(b-1) - 1
+    "rtn_w8a8_sym": (["method=rtn", "quant=w8a8", "quant.w_symmetric=true", "quant.a_symmetric=true"], "rtn"),
 }
 log = logger("reload_check")
 

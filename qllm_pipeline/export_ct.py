@@ -11,7 +11,8 @@ weights (`quant.wbits=null`) give a plain checkpoint without a quantization_conf
 
 Our codes go over unchanged: compressed-tensors' asymmetric grid is signed ([-2^(b-1), 2^(b-1) - 1]) where ours is
 unsigned ([0, 2^b - 1]), so the zero point shifts by 2^(b-1) and the dequantized weights are equal. Its dynamic
-per-token activation quantizer is min-max over each token, as ours is without a clip ratio.
+per-token asymmetric activation quantizer is ours without a clip ratio, bit for bit: we compute it in its arithmetic
+(quantizer.activation_quant_params).
 
 Methods with parts that run at run time (`runtime_parts`: QLLM's channel reassembly, the online Hadamard rotations,
 an activation clip ratio, quantized attention inputs) get the same weights plus a modeling file in the checkpoint

@@ -18,7 +18,7 @@ from torch import nn
 
 from .blocks import decoder_layers, quant_linears, set_submodule
 from .qlinear import QuantLinear
-from .quantizer import quant_params
+from .quantizer import activation_quant_params
 
 
 def _signed(codes: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +56,7 @@ class IntLinear(nn.Module):
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, shape[-1])
         spec = self.act_spec
-        codes, scale, zero = quant_params(x, spec.bits, spec.symmetric, spec.clip_ratio)  # per token
+        codes, scale, zero = activation_quant_params(x, spec.bits, spec.symmetric, spec.clip_ratio)  # per token
         qx, zx = _signed(codes, zero, spec.bits, spec.symmetric)
         qx = qx.to(torch.int8)
         acc = torch._int_mm(qx, self.qweight_t).to(torch.float32)  # [tokens, out], exact in int32

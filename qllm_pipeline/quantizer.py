@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import torch
 
 MIN_BITS, MAX_BITS = 2, 16
+# Part of every cache key of the stages that run quantized forwards: results made by an earlier activation quantizer
+# are never reused. 2: compressed-tensors' arithmetic (activation_quant_params).
+ACTIVATION_QUANTIZER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,37 @@ def quant_params(
     return codes, scale, zero
 
 
+def activation_quant_params(
+    x: torch.Tensor, bits: int, symmetric: bool = False, clip_ratio: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quant_params` for per-token activations: codes, scale and zero point in the same conventions (unsigned codes
+    when asymmetric), with the asymmetric grid computed in compressed-tensors' arithmetic, the quantizer stock
+    transformers runs on our exported checkpoints. Three differences from the weights' `quant_params`: the range
+    always includes 0, the zero point is rounded on the signed grid (round(-2^(b-1) - lo/s)), and each code is
+    round(x/s + z) in one float expression instead of round(x/s) + z. The last two only move values near a rounding
+    tie, but a real model carries such one-code flips through its later blocks (±0.3 % perplexity on SmolLM2 at
+    W8A8): matching them bit for bit is what makes a reloaded checkpoint give the pipeline's perplexity.
+
+    Symmetric activations keep amax / (2^(b-1) - 1), vLLM's int8 kernels' scale (compressed-tensors' own dynamic
+    quantizer divides by (2^b - 1) / 2 instead).
+    """
+    if symmetric:
+        return quant_params(x, bits, True, clip_ratio)
+    xf = x.detach().float()
+    half = 2 ** (bits - 1)
+    lo = torch.clamp(xf.amin(dim=-1, keepdim=True) * clip_ratio, max=0.0)
+    hi = torch.clamp(xf.amax(dim=-1, keepdim=True) * clip_ratio, min=0.0)
+    scale = _nonzero((hi - lo) / (2**bits - 1))
+    zero = torch.round(torch.clamp(-half - lo / scale, -half, half - 1))  # signed
+    codes = torch.round(torch.clamp(x.float() / scale + zero, -half, half - 1))
+    return codes + half, scale, zero + half
+
+
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    # compressed-tensors' guard for an all-zero token: a zero scale becomes float32's eps
+    return torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
+
+
 def clipped_quant_params(
     x: torch.Tensor, bits: int, symmetric: bool = False, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,6 +161,12 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
 def quantize_lastdim(x: torch.Tensor, bits: int, symmetric: bool = False, clip_ratio: float = 1.0) -> torch.Tensor:
     """Fake-quantize `x` with one (scale, zero) per vector along the last dimension (min-max calibration)."""
     q = dequantize(*quant_params(x, bits, symmetric, clip_ratio))
+    return _ste(x, q.to(x.dtype))
+
+
+def quantize_tokens(x: torch.Tensor, bits: int, symmetric: bool = False, clip_ratio: float = 1.0) -> torch.Tensor:
+    """Fake-quantize `x` per vector along the last dimension with the activation quantizer (`activation_quant_params`)."""
+    q = dequantize(*activation_quant_params(x, bits, symmetric, clip_ratio))
     return _ste(x, q.to(x.dtype))
 
 
@@ -172,7 +212,7 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_lastdim_learned_clip(x: torch.Tensor, bits: int, symmetric: bool, clip: torch.Tensor) -> torch.Tensor:
-    """`quantize_lastdim` with the clip ratio a trainable tensor: the same forward values as with
+    """`quantize_tokens` with the clip ratio a trainable tensor: the same forward values as with
     `clip_ratio=float(clip)`, and gradients for `clip` through the scale and the zero point (rounding
     straight-through, clamped values pass no gradient to x: LSQ / OmniQuant's learnable clipping)."""
     xf = x.float()
@@ -181,13 +221,13 @@ def quantize_lastdim_learned_clip(x: torch.Tensor, bits: int, symmetric: bool, c
         qmax = 2 ** (bits - 1) - 1
         scale = (xf.detach().abs().amax(dim=-1, keepdim=True) * c / qmax).clamp(min=1e-8)
         q = torch.clamp(_round_ste(xf / scale), -qmax - 1, qmax) * scale
-    else:
-        qmax = 2**bits - 1
-        lo = xf.detach().amin(dim=-1, keepdim=True) * c
-        hi = xf.detach().amax(dim=-1, keepdim=True) * c
-        scale = ((hi - lo) / qmax).clamp(min=1e-8)
-        zero = _round_ste(-lo / scale)
-        q = (torch.clamp(_round_ste(xf / scale) + zero, 0, qmax) - zero) * scale
+    else:  # activation_quant_params' arithmetic, with straight-through rounding
+        half = 2 ** (bits - 1)
+        lo = torch.clamp(xf.detach().amin(dim=-1, keepdim=True) * c, max=0.0)
+        hi = torch.clamp(xf.detach().amax(dim=-1, keepdim=True) * c, min=0.0)
+        scale = _nonzero((hi - lo) / (2**bits - 1))
+        zero = _round_ste(torch.clamp(-half - lo / scale, -half, half - 1))
+        q = (_round_ste(torch.clamp(xf / scale + zero, -half, half - 1)) - zero) * scale
     return q.to(x.dtype)
 
 
@@ -195,7 +235,7 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Per-token dynamic fake quantization: one (scale, zero) per token over its channels."""
     if not spec.enabled:
         return x
-    return quantize_lastdim(x, spec.bits, spec.symmetric, spec.clip_ratio)
+    return quantize_tokens(x, spec.bits, spec.symmetric, spec.clip_ratio)
 
 
 def _grouped(w: torch.Tensor, groups: int) -> torch.Tensor:

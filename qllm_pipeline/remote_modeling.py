@@ -20,17 +20,21 @@ ATTENTION = "qllm_runtime_sdpa"
 
 
 def fake_quantize(x: torch.Tensor, bits: int, symmetric: bool, clip: float = 1.0) -> torch.Tensor:
-    """Per-vector (last dimension) min-max quantization, the range shrunk by `clip`; returns the dequantized values."""
+    """Per-vector (last dimension) min-max quantization, the range shrunk by `clip`; returns the dequantized values.
+    Asymmetric: compressed-tensors' arithmetic (the range includes 0; codes round(x/s + z) on the signed grid), so
+    a clip of 1 gives exactly what its own dynamic quantizer gives."""
     xf = x.float()
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = (xf.abs().amax(dim=-1, keepdim=True) * clip / qmax).clamp(min=1e-8)
         return (torch.clamp(torch.round(xf / scale), -qmax - 1, qmax) * scale).to(x.dtype)
-    qmax = 2**bits - 1
-    lo, hi = xf.amin(dim=-1, keepdim=True) * clip, xf.amax(dim=-1, keepdim=True) * clip
-    scale = ((hi - lo) / qmax).clamp(min=1e-8)
-    zero = torch.round(-lo / scale)
-    return ((torch.clamp(torch.round(xf / scale) + zero, 0, qmax) - zero) * scale).to(x.dtype)
+    half = 2 ** (bits - 1)
+    lo = torch.clamp(xf.amin(dim=-1, keepdim=True) * clip, max=0.0)
+    hi = torch.clamp(xf.amax(dim=-1, keepdim=True) * clip, min=0.0)
+    scale = (hi - lo) / (2**bits - 1)
+    scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
+    zero = torch.round(torch.clamp(-half - lo / scale, -half, half - 1))
+    return ((torch.round(torch.clamp(xf / scale + zero, -half, half - 1)) - zero) * scale).to(x.dtype)
 
 
 def hadamard(x: torch.Tensor, sylvester: torch.Tensor, paley: torch.Tensor | None) -> torch.Tensor:

@@ -30,7 +30,7 @@ from .cache import Artifact, ArtifactCache, artifact_key
 from .errors import PipelineError
 from .fused import build_fused_block
 from .memory import PeakRSS, release_freed_memory
-from .quantizer import QuantSpec
+from .quantizer import ACTIVATION_QUANTIZER_VERSION, QuantSpec
 from .stage import BLOCK, FINAL, ONCE, Stage
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,10 @@ class Runner:
     def key(self, name: str, upstream: dict[str, str], extra: Any = None) -> str:
         stage = self.stages[name]
         cfg_part = stage.key_config(self.ctx.cfg) if self.enabled(name) else "disabled"
-        if stage.spec.kind != ONCE:  # block and final stages compute on the device: CPU and CUDA numbers differ
-            extra = {"device": self.ctx.device.type, **(extra or {})}
+        if stage.spec.kind != ONCE:
+            # block and final stages run quantized forwards on the device: CPU and CUDA numbers differ, and so do
+            # those of another activation quantizer
+            extra = {"device": self.ctx.device.type, "act_quantizer": ACTIVATION_QUANTIZER_VERSION, **(extra or {})}
         return artifact_key(name, stage.spec.version, cfg_part, upstream, extra)
 
     def _forced_from(self) -> int:

@@ -8,7 +8,7 @@ from qllm_pipeline.blocks import BlockRunner, decoder_layers, quant_linears
 from qllm_pipeline.fused import build_fused_block, fused_block_tensors
 from qllm_pipeline.lowrank import ACT_CLIP_MIN, LowRankConfig, fuse_block, load_lora_state, lora_state, train_block
 from qllm_pipeline.qblock import make_quant_block
-from qllm_pipeline.quantizer import QuantSpec, quantize_lastdim, quantize_lastdim_learned_clip
+from qllm_pipeline.quantizer import QuantSpec, quantize_lastdim_learned_clip, quantize_tokens
 
 W4, A4 = QuantSpec(4), QuantSpec(4, clip_ratio=0.85)
 
@@ -18,7 +18,7 @@ def test_learned_clip_forward_equals_the_fixed_ratio_and_has_a_gradient(symmetri
     x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(0)) * 3
     clip = torch.tensor(0.8, requires_grad=True)
     q = quantize_lastdim_learned_clip(x, 4, symmetric, clip)
-    assert torch.equal(q, quantize_lastdim(x, 4, symmetric, float(clip.detach())))
+    assert torch.equal(q, quantize_tokens(x, 4, symmetric, float(clip.detach())))
     (q - x).pow(2).sum().backward()  # the quantization error depends on the clip: a nonzero gradient
     assert torch.isfinite(clip.grad) and clip.grad != 0
 

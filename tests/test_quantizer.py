@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from qllm_pipeline.quantizer import QuantSpec, quantize_activation, quantize_lastdim, quantize_weight
+from qllm_pipeline.quantizer import (
+    QuantSpec,
+    activation_quant_params,
+    dequantize,
+    quant_params,
+    quantize_activation,
+    quantize_lastdim,
+    quantize_tokens,
+    quantize_weight,
+)
 
 
 def test_exact_grid_values_asymmetric():
@@ -95,7 +104,7 @@ def test_activation_clip_ratio_shrinks_the_range_and_clamps_outliers():
     # 2 bits over [-1, 2] · 0.5 = [-0.5, 1]: scale 0.5, zero 1 -> grid {-0.5, 0, 0.5, 1}; -1 and 2 clamp to the ends
     q = quantize_activation(x, QuantSpec(2, clip_ratio=0.5))
     assert torch.equal(q, torch.tensor([[-0.5, 0.5, 1.0, 0.5]]))
-    assert torch.equal(quantize_activation(x, QuantSpec(2, clip_ratio=1.0)), quantize_lastdim(x, 2))
+    assert torch.equal(quantize_activation(x, QuantSpec(2, clip_ratio=1.0)), quantize_tokens(x, 2))
 
 
 def test_activation_clip_ratio_lowers_error_on_gaussian_tokens():
@@ -111,3 +120,43 @@ def test_activation_clip_ratio_lowers_error_on_gaussian_tokens():
 def test_clip_ratio_out_of_range(ratio):
     with pytest.raises(ValueError, match=r"a_clip_ratio=.* must be in \(0, 1\]"):
         QuantSpec(4, clip_ratio=ratio)
+
+
+def _tokens_of_both_signs_and_of_one(seed: int = 0) -> torch.Tensor:
+    # [1, tokens, channels] as transformers feeds a Linear: 4096 tokens of 576 channels at many scales (millions of
+    # values, so some land within float32's spacing of a rounding tie), the last 64 tokens all positive
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4096, 576, generator=g) * torch.rand(1, 4096, 1, generator=g) * 3
+    x[:, -64:] = x[:, -64:].abs() + 0.5
+    return x
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_activation_quantizer_is_compressed_tensors_bit_for_bit(bits):
+    """Stock transformers runs compressed-tensors' dynamic per-token quantizer on an exported checkpoint's
+    activations: ours (and the one in the shipped modeling file) must give the same values, ties included."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+
+    from qllm_pipeline.remote_modeling import fake_quantize as shipped_fake_quantize
+
+    x = _tokens_of_both_signs_and_of_one()
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="token", dynamic=True)
+    scale, zero_point = compute_dynamic_scales_and_zp(x, args, torch.nn.Identity())
+    reference = fake_quantize(x, scale, zero_point, args)
+    assert torch.equal(quantize_tokens(x, bits), reference)
+    assert torch.equal(shipped_fake_quantize(x, bits, False), reference)
+    if bits == 8:
+        # The data reaches rounding ties: round(x/s) + z (the weights' arithmetic) differs on tokens of both signs
+        # too, not only on the one-sign tokens whose range compressed-tensors widens to include 0. (At 4 bits x/s + z
+        # is small, float32 resolves it finely, and such ties are too rare for this sample.)
+        weights_arithmetic = dequantize(*quant_params(x, bits))
+        assert (weights_arithmetic[:, :-64] != reference[:, :-64]).any()
+
+
+def test_activation_range_includes_zero():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])  # one sign: the grid still spans 0 (0 stays exact for padding and sparsity)
+    codes, scale, zero = activation_quant_params(x, 2)
+    assert torch.equal(scale, torch.tensor([[4.0 / 3]])) and torch.equal(zero, torch.tensor([[0.0]]))
+    assert torch.equal(codes, torch.tensor([[1.0, 2.0, 2.0, 3.0]]))
