@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 class CliError(Exception):
@@ -32,6 +34,27 @@ def listed(option: str, value: str, known, noun: str) -> list[str]:
         if item not in known:
             raise CliError(f"{option}: unknown {noun} {item!r}; choose from {', '.join(known)}")
     return items
+
+
+def code_commit() -> str:
+    """The commit of the code that measures (`+dirty` when it has uncommitted changes), stored with each row."""
+    repo = Path(__file__).resolve().parent.parent
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def merged_rows(previous: Path, rows: list[dict], same: dict, order: list[str]) -> list[dict]:
+    """`rows` (keyed by "case") beside the rows of the other cases in the results file `previous`, when that file
+    measured the same thing (its values of `same`'s keys equal): re-running some cases keeps the rest."""
+    if not previous.is_file():
+        return rows
+    old = json.loads(previous.read_text())
+    if any(old.get(k) != v for k, v in same.items()):
+        return rows
+    fresh = {r["case"] for r in rows}
+    kept = [r for r in old.get("rows", []) if r["case"] not in fresh and r["case"] in order]
+    return sorted(kept + rows, key=lambda r: order.index(r["case"]))
 
 
 def run_benchmark(name: str, parse_args, run, markdown, argv=None) -> None:

@@ -67,9 +67,10 @@ def run(args) -> dict:
 
 
 def markdown(result: dict) -> str:
+    cases = ",".join(r["case"] for r in result["rows"])
     lines = ["# Checkpoints reloaded by stock transformers", "",
              f"{result['model']}, {result['windows']} tokens, float32; the checkpoint reloaded in a fresh process by "
-             "`tests/ct_reload.py`. Command: `python benchmarks/reload_check.py`.", "",
+             f"`tests/ct_reload.py`. Command: `python benchmarks/reload_check.py --cases {cases}`.", "",
              "| case | overrides | modeling_qllm.py | FP ppl | pipeline ppl | reloaded ppl | reloaded vs pipeline |",
              "|---|---|---|---:|---:|---:|---:|"]
     for r in result["rows"]:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import CliError, Parser, listed, logger, run_benchmark  # noqa: E402
+from _cli import CliError, Parser, code_commit, listed, logger, merged_rows, run_benchmark  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SYMMETRIC = ["quant.w_symmetric=true", "quant.a_symmetric=true"]
@@ -149,23 +149,27 @@ def run(args) -> dict:
             ppl = results["ppl"]["wiki_sample"]
             row = {"case": case, "overrides": CASES[case][0], "format": config["format"], "fp": ppl["fp"],
                    "pipeline": ppl[CASES[case][1]], "pipeline_s": round(pipeline_s, 1),
-                   "transformers": reloaded_by_transformers(model_dir, windows), **served}
+                   "transformers": reloaded_by_transformers(model_dir, windows), **served, "commit": code_commit()}
             rows.append(row)
             log(f"{case}: pipeline {row['pipeline']:.4f}, vLLM " +
                 (f"{row['ppl']:.4f} ({', '.join(row['schemes'])})" if "ppl" in row else f"refused: {row['error']}"))
-    return {"vllm": args.vllm_version, "model": "random 3-block LLaMA" if args.tiny else "SmolLM2-135M-Instruct",
-            "windows": f"wiki_sample {max_windows} × {seq_len}", "rows": rows}
+    result = {"vllm": args.vllm_version, "model": "random 3-block LLaMA" if args.tiny else "SmolLM2-135M-Instruct",
+              "windows": f"wiki_sample {max_windows} × {seq_len}"}
+    # the cases not run this time keep their rows (each says the commit it was measured at)
+    return {**result, "rows": merged_rows(args.out / "vllm_check.json", rows, result, list(CASES))}
 
 
 def markdown(result: dict) -> str:
     lines = ["# Our checkpoints served by vLLM", "",
              f"vLLM {result['vllm']} on the CPU, {result['model']}, {result['windows']} tokens (the pipeline's "
              "evaluation windows). vLLM runs float32 (the pipeline's dtype), or bfloat16 where it has no float32 "
-             "kernel for the scheme. Command: `python benchmarks/vllm_check.py --vllm-python PY`.", "",
-             "| case | format | pipeline ppl | transformers ppl | vLLM dtype | vLLM ppl | vLLM vs pipeline | "
-             "vLLM's scheme / answer |", "|---|---|---:|---:|---|---:|---:|---|"]
+             "kernel for the scheme. Command: `python benchmarks/vllm_check.py --vllm-python PY [--cases ...]` (a run "
+             "of some cases keeps the other rows; each row gives the commit it was measured at).", "",
+             "| case | measured at | format | pipeline ppl | transformers ppl | vLLM dtype | vLLM ppl | vLLM vs pipeline | "
+             "vLLM's scheme / answer |", "|---|---|---|---:|---:|---|---:|---:|---|"]
     for r in result["rows"]:
-        head = f"| {r['case']} | {r['format']} | {r['pipeline']:.4f} | {r['transformers']:.4f} | {r['dtype']} |"
+        head = (f"| {r['case']} | {r.get('commit', '?')} | {r['format']} | {r['pipeline']:.4f} | {r['transformers']:.4f} | "
+                f"{r['dtype']} |")
         if "ppl" in r:
             lines.append(f"{head} {r['ppl']:.4f} | {(r['ppl'] / r['pipeline'] - 1) * 100:+.3f} % | "
                          f"{', '.join(r['schemes']) or 'none (a plain checkpoint)'} |")

@@ -139,3 +139,17 @@ def test_vllm_check_refuses_a_python_without_vllm(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: --cases: unknown case 'awq'; choose from fp, rtn_w8a8_sym,")
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_benchmark_rows_of_cases_not_rerun_are_kept(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _cli import merged_rows
+
+    previous = tmp_path / "check.json"
+    previous.write_text(json.dumps({"model": "m", "rows": [{"case": "a", "v": 1, "commit": "old"},
+                                                           {"case": "b", "v": 2, "commit": "old"}]}))
+    fresh = [{"case": "b", "v": 3, "commit": "new"}, {"case": "c", "v": 4, "commit": "new"}]
+    merged = merged_rows(previous, fresh, {"model": "m"}, ["c", "a", "b"])
+    assert merged == [fresh[1], {"case": "a", "v": 1, "commit": "old"}, fresh[0]]  # b re-run, a kept, in case order
+    assert merged_rows(previous, fresh, {"model": "another"}, ["a", "b", "c"]) == fresh  # another model: nothing kept
+    assert merged_rows(tmp_path / "missing.json", fresh, {"model": "m"}, ["a", "b", "c"]) == fresh
