@@ -27,6 +27,11 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+from _cli import code_commit  # noqa: E402
+
+from qllm_pipeline.quantizer import ACTIVATION_QUANTIZER_VERSION  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 HELDOUT = "calib_heldout"
 TOOL = "qllm-pipeline"
@@ -94,7 +99,14 @@ def row_from(run: dict, tag: str = "") -> dict:
         "wall_s": round(results["meta"]["wall_seconds"], 1),
         "stages": {s["stage"]: {"seconds": s["seconds"], "peak_rss_mib": s["peak_rss_mib"]}
                    for s in results["stages"] if s["computed"]},
+        "commit": code_commit(),
+        "act_quantizer": ACTIVATION_QUANTIZER_VERSION,
     }
+
+
+def earlier_quantizer(row: dict) -> bool:
+    """Our row measured with an earlier activation quantizer (rows before versions were recorded: version 1)."""
+    return row.get("tool", TOOL) == TOOL and row.get("act_quantizer", 1) != ACTIVATION_QUANTIZER_VERSION
 
 
 def merge(path: Path, rows: list[dict]) -> list[dict]:
@@ -124,7 +136,12 @@ def markdown(rows: list[dict], command: str) -> str:
     for tool, method in names:
         cells = [f"{cell[tool, method, q]['ppl']:.2f} ({cell[tool, method, q]['ppl'] / cell[tool, method, q]['fp']:.2f}×)"
                  if (tool, method, q) in cell else "-" for q in quants]
-        lines.append(f"| {tool} | {method} | " + " | ".join(cells) + " |")
+        mark = " †" if any(earlier_quantizer(cell[tool, method, q]) for q in quants if (tool, method, q) in cell) else ""
+        lines.append(f"| {tool} | {method}{mark} | " + " | ".join(cells) + " |")
+    if any(earlier_quantizer(r) for r in rows):
+        lines += ["", f"† measured with an earlier activation quantizer (before version {ACTIVATION_QUANTIZER_VERSION}, "
+                  "compressed-tensors' arithmetic: qllm_pipeline/quantizer.py); not re-run since. The change is in the "
+                  "asymmetric activation quantizer only: `[symmetric]` rows would give the same numbers."]
     ours = [r for r in rows if r.get("tool", TOOL) == TOOL and r.get("stages")]
     lines += ["", "## Our runs: held-out calibration windows (× FP, what settings are chosen on) and cost of every stage", "",
               "| quant | method | config | calib_heldout × FP | wall (s) | stages: s / MiB |", "|---|---|---|---|---:|---|"]
@@ -132,7 +149,8 @@ def markdown(rows: list[dict], command: str) -> str:
         stages = ", ".join(f"{k} {v['seconds']:.0f} s / {v['peak_rss_mib']:.0f}" for k, v in r["stages"].items())
         dev = ", ".join(f"{v:.3f}" for v in r.get("dev_ratio", {}).values()) or "-"
         wall = "-" if r.get("wall_s") is None else f"{r['wall_s']:.0f}"
-        lines.append(f"| {r['quant']} | {r['method']} | `{r['config']}` | {dev} | {wall} | {stages} |")
+        mark = " †" if earlier_quantizer(r) else ""
+        lines.append(f"| {r['quant']} | {r['method']}{mark} | `{r['config']}` | {dev} | {wall} | {stages} |")
     return "\n".join(lines) + "\n"
 
 
