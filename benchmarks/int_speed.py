@@ -190,7 +190,8 @@ def run(args) -> dict:
             measure(variant, quant, build)
         del model
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    return {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__, "tokens": args.tokens,
+    return {"command": " ".join(["python benchmarks/int_speed.py", *sys.argv[1:]]),
+            "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__, "tokens": args.tokens,
             "repeats": args.repeats, "eval_windows": args.eval_windows, "rows": rows}
 
 
@@ -199,7 +200,7 @@ def markdown(result: dict) -> str:
     on_gpu = any("peak_device_mib" in r for r in rows)
     lines = ["# Integer execution (torch._int_mm)", "",
              f"{result['device']}, fp32, torch {result['torch']}; prefill of one {result['tokens']}-token prompt "
-             f"(batch 1), best of {result['repeats']}. Command: `python benchmarks/int_speed.py`.", "",
+             f"(batch 1), best of {result['repeats']}. Command: `{result.get('command', 'python benchmarks/int_speed.py')}`.", "",
              "| model | quant | variant | prefill tok/s | × fp32 | × fake quant | block weights (MiB) | peak RSS (MiB) | "
              + ("peak device (MiB) | " if on_gpu else "") + "ppl |",
              "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if on_gpu else "") + "---:|"]
