@@ -108,19 +108,23 @@ def activation_quant_params(
     """
     if symmetric:
         return quant_params(x, bits, True, clip_ratio)
-    xf = x.detach().float()
+    codes, scale, zero = _signed_token_grid(x.detach().float(), bits, clip_ratio, torch.round)
     half = 2 ** (bits - 1)
-    lo = torch.clamp(xf.amin(dim=-1, keepdim=True) * clip_ratio, max=0.0)
-    hi = torch.clamp(xf.amax(dim=-1, keepdim=True) * clip_ratio, min=0.0)
-    scale = _nonzero((hi - lo) / (2**bits - 1))
-    zero = torch.round(torch.clamp(-half - lo / scale, -half, half - 1))  # signed
-    codes = torch.round(torch.clamp(x.float() / scale + zero, -half, half - 1))
     return codes + half, scale, zero + half
 
 
-def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+def _signed_token_grid(xf: torch.Tensor, bits: int, clip, round_fn):
+    """compressed-tensors' asymmetric per-token grid of float32 `xf`: signed codes, scale and signed zero point.
+    `round_fn` is torch.round, or a straight-through rounding when the clip is trained."""
+    half = 2 ** (bits - 1)
+    lo = torch.clamp(xf.detach().amin(dim=-1, keepdim=True) * clip, max=0.0)
+    hi = torch.clamp(xf.detach().amax(dim=-1, keepdim=True) * clip, min=0.0)
     # compressed-tensors' guard for an all-zero token: a zero scale becomes float32's eps
-    return torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
+    scale = (hi - lo) / (2**bits - 1)
+    scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
+    zero = round_fn(torch.clamp(-half - lo / scale, -half, half - 1))
+    codes = round_fn(torch.clamp(xf / scale + zero, -half, half - 1))
+    return codes, scale, zero
 
 
 def clipped_quant_params(
@@ -221,13 +225,9 @@ def quantize_lastdim_learned_clip(x: torch.Tensor, bits: int, symmetric: bool, c
         qmax = 2 ** (bits - 1) - 1
         scale = (xf.detach().abs().amax(dim=-1, keepdim=True) * c / qmax).clamp(min=1e-8)
         q = torch.clamp(_round_ste(xf / scale), -qmax - 1, qmax) * scale
-    else:  # activation_quant_params' arithmetic, with straight-through rounding
-        half = 2 ** (bits - 1)
-        lo = torch.clamp(xf.detach().amin(dim=-1, keepdim=True) * c, max=0.0)
-        hi = torch.clamp(xf.detach().amax(dim=-1, keepdim=True) * c, min=0.0)
-        scale = _nonzero((hi - lo) / (2**bits - 1))
-        zero = _round_ste(torch.clamp(-half - lo / scale, -half, half - 1))
-        q = (_round_ste(torch.clamp(xf / scale + zero, -half, half - 1)) - zero) * scale
+    else:  # activation_quant_params' grid, with straight-through rounding
+        codes, scale, zero = _signed_token_grid(xf, bits, c, _round_ste)
+        q = (codes - zero) * scale
     return q.to(x.dtype)
 
 
