@@ -18,25 +18,34 @@ result plugs in wherever RTN codes do: ``quantizer.dequantize_weight(**gptq_weig
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 
 from .quantizer import QuantSpec, clipped_quant_params, quant_params
 
-__all__ = ["HessianAccumulator", "fp_target_weight", "gptq_weight_codes"]
+__all__ = ["HessianAccumulator", "InverseFactor", "fp_target_weight", "gptq_weight_codes", "inverse_factor"]
 
 
 class HessianAccumulator:
-    """Running H = 2/N Σ x xᵀ over the rows of inputs [..., in] (per-batch products in float32, sums in float64).
+    """Running H = 2/N Σ x xᵀ over the rows of inputs [..., in], summed in `dtype` (by default float32, or float64
+    when the inputs are float64). Each batch's product is computed in float32 (float64 for float64 inputs) and added
+    to the sum, so adding data in batches gives the same H as adding it at once up to the sum's rounding. A float32 sum is as accurate as
+    the float32 products it adds (each already sums a batch's thousands of tokens) and holds LLaMA-2-70B's largest
+    Hessian (down_proj, 28672²) in 3 GiB instead of 6. The sum lives on the device of the first batch.
 
-    Keeps the plain sum Σ x xᵀ and N, so adding data in batches gives the same H as adding it at once (up to
-    float64 rounding) and nothing needs rescaling per batch. The sum lives on the device of the first batch.
+    `hessian()` (and `cross()`) scale the sum in place once and return it: no second C × C copy.
     """
 
-    def __init__(self, in_features: int):
+    def __init__(self, in_features: int, dtype: torch.dtype | None = None):
         self.in_features = int(in_features)
+        self.dtype = dtype
         self._sum: torch.Tensor | None = None
         self._cross: torch.Tensor | None = None  # Σ x x_fpᵀ, when FP inputs are given
         self._n = 0
+        self._scaled = False
 
     def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
         """Add inputs x; with `x_fp` (the same tokens' inputs in the full-precision model) also Σ x x_fpᵀ, the
@@ -49,34 +58,60 @@ class HessianAccumulator:
             raise ValueError(f"x_fp shape {tuple(x_fp.shape)} does not match the inputs' {tuple(x.shape)}")
         if (x_fp is None) != (self._cross is None) and self._n:
             raise ValueError("HessianAccumulator.add: pass x_fp with every batch or with none")
-        if self._sum is None:
-            self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=x.device)
-        # Each batch's product in the input's precision (float32 at least: a float64 product of 8k × 1.5k rows costs
-        # seconds on a CPU), summed across batches in float64, where many thousands of tokens and outliers add up.
+        if self._scaled:
+            raise ValueError("HessianAccumulator.add after hessian(): the sum was already scaled; use a new accumulator")
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if self._sum is None:
+            self.dtype = self.dtype or compute
+            self._sum = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=x.device)
         rows = x.detach().reshape(-1, self.in_features).to(device=self._sum.device, dtype=compute)
-        self._sum += (rows.T @ rows).to(torch.float64)
+        self._sum += (rows.T @ rows).to(self.dtype)
         if x_fp is not None:
             if self._cross is None:
                 self._cross = torch.zeros_like(self._sum)
             fp_rows = x_fp.detach().reshape(-1, self.in_features).to(device=self._sum.device, dtype=compute)
-            self._cross += (rows.T @ fp_rows).to(torch.float64)
+            self._cross += (rows.T @ fp_rows).to(self.dtype)
         self._n += rows.shape[0]
 
     @property
     def n_samples(self) -> int:
         return self._n
 
+    def _scale(self) -> None:
+        if not self._scaled:
+            self._sum.mul_(2.0 / self._n)
+            if self._cross is not None:
+                self._cross.mul_(2.0 / self._n)
+            self._scaled = True
+
     def hessian(self) -> torch.Tensor:
         if self._n == 0:
             raise ValueError("HessianAccumulator.hessian(): no samples were added; feed calibration inputs to add()")
-        return self._sum * (2.0 / self._n)
+        self._scale()
+        return self._sum
+
+    @contextmanager
+    def parked(self) -> Iterator[torch.Tensor]:
+        """The scaled Hessian in host memory for the duration, its accelerator copy freed (for the factorization,
+        which needs the room); back on its device afterwards. On the CPU it stays where it is."""
+        hessian = self.hessian()
+        if hessian.device.type == "cpu":
+            yield hessian
+            return
+        device, self._sum = hessian.device, None
+        host = hessian.to("cpu")
+        del hessian
+        try:
+            yield host
+        finally:
+            self._sum = host.to(device)
 
     def cross(self) -> torch.Tensor:
         """2/N Σ x x_fpᵀ (the same scale as `hessian()`); needs x_fp in `add`."""
         if self._cross is None:
             raise ValueError("HessianAccumulator.cross(): no FP inputs were added; pass x_fp to add()")
-        return self._cross * (2.0 / self._n)
+        self._scale()
+        return self._cross
 
 
 def fp_target_weight(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -113,6 +148,66 @@ def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, 
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
+FACTOR_COLUMNS = 1024  # columns of L⁻¹ solved per step: a C × 1024 float64 slab beside L
+
+
+@dataclass
+class InverseFactor:
+    """What GPTQ needs from a (damped, column-permuted) Hessian, computed once per input group: the column order,
+    the upper Cholesky factor U of H⁻¹ (float32) and the inputs that were always 0."""
+
+    perm: torch.Tensor
+    U: torch.Tensor
+    dead: torch.Tensor
+
+
+def inverse_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = False,
+                   device: torch.device | str | None = None) -> InverseFactor:
+    """The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) of the permuted, damped Hessian, in float64 arithmetic and
+    little memory: one float64 C × C matrix (factorized in place) beside the float32 result.
+
+    With J the reversal, K = J H J = L Lᵀ gives H = R Rᵀ for the upper triangular R = J L J, so H⁻¹ = R⁻ᵀ R⁻¹ and
+    U = R⁻¹ = J L⁻¹ J: one Cholesky and one triangular inverse, instead of a Cholesky, an inverse and a second
+    Cholesky (the GPTQ reference's route, three C × C float64 matrices at once: 18 GiB for LLaMA-2-70B's down_proj).
+    K is built in column-major order, so LAPACK/cuSOLVER factorize it in place and solve against it without a copy.
+    The caller's Hessian is not modified; it may sit in host memory while the factorization runs on `device` (by
+    default the Hessian's), read a slab at a time.
+    """
+    C = hessian.shape[0]
+    device = torch.device(device) if device is not None else hessian.device
+    diag = hessian.diagonal().to(device=device, dtype=torch.float64, copy=True)
+    # An input that was always 0 in calibration carries no information: its weight column can be anything, so it is
+    # zeroed (it quantizes to 0) and given a unit diagonal so that H stays invertible.
+    dead = diag == 0
+    diag[dead] = 1.0
+    # Dampening keeps the factorization stable when H is (nearly) singular, e.g. few calibration tokens.
+    diag += damp * diag.mean()
+    # act_order: round the columns with the largest Hessian diagonal (most output impact) first, while most columns
+    # are still free to absorb their error. Stable sort: ties keep natural order.
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(C, device=device)
+    reverse = perm.flip(0)
+    K = torch.empty(C, C, dtype=torch.float64, device=device).mT  # column-major storage
+    for r in range(0, C, FACTOR_COLUMNS):  # K = J H[perm][:, perm] J, a slab at a time (no full-size temporaries)
+        rows = reverse[r : r + FACTOR_COLUMNS]
+        slab = hessian.index_select(0, rows.to(hessian.device)).index_select(1, reverse.to(hessian.device))
+        K[r : r + FACTOR_COLUMNS] = slab.to(device=device, dtype=torch.float64)
+    K.diagonal().copy_(diag[reverse])
+    L, info = torch.linalg.cholesky_ex(K, out=(K, torch.empty((), dtype=torch.int32, device=device)))
+    if info.item() != 0:
+        raise ValueError(
+            f"the Hessian is not positive definite even after dampening (damp={damp}); "
+            "increase damp or use more calibration samples"
+        )
+    U = torch.empty(C, C, dtype=torch.float32, device=device)
+    eye = torch.eye(C, FACTOR_COLUMNS, dtype=torch.float64, device=device)
+    for j in range(0, C, FACTOR_COLUMNS):  # columns j.. of L⁻¹ are U's columns C - j - 1 .. in reverse
+        cols = min(FACTOR_COLUMNS, C - j)
+        X = torch.linalg.solve_triangular(L, torch.roll(eye, j, dims=0)[:, :cols], upper=False)
+        U[:, C - j - cols : C - j] = X.flip((0, 1)).to(torch.float32)
+        del X
+    return InverseFactor(perm, U, dead)
+
+
 def gptq_weight_codes(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -121,6 +216,7 @@ def gptq_weight_codes(
     block_size: int = 128,
     act_order: bool = False,
     clip: bool = False,
+    factor: InverseFactor | None = None,
 ) -> dict[str, torch.Tensor]:
     """GPTQ-rounded codes of a [out, in] weight, in the format of ``quantizer.weight_codes(weight, spec)``.
 
@@ -130,6 +226,8 @@ def gptq_weight_codes(
     groups", act_order True, so the stored groups stay in natural column order while columns go in order of
     decreasing Hessian diagonal). `damp` adds damp · mean(diag H) to the diagonal. `clip=True` shrinks each range
     to the one with the least rounding error (quantizer.clipped_quant_params) instead of the plain min-max.
+    `factor`: `inverse_factor(hessian, damp, act_order)` when the caller already has it (projections that share an
+    input share it).
     """
     if weight.dim() != 2:
         raise ValueError(f"gptq_weight_codes expects a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
@@ -163,33 +261,11 @@ def gptq_weight_codes(
         _, scale, zero = params(W.reshape(out_features, n_groups, in_features // n_groups), bits, symmetric)
         scale, zero = scale.squeeze(-1), zero.squeeze(-1)
 
-    H = hessian.detach().to(device=device, dtype=torch.float64).clone()
-    # An input that was always 0 in calibration carries no information: its weight column can be anything, so
-    # zero it (it quantizes to 0) and give it a unit diagonal so that H stays invertible.
-    dead = H.diagonal() == 0
-    H.diagonal()[dead] = 1.0
-    W[:, dead] = 0.0
-    # Dampening keeps the Cholesky factorization stable when H is (nearly) singular, e.g. few calibration tokens.
-    H.diagonal().add_(damp * H.diagonal().mean())
-
-    # act_order: round the columns with the largest Hessian diagonal (most output impact) first, while most
-    # columns are still free to absorb their error. Stable sort: ties keep natural order.
-    if act_order:
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-    else:
-        perm = torch.arange(in_features, device=device)
-    W, H = W[:, perm], H[perm][:, perm]
-
-    L, info = torch.linalg.cholesky_ex(H)
-    if info.item() != 0:
-        raise ValueError(
-            f"the Hessian is not positive definite even after dampening (damp={damp}); "
-            "increase damp or use more calibration samples"
-        )
-    # Upper Cholesky factor of H⁻¹: row i holds the OBS update for column i given columns < i are already rounded.
-    # H⁻¹ = L⁻ᵀ L⁻¹ through a triangular solve: torch.cholesky_inverse is ~40x slower on some CPU builds (1536²: 40 s).
-    L_inv = torch.linalg.solve_triangular(L, torch.eye(in_features, dtype=L.dtype, device=device), upper=False)
-    U = torch.linalg.cholesky(L_inv.T @ L_inv, upper=True).to(torch.float32)
+    if factor is None:
+        factor = inverse_factor(hessian.detach().to(device), damp, act_order)
+    perm, U = factor.perm.to(device), factor.U.to(device)
+    W[:, factor.dead.to(device)] = 0.0  # an input never seen: its column quantizes to 0 (see inverse_factor)
+    W = W[:, perm]
 
     col_group = (perm // group).tolist() if group else [0] * in_features  # each column's group, natural order
     codes = torch.zeros_like(W)

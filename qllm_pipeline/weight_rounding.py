@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .blocks import INPUT_GROUPS, quant_linears
-from .gptq import HessianAccumulator, fp_target_weight, gptq_weight_codes
+from .gptq import HessianAccumulator, fp_target_weight, gptq_weight_codes, inverse_factor
 from .quantizer import weight_codes, weight_codes_with_params
 
 WEIGHT_ALGORITHMS = ("rtn", "gptq")
@@ -49,9 +49,10 @@ class GPTQConfig:
 
 
 def output_error(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr((W - Ŵ) H (W - Ŵ)ᵀ) / 2 = the mean over calibration tokens of ||x Wᵀ - x Ŵᵀ||² (H = 2/N Σ x xᵀ)."""
-    delta = (weight.double() - rounded.double()).to(hessian.device)
-    return float(((delta @ hessian) * delta).sum() / 2)
+    """tr((W - Ŵ) H (W - Ŵ)ᵀ) / 2 = the mean over calibration tokens of ||x Wᵀ - x Ŵᵀ||² (H = 2/N Σ x xᵀ), in the
+    Hessian's precision (a diagnostic: the report of RTN's and GPTQ's layer errors)."""
+    delta = (weight.to(hessian.dtype) - rounded.to(hessian.dtype)).to(hessian.device)
+    return float(((delta @ hessian) * delta).sum(dtype=torch.float64) / 2)
 
 
 class _InputsCollected(Exception):
@@ -88,8 +89,12 @@ def gptq_round_block(block: nn.Module, run_block, inputs: torch.Tensor, device, 
                 raw = _input_of(fp_block, fp_block.get_submodule(group[0]), run_block, fp_stream[start : start + batch_size], device)
                 x_fp = first.transform_input(raw.to(x.dtype))
             acc.add(x, x_fp)
-        hessian = acc.hessian()
         cross = acc.cross() if fp_block is not None else None
+        # Once per group (its members share the input). On an accelerator the Hessian waits in host memory meanwhile:
+        # the device holds the float64 factorization and its float32 result, not the Hessian beside them.
+        with acc.parked() as host_hessian:
+            factor = inverse_factor(host_hessian, cfg.damp, cfg.act_order, device=device)
+        hessian = acc.hessian()
         for name in group:
             ql = qlinears[name]
             merged = ql.merged_weight().detach().float()
@@ -98,7 +103,8 @@ def gptq_round_block(block: nn.Module, run_block, inputs: torch.Tensor, device, 
                 # Blend the cross term toward H: fp_target=α gives W* for the target α·X_fp + (1-α)·X.
                 blended = cfg.fp_target * cross + (1 - cfg.fp_target) * hessian
                 target = fp_target_weight(merged, hessian, blended, cfg.damp)
-            codes = gptq_weight_codes(target, hessian, ql.weight_spec, cfg.damp, cfg.block_size, cfg.act_order, cfg.clip)
+            codes = gptq_weight_codes(target, hessian, ql.weight_spec, cfg.damp, cfg.block_size, cfg.act_order, cfg.clip,
+                                      factor=factor)
             rtn = dequantize_weight(**weight_codes(merged, ql.weight_spec))
             report[name] = {
                 "rtn_error": output_error(merged, rtn, hessian),

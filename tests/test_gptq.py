@@ -188,15 +188,18 @@ def test_hessian_accumulator_matches_direct():
     rows = x.reshape(-1, 16).double()
     direct = 2 / rows.shape[0] * rows.T @ rows
     assert one.n_samples == batched.n_samples == 30
-    assert one.hessian().dtype == torch.float64 and one.hessian().shape == (16, 16)
-    assert torch.allclose(one.hessian(), direct, rtol=1e-5, atol=1e-6)  # float32 products of float32 inputs
-    assert torch.allclose(batched.hessian(), direct, rtol=1e-5, atol=1e-6)
-    exact = HessianAccumulator(16)
-    exact.add(x.double())  # float64 inputs: float64 products
+    assert one.hessian().dtype == torch.float32 and one.hessian().shape == (16, 16)  # a float32 sum by default
+    assert torch.allclose(one.hessian().double(), direct, rtol=1e-5, atol=1e-6)  # float32 products of float32 inputs
+    assert torch.allclose(batched.hessian().double(), direct, rtol=1e-5, atol=1e-6)
+    assert one.hessian() is one.hessian()  # scaled in place once, not copied
+    exact = HessianAccumulator(16, dtype=torch.float64)
+    exact.add(x.double())  # float64 inputs into a float64 sum: float64 products
     assert torch.allclose(exact.hessian(), direct, rtol=1e-12, atol=1e-12)
     half = HessianAccumulator(16)
-    half.add(x.to(torch.float16))  # low-precision inputs are accumulated in float64
-    assert half.hessian().dtype == torch.float64 and half.n_samples == 30
+    half.add(x.to(torch.float16))  # low-precision inputs are multiplied in float32
+    assert half.hessian().dtype == torch.float32 and half.n_samples == 30
+    with pytest.raises(ValueError, match="already scaled"):
+        one.add(x)
 
 
 def test_bad_inputs_raise():
@@ -217,3 +220,66 @@ def test_bad_inputs_raise():
         acc.hessian()
     with pytest.raises(ValueError, match=r"expects inputs \[\.\.\., 16\]"):
         acc.add(torch.randn(4, 8))
+
+
+def float64_reference_factor(hessian, damp=0.01, act_order=False, device=None):
+    """The factorization as it was before it was made lean: the Hessian in float64, H⁻¹ through a Cholesky and a
+    triangular inverse, then the upper Cholesky factor of H⁻¹ (three C × C float64 matrices at once)."""
+    from qllm_pipeline.gptq import InverseFactor
+
+    H = hessian.double().clone()
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    H.diagonal().add_(damp * H.diagonal().mean())
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(H.shape[0])
+    L = torch.linalg.cholesky(H[perm][:, perm])
+    L_inv = torch.linalg.solve_triangular(L, torch.eye(H.shape[0], dtype=L.dtype), upper=False)
+    return InverseFactor(perm, torch.linalg.cholesky(L_inv.T @ L_inv, upper=True).float(), dead)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_lean_factor_matches_the_float64_reference(act_order):
+    from qllm_pipeline import gptq
+
+    x = correlated_inputs(600, 96, seed=7)
+    x[:, 5] = 0.0  # a dead input
+    acc = HessianAccumulator(96)
+    acc.add(x)
+    got = gptq.inverse_factor(acc.hessian(), 0.01, act_order)
+    want = float64_reference_factor(acc.hessian(), 0.01, act_order)
+    assert torch.equal(got.perm, want.perm) and torch.equal(got.dead, want.dead)
+    assert got.U.dtype == torch.float32 and torch.allclose(got.U, want.U, rtol=1e-5, atol=1e-6 * want.U.abs().max().item())
+    assert torch.equal(got.U, got.U.triu())
+
+
+def test_gptq_on_a_model_block_gives_the_float64_codes(monkeypatch):
+    """The pipeline's GPTQ (float32 Hessian sums, the in-place float64 factorization, one factor per input group) rounds
+    a tiny model's blocks to the same codes as float64 sums with the reference factorization per projection."""
+    from conftest import tiny_model
+    from qllm_pipeline import weight_rounding
+    from qllm_pipeline.blocks import BlockRunner, decoder_layers, quant_linears
+    from qllm_pipeline.qblock import make_quant_block
+
+    model = tiny_model(layers=2)
+    runner = BlockRunner(model, 32, "cpu")
+    hidden = torch.randn(8, 32, 64, generator=torch.Generator().manual_seed(0)) * 3
+    cfg = weight_rounding.GPTQConfig()
+
+    def codes(block):
+        return {n: ql.codes["codes"] for n, ql in quant_linears(block).items()}
+
+    got, want = [], []
+    for layer in decoder_layers(model):
+        block = make_quant_block(layer, QuantSpec(4), QuantSpec(8))
+        weight_rounding.gptq_fuse_block(block, runner, hidden, "cpu", 4, cfg)
+        got.append(codes(block))
+    with monkeypatch.context() as patch:
+        patch.setattr(weight_rounding, "HessianAccumulator", lambda n: HessianAccumulator(n, dtype=torch.float64))
+        patch.setattr(weight_rounding, "inverse_factor", float64_reference_factor)
+        for layer in decoder_layers(model):
+            block = make_quant_block(layer, QuantSpec(4), QuantSpec(8))
+            weight_rounding.gptq_fuse_block(block, runner, hidden, "cpu", 4, cfg)
+            want.append(codes(block))
+    for mine, ref in zip(got, want):
+        for name in ref:
+            assert torch.equal(mine[name], ref[name]), name

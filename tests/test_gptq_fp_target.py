@@ -21,8 +21,8 @@ def _stats(x, x_fp):
 def test_cross_term_matches_direct_product_and_needs_pairs():
     x, x_fp = correlated_inputs(300, 16, seed=1), correlated_inputs(300, 16, seed=2)
     h, c = _stats(x, x_fp)
-    assert torch.allclose(h, 2 * x.double().T @ x.double() / 300, rtol=1e-5)
-    assert torch.allclose(c, 2 * x.double().T @ x_fp.double() / 300, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(h.double(), 2 * x.double().T @ x.double() / 300, rtol=1e-5)
+    assert torch.allclose(c.double(), 2 * x.double().T @ x_fp.double() / 300, rtol=1e-5, atol=1e-6)
     acc = HessianAccumulator(16)
     acc.add(x[:10], x_fp[:10])
     with pytest.raises(ValueError, match="pass x_fp with every batch or with none"):
