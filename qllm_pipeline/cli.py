@@ -123,6 +123,7 @@ class Checked:
     model_config: object
     cache: ArtifactCache
     model_id: str
+    budget: dict  # the memory the run may use (qllm_pipeline.plan.memory_budget)
 
 
 def check_before_loading(c: dict) -> Checked:
@@ -143,10 +144,27 @@ def check_before_loading(c: dict) -> Checked:
     validate_model_fit(c, config)
     for name in c["pipeline"]["stages"]:
         if STAGES[name].enabled(c):
-            STAGES[name].preflight(c, config)  # e.g. the LRC memory plan, Hadamard sizes
+            STAGES[name].preflight(c, config)  # e.g. Hadamard sizes
+    budget = check_memory(c, source, config, device)
     cache = ArtifactCache(c["pipeline"]["cache_dir"])  # refuses an unwritable directory
     model_id = artifact_key("model_identity", 1, model_identity(source, cache.root / ".file_digests"))
-    return Checked(source, specs, device, config, cache, model_id)
+    return Checked(source, specs, device, config, cache, model_id, budget)
+
+
+def check_memory(c: dict, source: ModelSource, config, device: torch.device) -> dict:
+    """The run's memory plan against the device's and the host's memory (or pipeline.device_memory_gb /
+    host_memory_gb), before any weight is read: a plan that does not fit is refused, unless pipeline.memory_check is
+    false. Returns the budget (the stages size their host caches by it)."""
+    from .plan import arch_from_config, check_fits, format_run_plan, memory_budget, plan_for
+
+    budget = memory_budget(c, device)
+    plan = plan_for(c, source, arch_from_config(config), device.type, budget["host"])
+    log.info("%s", format_run_plan(c, plan, budget))
+    if c["pipeline"]["memory_check"]:
+        check_fits(plan, budget)
+    elif plan["host_peak_bytes"] > budget["host"] or (budget["device"] or plan["device_peak_bytes"]) < plan["device_peak_bytes"]:
+        log.warning("the memory plan does not fit (pipeline.memory_check=false: running anyway)")
+    return budget
 
 
 def check_datasets(c: dict) -> None:
@@ -197,6 +215,7 @@ def run(cfg: DictConfig) -> dict:
         attn_spec=attn_spec,
         tracker=tracker,
         progress=bool(c["pipeline"]["progress"]),
+        memory_budget=checked.budget,
     )
     runner = Runner(ctx, STAGES)
     results = runner.run()

@@ -17,16 +17,17 @@ from .blocks import BlockRunner, decoder_layers
 from .memory import release_freed_memory
 
 
-def blockwise_perplexity(
+def blockwise_hidden(
     model: nn.Module,
     windows: torch.Tensor,
     variants: dict[str, Callable[[int], nn.Module]],
     device: torch.device,
     batch_size: int = 8,
     progress: bool = True,
-    desc: str = "perplexity",
-) -> dict[str, float]:
-    """`variants` maps a name to a function giving the decoder block i to use for that variant."""
+    desc: str = "blocks",
+) -> dict[str, torch.Tensor]:
+    """Each variant's last-block output on `windows` (host memory), computed block by block: `variants` maps a
+    name to a function giving the decoder block i to use for that variant; each block is visited once."""
     dtype = next(model.parameters()).dtype
     runner = BlockRunner(model, windows.shape[1], device, dtype)
     with torch.no_grad():
@@ -40,6 +41,20 @@ def blockwise_perplexity(
             block.to("cpu")  # an in-memory model's own block must not stay on the device
             del block
         release_freed_memory()  # the blocks just run are garbage (see Runner.walk_blocks)
+    return streams
+
+
+def blockwise_perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    variants: dict[str, Callable[[int], nn.Module]],
+    device: torch.device,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> dict[str, float]:
+    """`variants` maps a name to a function giving the decoder block i to use for that variant."""
+    streams = blockwise_hidden(model, windows, variants, device, batch_size, progress, desc)
     return {name: math.exp(_mean_nll(model, hidden, windows, device, batch_size)) for name, hidden in streams.items()}
 
 

@@ -74,6 +74,7 @@ class RunContext:
     keys: dict[str, str] = field(default_factory=dict)
     fp_model: nn.Module | None = None  # the model as loaded: the FP and RTN reference rows are computed on it
     model_id: str = ""  # digest of the model's identity (weight files or hub commit, dtype): qllm_pipeline.identity
+    memory_budget: dict | None = None  # device and host bytes the run may use, as checked before loading (qllm_pipeline.plan)
 
     def __post_init__(self):
         if self.fp_model is None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .data import CORPORA, HELDOUT
+from .e2e_tuning import E2E_MODES
 from .errors import PipelineError
 from .export_ct import MODEL_FORMATS
 from .lowrank import AUTOCAST_CHOICES
@@ -127,7 +128,7 @@ SCHEMA: dict[str, dict[str, Field] | None] = {
         "act_clip_lr": _num(0, lo_open=True, null=True, hint="a finite number > 0, or null (the same as lr)"),
         "act_clip_shared": BOOL_FIELD,
     },
-    "tune_e2e": {"epochs": _int(1), "batch_size": _int(1), "seed": _int(),
+    "tune_e2e": {"epochs": _int(1), "batch_size": _int(1), "seed": _int(), "mode": _str(choices=E2E_MODES),
                  "scale_lr": Field(DICT),  # a number or {weight bits: number}: checked by _check_per_bit_width
                  "act_clip_lr": _num(0, hint="a finite number >= 0 (0: clip ratios not tuned)"),
                  "norm_lr": _num(0, hint="a finite number >= 0 (0: norms not tuned)")},
@@ -144,7 +145,9 @@ SCHEMA: dict[str, dict[str, Field] | None] = {
                "mode": _str(null=True, choices=("online", "offline", "disabled", None))},
     "pipeline": {
         "stages": Field(LIST), "force": Field(LIST, null=True), "cache_dir": _str(), "device": _str(),
-        "batch_size": _int(1), "plan_only": BOOL_FIELD, "progress": BOOL_FIELD,
+        "batch_size": _int(1), "plan_only": BOOL_FIELD, "progress": BOOL_FIELD, "memory_check": BOOL_FIELD,
+        "device_memory_gb": _num(0, lo_open=True, null=True, hint="a number of GB > 0, or null for the device's own"),
+        "host_memory_gb": _num(0, lo_open=True, null=True, hint="a number of GB > 0, or null for what the host has available"),
     },
 }
 FREE = {"hydra"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -146,6 +147,17 @@ class TransformedLayers(LazyLayers):
             fresh = base if isinstance(self._base, LazyLayers) else copy.deepcopy(base)
             object.__setattr__(self, "_last", (index, self._transform(fresh, index)))
         return copy.deepcopy(self._last[1])
+
+
+@contextmanager
+def swapped_layers(model: nn.Module, layers: list[nn.Module]) -> Iterator[nn.Module]:
+    """`model` with its decoder layers replaced by `layers` for the duration (the original list is restored)."""
+    original = model.model.layers
+    model.model.layers = nn.ModuleList(layers)
+    try:
+        yield model
+    finally:
+        model.model.layers = original
 
 
 def skeleton_copy(model: nn.Module) -> nn.Module:

@@ -10,12 +10,12 @@ import logging
 
 from qllm_pipeline.blocks import decoder_layers
 from qllm_pipeline.data import HELDOUT, calibration_starts, evaluation_windows, heldout_windows, load_corpus, tokenize
-from qllm_pipeline.e2e_tuning import swapped_layers
 from qllm_pipeline.fused import build_fused_block
 from qllm_pipeline.identity import tensor_digest
 from qllm_pipeline.perplexity import blockwise_perplexity
 from qllm_pipeline.qblock import load_reassemblies, make_quant_block
 from qllm_pipeline.stage import FINAL, FinalStage, StageSpec
+from qllm_pipeline.streaming import swapped_layers
 
 from .fuse import uses_gptq
 

@@ -41,12 +41,6 @@ class TrainLowrank(BlockStage):
     def validate(self, cfg: dict) -> None:
         lowrank_config(cfg["train_lowrank"], 0)
 
-    def preflight(self, cfg: dict, model_config) -> None:
-        from qllm_pipeline.model_loading import ModelSource
-        from qllm_pipeline.plan import arch_from_config, print_plan
-
-        print_plan(cfg, ModelSource.from_config(cfg["model"]), arch_from_config(model_config))  # before training
-
     def run(self, ctx, state, writer) -> None:
         block = quant_block(ctx, state).to(ctx.device)
         if uses_gptq(ctx.cfg) and ctx.weight_spec.enabled:

@@ -1,19 +1,29 @@
 """tune_e2e: after the blocks are fused, tune the whole quantized model's weight scales and activation clip ratios
 (the integer codes fixed) so its next-token distribution matches the FP model's on the calibration windows
 (qllm_pipeline.e2e_tuning). Stored: the tuned scales, clip ratios and norms of every block, and the KL per epoch.
-Evaluation and the written model use the tuned blocks.
+Evaluation and the written model use the tuned blocks; when no epoch lowered the KL, the fused model is kept as it
+was.
 
-The whole model is held on the device while it trains (the FP teacher beside it); the block stages before it need
-one block at a time.
+Neither model is held whole (`tune_e2e.mode=streamed`, the default): the FP teacher is its final hidden states on the
+calibration windows, an artifact of its own computed block by block (`e2e_teacher`), and the student runs one block
+on the device at a time (qllm_pipeline.e2e_streaming). Whether the fused blocks stay in host memory between passes
+and whether a batch's block inputs are spilled to disk follow from the memory plan and the host's budget. After
+each epoch the state is saved (`tune_e2e_epoch`), so a killed run resumes at the last finished epoch.
 """
 from __future__ import annotations
 
 import logging
 
+import torch
+
 from qllm_pipeline.blocks import decoder_layers
-from qllm_pipeline.e2e_tuning import E2EConfig, swapped_layers, tune_model, tuned_tensors
+from qllm_pipeline.cache import artifact_key
+from qllm_pipeline.e2e_streaming import EXECUTORS, FusedBlocks, InputStore
+from qllm_pipeline.e2e_tuning import Checkpoints, E2EConfig, Head, TunedParams, tune
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.fused import build_fused_block
+from qllm_pipeline.perplexity import blockwise_hidden
+from qllm_pipeline.plan import arch_from_config, e2e_execution, memory_budget
 from qllm_pipeline.quantizer import per_bit_width
 from qllm_pipeline.stage import FINAL, FinalStage, StageSpec
 
@@ -21,11 +31,15 @@ from .fuse import write_model
 
 log = logging.getLogger(__name__)
 
+# What changes the tuned values. `mode` (streamed or whole) only changes where the arithmetic runs: it gives the
+# same gradients (tests/test_tune_e2e.py), so both share one artifact.
 CONFIG_FIELDS = ("epochs", "batch_size", "scale_lr", "act_clip_lr", "norm_lr", "seed")
+TEACHER_VERSION = 1
+EPOCH_STAGE = "tune_e2e_epoch"
 
 
 class TuneE2E(FinalStage):
-    spec = StageSpec("tune_e2e", version=2, config_keys=("tune_e2e",), upstream=("fuse",), kind=FINAL, label="e2e")
+    spec = StageSpec("tune_e2e", version=3, config_keys=("tune_e2e",), upstream=("fuse",), kind=FINAL, label="e2e")
 
     def enabled(self, cfg) -> bool:
         return cfg["quant"].get("wbits") is not None or cfg["quant"].get("abits") is not None
@@ -42,32 +56,94 @@ class TuneE2E(FinalStage):
 
     def run(self, ctx, runner) -> None:
         key = runner.key("tune_e2e", {"model": ctx.keys["fuse"], "calibrate": ctx.keys["calibration_windows"]})
-        artifact = runner.produce("tune_e2e", key, lambda writer: self._tune(ctx, runner, writer), timed=False)
+        artifact = runner.produce("tune_e2e", key, lambda writer: self._tune(ctx, runner, writer, key), timed=False)
         stats = artifact.json("stats.json")
-        log.info("tune_e2e: KL to the FP model on the calibration windows %.4f -> %.4f over %d steps",
-                 stats["kl_before"], stats["kl_after"], stats["steps"])
-        tensors = artifact.tensors("tuned.safetensors")
-        n = len(runner.artifacts["fuse"])
-        runner.block_overrides = [{} for _ in range(n)]
-        for name, value in tensors.items():
-            index, _, field = name.partition(".")
-            runner.block_overrides[int(index)][field] = value
-        ctx.keys["tune_e2e"] = ctx.keys["model"] = key  # evaluation rows and the written model are the tuned model's
+        if stats["best_epoch"] == 0:
+            log.info("tune_e2e: no epoch lowered the KL to the FP model on the calibration windows (%.4f before, %s "
+                     "after the epochs); the fused model is kept unchanged", stats["kl_before"],
+                     ", ".join(f"{kl:.4f}" for kl in stats["kl_measured"]))
+        else:
+            log.info("tune_e2e: KL to the FP model on the calibration windows %.4f -> %.4f (epoch %d of %d kept)",
+                     stats["kl_before"], stats["kl_after"], stats["best_epoch"], len(stats["kl_measured"]))
+            tensors = artifact.tensors("tuned.safetensors")
+            runner.block_overrides = [{} for _ in range(len(runner.artifacts["fuse"]))]
+            for name, value in tensors.items():
+                index, _, field = name.partition(".")
+                runner.block_overrides[int(index)][field] = value
+            ctx.keys["tune_e2e"] = ctx.keys["model"] = key  # evaluation rows and the written model are the tuned model's
         write_model(ctx, runner)
 
-    def _tune(self, ctx, runner, writer) -> None:
+    def _tune(self, ctx, runner, writer, key: str) -> None:
         cfg = e2e_config(ctx.cfg)
         windows = ctx.cache.get("calibrate", ctx.keys["calibrate"]).tensors("windows.safetensors")["input_ids"]
-        layers, fp_layers = decoder_layers(ctx.model), decoder_layers(ctx.fp_model)
-        blocks = [build_fused_block(layers[i], runner.block_tensors(i), ctx.act_spec, ctx.weight_spec, ctx.attn_spec)
-                  for i in range(len(layers))]
-        teacher_blocks = [fp_layers[i] for i in range(len(fp_layers))]  # a streamed model: every block read once
-        with swapped_layers(ctx.model, blocks) as student, swapped_layers(ctx.fp_model, teacher_blocks) as teacher:
-            stats = tune_model(student, teacher, windows, cfg, ctx.device, ctx.progress)
-        tensors = {f"{i}.{name}": value for i, block in enumerate(tuned_tensors(blocks)) for name, value in block.items()}
+        teacher = teacher_states(ctx, runner, windows)
+        layers, n = decoder_layers(ctx.model), len(runner.artifacts["fuse"])
+        params = TunedParams((runner.block_tensors(i) for i in range(n)), cfg, ctx.weight_spec, ctx.act_spec)
+        budget = ctx.memory_budget or memory_budget(ctx.cfg, ctx.device)
+        layout = e2e_execution(ctx.cfg, arch_from_config(ctx.model.config), ctx.device.type, budget["host"])
+        log.info("tune_e2e: %s, fused blocks %s, block inputs %s", cfg.mode,
+                 "kept in host memory" if layout["keep_blocks"] else "rebuilt from their artifacts on each pass",
+                 "spilled to disk" if layout["spill_inputs"] else "in host memory")
+        blocks = FusedBlocks(lambda i: build_fused_block(layers[i], runner.block_tensors(i), ctx.act_spec,
+                                                         ctx.weight_spec, ctx.attn_spec), n, keep=layout["keep_blocks"])
+        student = Head(ctx.model.model.norm, ctx.model.get_output_embeddings())
+        fp_head = Head(ctx.fp_model.model.norm, ctx.fp_model.get_output_embeddings())
+        extra = {"inputs": InputStore(writer.path("spill") if layout["spill_inputs"] else None)} \
+            if cfg.mode == "streamed" else {}
+        student.to(ctx.device), fp_head.to(ctx.device)
+        executor = None
+        try:
+            executor = EXECUTORS[cfg.mode](blocks, params, ctx.block_runner, ctx.model.get_input_embeddings(), student,
+                                           fp_head, ctx.device, **extra)
+            checkpoints = EpochCheckpoints(ctx.cache, key, fresh=runner.is_forced("tune_e2e"))
+            stats = tune(executor, params, windows, teacher, cfg, ctx.progress, checkpoints)
+        finally:
+            if executor is not None:
+                executor.close()
+            elif "inputs" in extra:
+                extra["inputs"].close()
+            student.to("cpu"), fp_head.to("cpu")
+        tensors = {} if stats["best_epoch"] == 0 else {
+            f"{i}.{name}": value for i in range(n) for name, value in params.tuned_tensors(i, runner.block_tensors(i)).items()}
         writer.save_tensors("tuned.safetensors", tensors)
-        writer.save_json("stats.json", stats)
+        writer.save_json("stats.json", {**stats, "mode": cfg.mode, **layout})
         ctx.tracker.log({"e2e/kl_before": stats["kl_before"], "e2e/kl_after": stats["kl_after"]})
+
+
+def teacher_states(ctx, runner, windows: torch.Tensor) -> torch.Tensor:
+    """The FP model's final hidden states (before its final norm) on the calibration windows, [n, seq, hidden]: what
+    the quantized model is tuned toward, computed once block by block and cached by the model and the windows."""
+    key = artifact_key("e2e_teacher", TEACHER_VERSION, None,
+                       {"model": ctx.model_id, "calibrate": ctx.keys["calibration_windows"]},
+                       extra={"device": ctx.device.type})
+    fp_layers = decoder_layers(ctx.fp_model)
+
+    def compute(writer):
+        hidden = blockwise_hidden(ctx.fp_model, windows, {"fp": lambda i: fp_layers[i]}, ctx.device,
+                                  ctx.cfg["pipeline"]["batch_size"], ctx.progress, desc="tune_e2e FP targets")["fp"]
+        writer.save_tensors("final_hidden.safetensors", {"hidden": hidden})
+
+    artifact, _ = ctx.cache.produce("e2e_teacher", key, compute, force=runner.is_forced("tune_e2e"))
+    return artifact.tensors("final_hidden.safetensors")["hidden"]
+
+
+class EpochCheckpoints(Checkpoints):
+    """The tuning's state after each finished epoch (parameters, AdamW's moments, the schedule, the best state so
+    far, the KLs), one artifact per tune_e2e key, replaced each epoch; a forced run starts over."""
+
+    def __init__(self, cache, key: str, fresh: bool):
+        self.cache, self.key, self.fresh = cache, key, fresh
+
+    def load(self) -> dict | None:
+        artifact = None if self.fresh else self.cache.get(EPOCH_STAGE, self.key)
+        if artifact is None:
+            return None
+        state = torch.load(artifact.path / "state.pt", weights_only=True)
+        log.info("tune_e2e: resuming after epoch %d (saved state)", state["stats"]["epochs_done"])
+        return state
+
+    def save(self, state: dict) -> None:
+        self.cache.put(EPOCH_STAGE, self.key, lambda writer: torch.save(state, writer.path("state.pt")), replace=True)
 
 
 def resolved_settings(cfg: dict) -> dict:
@@ -82,6 +158,6 @@ def resolved_settings(cfg: dict) -> dict:
 
 def e2e_config(cfg: dict) -> E2EConfig:
     try:
-        return E2EConfig(**resolved_settings(cfg))
+        return E2EConfig(**resolved_settings(cfg), mode=cfg["tune_e2e"].get("mode", "streamed"))
     except (ValueError, TypeError) as exc:
         raise PipelineError(str(exc)) from exc

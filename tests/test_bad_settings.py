@@ -64,6 +64,12 @@ BAD = [
     ("logger.kind=tensorboard", "logger.kind='tensorboard' is not one of ['none', 'wandb']"),
     ("pipeline.stages=[calibrate,reassemble,fuse]", "stage reassemble needs stage search_theta; add search_theta to "
      "pipeline.stages or remove reassemble"),
+    ("calibrate.n_samples=1000000 pipeline.host_memory_gb=16", "the memory plan needs 23.6 GiB of host memory at stage "
+     "search_theta, above the 14.9 GiB that pipeline.host_memory_gb allows; lower calibrate.n_samples or "
+     "calibrate.seq_len, or set pipeline.memory_check=false to run anyway"),
+    ("pipeline.host_memory_gb=0", "pipeline.host_memory_gb=0 is out of range: a number of GB > 0, or null for what the "
+     "host has available"),
+    ("tune_e2e.mode=eager", "tune_e2e.mode='eager' is not one of ['streamed', 'whole']"),
     ("data=text_files", "data.calib_path must be set (it is ???): add data.calib_path=VALUE"),
     ("data=text_files data.calib_path={empty} data.eval_path={empty}", "data.calib_path={empty} is empty; it must hold "
      "the text to calibrate on"),

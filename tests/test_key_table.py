@@ -42,6 +42,11 @@ NO_EFFECT = {
     "pipeline.cache_dir": "where the cache is",
     "pipeline.plan_only": "prints the plan and stops",
     "pipeline.progress": "progress bars",
+    "pipeline.memory_check": "whether a plan that does not fit is refused",
+    "pipeline.device_memory_gb": "the budget the plan is checked against",
+    "pipeline.host_memory_gb": "the budget the plan is checked against; tune_e2e keeps or rebuilds its blocks and "
+                               "spills its inputs by it (the same numbers: tests/test_tune_e2e.py)",
+    "tune_e2e.mode": "one block on the device at a time or all at once: the same gradients (tests/test_tune_e2e.py)",
     "eval.batch_size": "windows per forward pass at evaluation",
     "fuse.save_model": "whether the whole model is also written",
     "fuse.format": "the written model's layout (the model artifact's own key carries it)",

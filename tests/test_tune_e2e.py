@@ -1,39 +1,82 @@
-"""End-to-end tuning of the fused model's scales and clip ratios (stage tune_e2e): exact at the start, lowers the
-KL to the FP model, keeps the codes, and its stored result rebuilds the tuned model exactly; the stage is cached,
-evaluated and exported."""
+"""End-to-end tuning of the fused model's scales and clip ratios (stage tune_e2e): exact at the start, streamed block by
+block with the same gradients as the whole model (and as the whole-model algorithm it replaced), lowers the KL to the
+FP model, keeps the codes, keeps the best state, and its stored result rebuilds the tuned model exactly; the stage is
+cached, evaluated, exported and resumed after a kill."""
 import copy
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from conftest import read_results, run_cli, tiny_model, tiny_overrides
-from qllm_pipeline.blocks import decoder_layers, quant_linears
-from qllm_pipeline.e2e_tuning import E2EConfig, attach_tuning, swapped_layers, tune_model, tuned_tensors
+from conftest import REPO, read_results, run_cli, tiny_model, tiny_overrides
+from qllm_pipeline import e2e_tuning
+from qllm_pipeline.blocks import BlockRunner, decoder_layers, quant_linears
+from qllm_pipeline.e2e_streaming import EXECUTORS, FusedBlocks, InputStore
+from qllm_pipeline.e2e_tuning import E2EConfig, Head, TunedParams, head_kl, tune
 from qllm_pipeline.fused import build_fused_block, fused_block_tensors
 from qllm_pipeline.lowrank import ACT_CLIP_MIN
+from qllm_pipeline.perplexity import blockwise_hidden
 from qllm_pipeline.qblock import make_quant_block
 from qllm_pipeline.quantizer import QuantSpec
 
 W4, A4 = QuantSpec(4), QuantSpec(4, clip_ratio=0.9)
+SETTINGS = dict(scale_lr=2e-3, act_clip_lr=1e-2, norm_lr=1e-3)
 
 
-def _fused_model(teacher):
-    """The teacher with every block quantized W4A4 (round to nearest) and fused, plus each block's fused tensors."""
-    student = copy.deepcopy(teacher)
-    blocks, tensors = [], []
+def _fused(teacher):
+    """Every block of the teacher quantized W4A4 (round to nearest) and fused: the fused tensors per block."""
+    tensors = []
     for layer in decoder_layers(teacher):
         block = make_quant_block(layer, W4, A4)
         for ql in quant_linears(block).values():
             ql.fuse()
-        blocks.append(block)
         tensors.append(fused_block_tensors(block))
-    student.model.layers = torch.nn.ModuleList(blocks)
-    return student.requires_grad_(False), tensors
+    return tensors
 
 
 def _windows(n=8, seq=32, seed=0):
     return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+class Setup:
+    """A tiny teacher, its fused W4A4 blocks, calibration windows and the teacher's final hidden states on them."""
+
+    def __init__(self, layers=2, n=8):
+        self.teacher = tiny_model(layers=layers).eval().requires_grad_(False)
+        self.fused = _fused(self.teacher)
+        self.windows = _windows(n)
+        self.layers = decoder_layers(self.teacher)
+        self.hidden = blockwise_hidden(self.teacher, self.windows, {"fp": lambda i: self.layers[i]}, "cpu", 4, False)["fp"]
+        self.runner = BlockRunner(self.teacher, self.windows.shape[1], "cpu")
+        self.head = Head(self.teacher.model.norm, self.teacher.lm_head)
+
+    def blocks(self, keep=True, fused=None):
+        fused = fused or self.fused
+        return FusedBlocks(lambda i: build_fused_block(self.layers[i], fused[i], A4, W4), len(self.fused), keep=keep)
+
+    def tune(self, cfg, keep=True, inputs=None, checkpoints=None):
+        params = TunedParams(self.fused, cfg, W4, A4)
+        extra = {"inputs": inputs} if cfg.mode == "streamed" and inputs is not None else {}
+        executor = EXECUTORS[cfg.mode](self.blocks(keep), params, self.runner, self.teacher.get_input_embeddings(),
+                                       self.head, self.head, "cpu", **extra)
+        try:
+            stats = tune(executor, params, self.windows, self.hidden, cfg, progress=False, checkpoints=checkpoints)
+        finally:
+            executor.close()
+        return params, stats
+
+    def tuned_model(self, params):
+        """The teacher with its blocks replaced by the fused blocks rebuilt with the tuned tensors."""
+        model = copy.deepcopy(self.teacher)
+        model.model.layers = torch.nn.ModuleList(
+            build_fused_block(layer, {**self.fused[i], **params.tuned_tensors(i, self.fused[i])}, A4, W4)
+            for i, layer in enumerate(self.layers))
+        return model
 
 
 def _kl(student, teacher, windows):
@@ -43,53 +86,165 @@ def _kl(student, teacher, windows):
     return float(torch.nn.functional.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean())
 
 
+def _ppl(model, windows):
+    with torch.no_grad():
+        logits = model(windows).logits
+    return math.exp(float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten())))
+
+
+def whole_model_reference(setup, cfg):
+    """The algorithm the streamed stage replaced, written plainly: the student and the FP teacher as whole models,
+    the teacher's logits from its forward, one autograd graph over the student, AdamW over the attached parameters
+    (the same batches, schedule and clamping)."""
+    student = copy.deepcopy(setup.teacher)
+    student.model.layers = torch.nn.ModuleList(setup.blocks(keep=False)[i] for i in range(len(setup.fused)))
+    params = TunedParams(setup.fused, cfg, W4, A4)
+    pairs = [params.attach(i, block) for i, block in enumerate(student.model.layers)]
+    groups = {"scale_delta": [], "act_clip": [], "weight": []}
+    for block_pairs, values in zip(pairs, params.blocks):
+        for (param, _), key in zip(block_pairs, values):  # attach returns the pairs in the values' order
+            groups[key.rsplit(".", 1)[1]].append(param)
+    lrs = {"scale_delta": cfg.scale_lr, "act_clip": cfg.act_clip_lr, "weight": cfg.norm_lr}
+    optimizer = torch.optim.AdamW([{"params": ps, "lr": lrs[f]} for f, ps in groups.items() if ps], weight_decay=0.0)
+    steps = cfg.epochs * math.ceil(setup.windows.shape[0] / cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    clips = [p for block in pairs for p, _ in block if p.dim() == 0]
+    for _ in range(cfg.epochs):
+        for idx in torch.randperm(setup.windows.shape[0], generator=generator).split(cfg.batch_size):
+            with torch.no_grad():
+                target = torch.log_softmax(setup.teacher(setup.windows[idx]).logits.float(), -1)
+            s = torch.log_softmax(student(setup.windows[idx]).logits.float(), -1)
+            loss = torch.nn.functional.kl_div(s, target, log_target=True, reduction="none").sum(-1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                for clip in clips:
+                    clip.clamp_(ACT_CLIP_MIN, 1.0)
+    return {f"{i}.{key}": param.detach().float().clone()
+            for i, block in enumerate(pairs) for (param, _), key in zip(block, params.blocks[i])}
+
+
+def _close(a: dict, b: dict, rel: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        scale = b[key].abs().max().clamp_min(1e-12)
+        assert float((a[key] - b[key]).abs().max() / scale) <= rel, key
+
+
 def test_attaching_changes_nothing_until_trained():
-    teacher = tiny_model(layers=2).eval().requires_grad_(False)
-    student, _ = _fused_model(teacher)
-    windows = _windows(2)
-    with torch.no_grad():
-        before = student(windows).logits
-    groups = attach_tuning(list(decoder_layers(student)), E2EConfig(norm_lr=1e-4))
-    assert [len(g["params"]) for g in groups] == [14, 14, 4]  # a scale delta and a clip per projection; two norms per block
-    with torch.no_grad():
-        assert torch.equal(student(windows).logits, before)
+    setup = Setup()
+    blocks = setup.blocks()
+    params = TunedParams(setup.fused, E2EConfig(norm_lr=1e-4), W4, A4)
+    assert [len(values) for values in params.blocks] == [16, 16]  # a scale delta and a clip per projection, two norms
+    x = torch.randn(2, 32, 64)
+    for i in range(2):
+        with torch.no_grad():
+            before = setup.runner(blocks[i], x)
+        params.attach(i, blocks[i])
+        with torch.no_grad():
+            assert torch.equal(setup.runner(blocks[i], x), before)
+        TunedParams.detach(blocks[i])
+
+
+def test_streamed_gives_the_whole_models_parameters_and_the_replaced_algorithms(tmp_path):
+    """One epoch with the same batches: the streamed stage (one block at a time, each block's forward recomputed in the
+    backward) and the whole-model fast path train the same parameters, and both match the whole-model algorithm the
+    stage replaced (FP teacher logits from the teacher's forward, one graph) to 1e-5; the tuned models' perplexities
+    agree to 4 significant digits."""
+    setup = Setup()
+    streamed, s_stats = setup.tune(E2EConfig(epochs=1, mode="streamed", **SETTINGS))
+    whole, w_stats = setup.tune(E2EConfig(epochs=1, mode="whole", **SETTINGS))
+    reference = whole_model_reference(setup, E2EConfig(epochs=1, **SETTINGS))
+    _close(streamed.state(), whole.state(), 1e-5)
+    _close(streamed.state(), reference, 1e-5)
+    assert s_stats["kl_before"] == pytest.approx(w_stats["kl_before"], rel=1e-6)
+    assert s_stats["kl_before"] == pytest.approx(_kl(setup.tuned_model(TunedParams(setup.fused, E2EConfig(**SETTINGS), W4, A4)),
+                                                     setup.teacher, setup.windows), rel=1e-4)
+    held = _windows(8, seed=3)
+    ppl = [_ppl(setup.tuned_model(p), held) for p in (streamed, whole)]
+    assert f"{ppl[0]:.4g}" == f"{ppl[1]:.4g}"
+    # the same in memory or spilled to disk, and with the fused blocks rebuilt on every pass
+    spilled, _ = setup.tune(E2EConfig(epochs=1, mode="streamed", **SETTINGS), keep=False,
+                            inputs=InputStore(tmp_path / "spill"))
+    assert not (tmp_path / "spill").exists()  # the spilled inputs are removed
+    _close(spilled.state(), streamed.state(), 0.0)
 
 
 def test_tuning_lowers_the_kl_keeps_the_codes_and_rebuilds_exactly():
-    teacher = tiny_model(layers=2).eval().requires_grad_(False)
-    student, fused = _fused_model(teacher)
-    calib, held = _windows(8, seed=0), _windows(8, seed=1)
-    codes = [{n: ql.codes["codes"].clone() for n, ql in quant_linears(b).items()} for b in decoder_layers(student)]
-    kl_calib, kl_held = _kl(student, teacher, calib), _kl(student, teacher, held)
-    stats = tune_model(student, teacher, calib, E2EConfig(epochs=4, scale_lr=2e-3, act_clip_lr=1e-2), "cpu", progress=False)
-    assert stats["steps"] == 32 and len(stats["kl_per_epoch"]) == 4
-    assert stats["kl_before"] == pytest.approx(kl_calib, rel=1e-5)
-    assert stats["kl_after"] == pytest.approx(_kl(student, teacher, calib), rel=1e-5)  # the committed model's KL
-    assert _kl(student, teacher, calib) < 0.9 * kl_calib
-    assert _kl(student, teacher, held) < kl_held  # not only the windows it saw
-    for block, before in zip(decoder_layers(student), codes):
-        for name, ql in quant_linears(block).items():
-            assert torch.equal(ql.codes["codes"], before[name]), name  # the integer weights are untouched
+    setup = Setup(n=16)  # 8 random windows are too few to carry over to others; 16 are enough
+    held = _windows(16, seed=1)
+    untuned = setup.tuned_model(TunedParams(setup.fused, E2EConfig(), W4, A4))
+    kl_calib, kl_held = _kl(untuned, setup.teacher, setup.windows), _kl(untuned, setup.teacher, held)
+    params, stats = setup.tune(E2EConfig(epochs=4, scale_lr=2e-3, act_clip_lr=1e-2))
+    assert stats["steps"] == 64 and len(stats["kl_per_epoch"]) == len(stats["kl_measured"]) == 4
+    assert stats["kl_before"] == pytest.approx(kl_calib, rel=1e-4)
+    tuned = setup.tuned_model(params)
+    assert stats["kl_after"] == pytest.approx(_kl(tuned, setup.teacher, setup.windows), rel=1e-4)  # the kept state's
+    assert stats["kl_after"] == min(stats["kl_measured"]) and stats["best_epoch"] == 1 + stats["kl_measured"].index(stats["kl_after"])
+    assert _kl(tuned, setup.teacher, setup.windows) < 0.9 * kl_calib
+    assert _kl(tuned, setup.teacher, held) < kl_held  # not only the windows it saw
+    for i, layer in enumerate(tuned.model.layers):
+        for name, ql in quant_linears(layer).items():  # rebuilt from the stored form: nothing trainable left
+            assert torch.equal(ql.codes["codes"], setup.fused[i][f"{name}.codes"]), name  # the integer weights stay
             assert ql.scale_delta is None and ql.act_clip is None and ql.act_clip_learned
             assert ACT_CLIP_MIN <= ql.act_spec.clip_ratio <= 1.0
-    scales = [ql.codes["scale"] for b in decoder_layers(student) for ql in quant_linears(b).values()]
-    originals = [fused[i][f"{n}.scale"] for i in range(2) for n in quant_linears(decoder_layers(student)[i])]
-    assert any(not torch.equal(a, b) for a, b in zip(scales, originals))
-    # What the stage stores (the tuned scales, clips and norms) over the fused tensors rebuilds the tuned model exactly.
-    rebuilt = copy.deepcopy(teacher)
-    rebuilt.model.layers = torch.nn.ModuleList(
-        build_fused_block(layer, {**fused[i], **tuned_tensors(list(decoder_layers(student)))[i]}, A4, W4)
-        for i, layer in enumerate(decoder_layers(teacher)))
-    with torch.no_grad():
-        assert torch.equal(rebuilt(held).logits, student(held).logits)
+    assert any(not torch.equal(params.tuned_tensors(i, setup.fused[i])[f"{n}.scale"], setup.fused[i][f"{n}.scale"])
+               for i in range(2) for n in quant_linears(tuned.model.layers[i]))
 
 
-def test_swapped_layers_restores_the_model():
-    model = tiny_model(layers=2)
-    original = model.model.layers
-    with swapped_layers(model, [original[0]]) as swapped:
-        assert len(swapped.model.layers) == 1
-    assert model.model.layers is original
+def test_no_improvement_keeps_the_untuned_model():
+    """A rate that only makes things worse: every epoch's KL is above the untuned one, so the untuned state is kept."""
+    setup = Setup()
+    params, stats = setup.tune(E2EConfig(epochs=2, scale_lr=0.5, act_clip_lr=0.0))
+    assert all(kl > stats["kl_before"] for kl in stats["kl_measured"])
+    assert stats["best_epoch"] == 0 and stats["kl_after"] == stats["kl_before"]
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in params.state().values())
+
+
+def test_head_kl_in_chunks_equals_the_whole_batch(monkeypatch):
+    setup = Setup()
+    hidden = torch.randn(2, 32, 64)
+    grads = {}
+    for chunk_bytes in (10**9, 128 * 4 * 7):  # all tokens at once; 7 tokens of the 128-word vocabulary per chunk
+        monkeypatch.setattr(e2e_tuning, "HEAD_CHUNK_BYTES", chunk_bytes)
+        leaf = hidden.clone().requires_grad_(True)
+        kl = head_kl(leaf, setup.hidden[:2], setup.head, setup.head, backward=True)
+        grads[chunk_bytes] = (kl, leaf.grad)
+    (kl_a, g_a), (kl_b, g_b) = grads.values()
+    assert kl_a == pytest.approx(kl_b, rel=1e-6) and torch.allclose(g_a, g_b, rtol=1e-5, atol=1e-9)
+    t = torch.log_softmax(setup.head(setup.hidden[:2]), -1)
+    s = torch.log_softmax(setup.head(hidden), -1)
+    assert kl_a == pytest.approx(float(torch.nn.functional.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()), rel=1e-5)
+
+
+def test_a_resumed_tuning_ends_where_an_uninterrupted_one_does():
+    """The state saved after each epoch (parameters, AdamW's moments, the schedule, the best state) continues to the
+    same parameters as a run that was never stopped."""
+
+    class Memory(e2e_tuning.Checkpoints):
+        def __init__(self, stop_after=None, saved=None):
+            self.stop_after, self.saved = stop_after, saved
+
+        def load(self):
+            return self.saved
+
+        def save(self, state):
+            self.saved = copy.deepcopy(state)
+            if state["stats"]["epochs_done"] == self.stop_after:
+                raise KeyboardInterrupt
+
+    setup = Setup()
+    cfg = E2EConfig(epochs=3, **SETTINGS)
+    straight, stats = setup.tune(cfg)
+    stopped = Memory(stop_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        setup.tune(cfg, checkpoints=stopped)
+    resumed, resumed_stats = setup.tune(cfg, checkpoints=Memory(saved=stopped.saved))
+    _close(resumed.state(), straight.state(), 0.0)
+    assert resumed_stats == stats
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -180,22 +335,28 @@ def test_the_best_recipe_tunes_end_to_end_and_the_default_job_does_not():
         assert not any("tune_e2e" in p for p in parts)
 
 
-def test_the_memory_plan_counts_the_whole_model_only_when_tuning():
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+def test_a_killed_tuning_resumes_after_its_last_epoch_to_the_same_numbers(tiny_model_dir, tmp_path):
+    """kill -9 during the streamed tune_e2e, once an epoch's state is saved; the same command resumes after that epoch
+    and reaches the numbers of a run that was never killed, leaving nothing half-written."""
+    args = ["method=rotation_lrc_gptq", "fuse.format=qllm-packed", "tune_e2e.epochs=40", "eval.max_windows=2"]
+    reference = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "ref_cache", tmp_path / "ref"), *args])
+    assert reference.returncode == 0, reference.stderr[-3000:]
 
-    from conftest import REPO
-    from qllm_pipeline.plan import model_params, run_plan
+    cache = tmp_path / "cache"
+    saved = cache / "tune_e2e_epoch"
+    cmd = [sys.executable, "-m", "qllm_pipeline", *tiny_overrides(tiny_model_dir, cache, tmp_path / "killed"), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not [p for p in saved.glob("*") if ".tmp-" not in p.name]:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed; give it more epochs"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cache / "tune_e2e").exists() or not [p for p in (cache / "tune_e2e").iterdir() if ".tmp-" not in p.name]
 
-    arch = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
-            "num_hidden_layers": 30, "vocab_size": 49152, "tie_word_embeddings": True}
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        plans = {}
-        for extra in ([], ["pipeline.stages=[calibrate,rotate,train_lowrank,fuse,evaluate]"]):
-            cfg = OmegaConf.to_container(compose("config", overrides=["method=rotation_lrc_gptq", *extra]), resolve=False)
-            plans[bool(extra)] = run_plan(cfg, arch, "cpu")
-    tuned, plain = plans[False], plans[True]
-    assert "tune_e2e" not in plain["stage_working_sets"]
-    # the student and the FP teacher, whole, at least; the tuning's peak is then the run's host peak here
-    assert tuned["stage_working_sets"]["tune_e2e"] > 2 * model_params(arch) * 4
-    assert tuned["host_peak_bytes"] == tuned["host_per_stage"]["tune_e2e"] > plain["host_peak_bytes"]
+    resumed = run_cli([*tiny_overrides(tiny_model_dir, cache, tmp_path / "resumed"), *args])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "tune_e2e: resuming after epoch" in resumed.stdout + resumed.stderr
+    assert not list(cache.glob("*/*.tmp-*")), "partial artifacts left behind"
+    assert read_results(tmp_path / "resumed")["ppl"] == read_results(tmp_path / "ref")["ppl"]
