@@ -148,7 +148,7 @@ def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, 
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
-FACTOR_COLUMNS = 1024  # columns of L⁻¹ solved per step: a C × 1024 float64 slab beside L
+FACTOR_COLUMNS = 1024  # rows of K built, and columns of L⁻¹ solved, per step: C × 1024 float64 slabs beside L
 
 
 @dataclass
@@ -169,7 +169,8 @@ def inverse_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = 
     With J the reversal, K = J H J = L Lᵀ gives H = R Rᵀ for the upper triangular R = J L J, so H⁻¹ = R⁻ᵀ R⁻¹ and
     U = R⁻¹ = J L⁻¹ J: one Cholesky and one triangular inverse, instead of a Cholesky, an inverse and a second
     Cholesky (the GPTQ reference's route, three C × C float64 matrices at once: 18 GiB for LLaMA-2-70B's down_proj).
-    K is built in column-major order, so LAPACK/cuSOLVER factorize it in place and solve against it without a copy.
+    K is built in column-major order, so LAPACK/cuSOLVER factorize it in place; L⁻¹ is solved in column slabs
+    (`_reversed_inverse`) straight into the float32 U.
     The caller's Hessian is not modified; it may sit in host memory while the factorization runs on `device` (by
     default the Hessian's), read a slab at a time.
     """
@@ -199,13 +200,29 @@ def inverse_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = 
             "increase damp or use more calibration samples"
         )
     U = torch.empty(C, C, dtype=torch.float32, device=device)
-    eye = torch.eye(C, FACTOR_COLUMNS, dtype=torch.float64, device=device)
-    for j in range(0, C, FACTOR_COLUMNS):  # columns j.. of L⁻¹ are U's columns C - j - 1 .. in reverse
-        cols = min(FACTOR_COLUMNS, C - j)
-        X = torch.linalg.solve_triangular(L, torch.roll(eye, j, dims=0)[:, :cols], upper=False)
-        U[:, C - j - cols : C - j] = X.flip((0, 1)).to(torch.float32)
-        del X
+    _reversed_inverse(L, U)
+    del L, K
     return InverseFactor(perm, U, dead)
+
+
+def _reversed_inverse(L: torch.Tensor, U: torch.Tensor) -> None:
+    """U ← J L⁻¹ J (in U's dtype) for the lower triangular L, a column slab of L⁻¹ at a time: slab c = [j0, j1) has
+    rows ≥ j0 only, and its row block r = [r0, r1) is -L[r, r]⁻¹ (L[r, j0:r0] · X[j0:r0, c]) after the diagonal block
+    L[c, c]⁻¹: matrix products over views of L (no copy of it), C³/3 multiply-adds in all."""
+    C, step = L.shape[0], FACTOR_COLUMNS
+    eye = torch.eye(step, dtype=L.dtype, device=L.device)
+    diagonal = [torch.linalg.solve_triangular(L[s : s + step, s : s + step], eye[: min(step, C - s), : min(step, C - s)],
+                                              upper=False) for s in range(0, C, step)]
+    for j0 in range(0, C, step):
+        j1 = min(j0 + step, C)
+        X = torch.empty(C - j0, j1 - j0, dtype=L.dtype, device=L.device)  # rows j0.. of L⁻¹'s columns j0..j1
+        X[: j1 - j0] = diagonal[j0 // step]
+        for r0 in range(j1, C, step):
+            r1 = min(r0 + step, C)
+            X[r0 - j0 : r1 - j0] = -diagonal[r0 // step] @ (L[r0:r1, j0:r0] @ X[: r0 - j0])
+        U[: C - j0, C - j1 : C - j0] = X.flip((0, 1)).to(U.dtype)
+        U[C - j0 :, C - j1 : C - j0] = 0.0
+        del X
 
 
 def gptq_weight_codes(
