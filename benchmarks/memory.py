@@ -7,11 +7,12 @@ Two measurements, each pipeline run in its own process (its peak RSS is its own)
    evaluate, W4A4, reduced tokens) with the blocks streamed (`model.load=auto`) and loaded whole (`model.load=whole`,
    what every run did before). Reported: peak RSS and its growth from the smallest to the largest model.
 2. block70b: one block of LLaMA-2-70B's shape (hidden 8192, intermediate 28672, 64 heads / 8 KV heads; float32,
-   tied embeddings) with random weights, 4 × 512 calibration tokens on this CPU: the peak RSS of search_theta and
-   train_lowrank (sampled by the runner while each stage runs) against the host peak that `pipeline.plan_only=true`
-   predicts for the same settings (`plan.json` of a plan-only run with the same overrides).
+   tied embeddings) with random weights on this CPU, in two runs: the default method (4 × 512 calibration tokens:
+   search_theta, train_lowrank), then GPTQ weights and the streamed end-to-end tuning (2 × 512: fuse rounding with
+   GPTQ, tune_e2e). Each stage's peak RSS (sampled by the runner while it runs) against the host peak that
+   `pipeline.plan_only=true` predicts for the same settings (`plan.json` of a plan-only run with the same overrides).
 
-    python benchmarks/memory.py                    # both (about 25 min on 2 CPU cores, ~18 GB RAM for block70b)
+    python benchmarks/memory.py                    # both (about 45 min on 2 CPU cores, ~18 GB RAM for block70b)
     python benchmarks/memory.py --part scaling     # or --part block70b
     python benchmarks/memory.py --tiny             # smoke mode used by the tests (tiny models, seconds)
 Writes benchmarks/results/memory.md and .json (--out elsewhere).
@@ -42,6 +43,10 @@ BLOCK70B = {"hidden": 8192, "intermediate": 28672, "heads": 64, "kv_heads": 8, "
             "overrides": ["calibrate.n_samples=4", "calibrate.seq_len=512", "search_theta.n_samples=4",
                           "search_theta.steps=4", "train_lowrank.epochs=1", "eval.seq_len=512", "eval.max_windows=2",
                           "fuse.save_model=false"]}
+# The second run of a block: GPTQ rounding in fuse, then one epoch of the streamed end-to-end tuning.
+GPTQ_E2E = ["pipeline.stages=[calibrate,fuse,tune_e2e,evaluate]", "quant.weight_algorithm=gptq", "calibrate.n_samples=2",
+            "calibrate.seq_len=512", "tune_e2e.epochs=1", "eval.seq_len=512", "eval.max_windows=2", "fuse.save_model=false"]
+MEASURED = {"default": ("search_theta", "train_lowrank"), "gptq_e2e": ("fuse", "tune_e2e")}
 TINY = {"hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "blocks": [2, 4],
         "overrides": ["calibrate.n_samples=2", "calibrate.seq_len=32", "search_theta.n_samples=1", "search_theta.steps=5",
                       "train_lowrank.epochs=1", "eval.seq_len=32", "eval.max_windows=2"]}
@@ -134,26 +139,31 @@ def scaling(shape: dict, work: Path) -> list[dict]:
     return rows
 
 
-def block70b(shape: dict, work: Path) -> dict:
+def block70b(shape: dict, work: Path, gptq_e2e: list[str]) -> dict:
     model_dir = work / "llama_70b_block"
     log("writing one random block of LLaMA-2-70B's shape (3.4 GB in float32)")
     write_random_llama(model_dir, shape, shape["blocks"], tied=True, dtype="float32")
-    args = [*model_args(model_dir, work / "cache_70b", "auto"), *shape["overrides"]]
-    plan = cli([*args, "pipeline.plan_only=true"], work / "plan_70b")
     started = time.perf_counter()
-    res = cli(args, work / "run_70b")
-    stages = {s["stage"]: s for s in res["stages"]}
-    rows = []
-    for name in ("search_theta", "train_lowrank"):
-        predicted = plan["host_per_stage"][name] / 2**20
-        measured = stages[name]["peak_rss_mib"]
-        rows.append({"stage": name, "predicted_mib": round(predicted, 1), "measured_mib": round(measured, 1),
-                     "error": round(measured / predicted - 1, 4), "within_tolerance": abs(measured / predicted - 1) <= TOLERANCE})
-        log(f"{name}: plan {predicted:.0f} MiB, measured {measured:.0f} MiB ({measured / predicted - 1:+.1%})")
+    rows, plans = [], {}
+    for run, overrides in (("default", shape["overrides"]), ("gptq_e2e", gptq_e2e)):
+        args = [*model_args(model_dir, work / f"cache_70b_{run}", "auto"), *overrides]
+        plan = plans[run] = cli([*args, "pipeline.plan_only=true"], work / f"plan_70b_{run}")
+        res = cli(args, work / f"run_70b_{run}")
+        stages = {s["stage"]: s for s in res["stages"]}
+        for name in MEASURED[run]:
+            predicted = plan["host_per_stage"][name] / 2**20
+            measured = stages[name]["peak_rss_mib"]
+            rows.append({"run": run, "stage": name, "predicted_mib": round(predicted, 1), "measured_mib": round(measured, 1),
+                         "error": round(measured / predicted - 1, 4),
+                         "within_tolerance": abs(measured / predicted - 1) <= TOLERANCE, "seconds": stages[name]["seconds"]})
+            log(f"{name}: plan {predicted:.0f} MiB, measured {measured:.0f} MiB ({measured / predicted - 1:+.1%})")
     shutil.rmtree(model_dir)
-    return {"rows": rows, "overrides": shape["overrides"], "wall_s": round(time.perf_counter() - started, 1), "plan_working_sets_mib":
-            {k: round(v / 2**20, 1) for k, v in plan["stage_working_sets"].items()},
-            "plan_resident_mib": {k: round(v / 2**20, 1) for k, v in plan["resident"].items()}}
+    return {"rows": rows, "overrides": shape["overrides"], "gptq_e2e_overrides": gptq_e2e,
+            "wall_s": round(time.perf_counter() - started, 1),
+            "plan_working_sets_mib": {run: {k: round(v / 2**20, 1) for k, v in p["stage_working_sets"].items()}
+                                      for run, p in plans.items()},
+            "plan_resident_mib": {k: round(v / 2**20, 1) for k, v in plans["default"]["resident"].items()},
+            "plan_e2e_host_terms_mib": {k: round(v / 2**20, 1) for k, v in plans["gptq_e2e"]["e2e_host_terms"].items()}}
 
 
 def growth(rows: list[dict], load: str) -> float:
@@ -188,13 +198,17 @@ def write_report(out: Path, result: dict, command: str) -> None:
         b = result["block70b"]
         lines += ["## One LLaMA-2-70B block on this CPU: measured stage peaks against `pipeline.plan_only=true`", "",
                   f"Command: `{b['command']}`.", "",
-                  f"Random weights (float32, tied embeddings, SmolLM2 vocabulary), overrides `{' '.join(b['overrides'])}`, "
-                  "`pipeline.device=cpu`. Peaks are the process RSS sampled while the stage runs; the plan is the "
-                  "`host_per_stage` entry of the plan-only run's plan.json with the same overrides.", "",
-                  "| stage | plan (MiB) | measured (MiB) | error | within ±25 % |", "|---|---:|---:|---:|---|"]
-        lines += [f"| {r['stage']} | {r['predicted_mib']:.0f} | {r['measured_mib']:.0f} | {r['error']:+.1%} | "
-                  f"{'yes' if r['within_tolerance'] else 'NO'} |" for r in b["rows"]]
-        lines += ["", f"Plan terms (MiB): resident {b['plan_resident_mib']}, working sets {b['plan_working_sets_mib']}.", ""]
+                  "Random weights (float32, tied embeddings, SmolLM2 vocabulary), `pipeline.device=cpu`, two runs: "
+                  f"`default` with overrides `{' '.join(b['overrides'])}`; `gptq_e2e` with "
+                  f"`{' '.join(b.get('gptq_e2e_overrides', []))}`. Peaks are the process RSS sampled while the stage "
+                  "runs; the plan is the `host_per_stage` entry of the plan-only run's plan.json with the same overrides.",
+                  "", "| run | stage | plan (MiB) | measured (MiB) | error | within ±25 % | stage time (s) |",
+                  "|---|---|---:|---:|---:|---|---:|"]
+        lines += [f"| {r.get('run', 'default')} | {r['stage']} | {r['predicted_mib']:.0f} | {r['measured_mib']:.0f} | "
+                  f"{r['error']:+.1%} | {'yes' if r['within_tolerance'] else 'NO'} | {r.get('seconds', float('nan')):.0f} |"
+                  for r in b["rows"]]
+        lines += ["", f"Plan terms (MiB): resident {b['plan_resident_mib']}, working sets {b['plan_working_sets_mib']}, "
+                  f"tune_e2e's host terms {b.get('plan_e2e_host_terms_mib')}.", ""]
     (out / "memory.md").write_text("\n".join(lines))
 
 
@@ -220,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "growth_whole": round(growth(rows, "whole"), 4)}
             if args.part in ("all", "block70b"):
                 shape = {**TINY, "blocks": 1, "overrides": [*TINY["overrides"], "fuse.save_model=false"]} if args.tiny else BLOCK70B
-                result["block70b"] = block70b(shape, work)
+                gptq_e2e = [*GPTQ_E2E, "calibrate.seq_len=32", "eval.seq_len=32"] if args.tiny else GPTQ_E2E
+                result["block70b"] = block70b(shape, work, gptq_e2e)
         except CliError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

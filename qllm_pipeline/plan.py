@@ -92,6 +92,7 @@ def _e2e_settings(cfg: dict) -> dict:
     scale_lr = e2e.get("scale_lr", 0)
     quant = cfg["quant"]
     return {"mode": e2e.get("mode", "streamed"), "batch_tokens": int(e2e.get("batch_size", 1)) * int(cfg["calibrate"]["seq_len"]),
+            "heads": 2 if "rotate" in cfg["pipeline"]["stages"] else 1,  # the rotated student's head is its own
             "values": lambda arch: e2e_values(arch, bool(scale_lr) and quant.get("wbits") is not None,
                                               bool(e2e.get("act_clip_lr")) and quant.get("abits") is not None,
                                               bool(e2e.get("norm_lr")), quant.get("group_size"))}
@@ -103,9 +104,11 @@ def e2e_host(cfg: dict, arch: dict, device_type: str, keep_blocks: bool, spill_i
     terms = {"runtime": RUNTIME_BYTES, "skeleton": _skeleton_bytes(cfg, arch, nbytes),
              **e2e_host_terms(arch, cfg["calibrate"]["n_samples"], cfg["calibrate"]["seq_len"], settings["batch_tokens"],
                               nbytes, settings["values"](arch), keep_blocks, spill_inputs, settings["mode"])}
-    if device_type == "cpu":  # the device's working set is host memory; the fused blocks are already counted
-        terms["working set"] = e2e_working_set(arch, settings["batch_tokens"], nbytes, settings["mode"]) \
-            - (arch["num_hidden_layers"] if settings["mode"] == "whole" else 1) * fused_block_bytes(arch, nbytes)
+    if device_type == "cpu":  # the device's working set is host memory; the fused blocks and the heads (the
+        # skeletons' own modules) are counted already
+        heads = settings["heads"] * (arch["vocab_size"] + 1) * arch["hidden_size"] * nbytes
+        terms["working set"] = e2e_working_set(arch, settings["batch_tokens"], nbytes, settings["mode"], settings["heads"]) \
+            - (arch["num_hidden_layers"] if settings["mode"] == "whole" else 1) * fused_block_bytes(arch, nbytes) - heads
     return sum(terms.values()), terms
 
 
@@ -173,7 +176,7 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True, hos
             work[name] = gptq if gptq_on and not lrc_on else fuse_working_set(arch, block, nbytes)
         elif name == "tune_e2e" and quantized:
             settings = _e2e_settings(cfg)
-            work[name] = e2e_working_set(arch, settings["batch_tokens"], nbytes, settings["mode"])
+            work[name] = e2e_working_set(arch, settings["batch_tokens"], nbytes, settings["mode"], settings["heads"])
         elif name == "evaluate":
             ev = cfg.get("eval", {})
             work[name] = evaluate_working_set(arch, int(ev.get("batch_size", 1)), int(ev.get("seq_len", seq)), block)

@@ -129,19 +129,21 @@ def e2e_block_working_set(arch: dict, batch_tokens: int, nbytes: int) -> int:
         + 4 * batch_tokens * h * 4
 
 
-def e2e_head_working_set(arch: dict, batch_tokens: int, nbytes: int) -> int:
-    """The student's and the FP teacher's final norm and lm_head, and the logits of one chunk of tokens in float32
-    (both models' logits, their log-softmaxes and the gradient: 5 copies)."""
-    heads = 2 * arch["vocab_size"] * arch["hidden_size"] * nbytes
+def e2e_head_working_set(arch: dict, batch_tokens: int, nbytes: int, heads: int) -> int:
+    """The final norm and lm_head of the student and of the FP teacher (`heads` = 2 when they differ, with the
+    rotate stage; 1 when they are the same modules), and the logits of one chunk of tokens in float32 (both models'
+    logits, their log-softmaxes and the gradient: 5 copies)."""
+    weights = heads * (arch["vocab_size"] + 1) * arch["hidden_size"] * nbytes
     logits = min(batch_tokens * arch["vocab_size"] * 4, max(HEAD_CHUNK_BYTES, arch["vocab_size"] * 4))
-    return heads + 5 * logits
+    return weights + 5 * logits
 
 
-def e2e_working_set(arch: dict, batch_tokens: int, nbytes: int, mode: str) -> int:
+def e2e_working_set(arch: dict, batch_tokens: int, nbytes: int, mode: str, heads: int = 2) -> int:
     """tune_e2e's device working set: streamed, one block and the heads; whole, every block with its activations
     (one autograd graph over the model) and the heads."""
     blocks = 1 if mode == "streamed" else arch["num_hidden_layers"]
-    return blocks * e2e_block_working_set(arch, batch_tokens, nbytes) + e2e_head_working_set(arch, batch_tokens, nbytes)
+    return blocks * e2e_block_working_set(arch, batch_tokens, nbytes) \
+        + e2e_head_working_set(arch, batch_tokens, nbytes, heads)
 
 
 def e2e_host_terms(arch: dict, n_samples: int, seq_len: int, batch_tokens: int, nbytes: int, values: int,

@@ -22,6 +22,7 @@ from qllm_pipeline.e2e_streaming import EXECUTORS, FusedBlocks, InputStore
 from qllm_pipeline.e2e_tuning import Checkpoints, E2EConfig, Head, TunedParams, tune
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.fused import build_fused_block
+from qllm_pipeline.memory import release_freed_memory
 from qllm_pipeline.perplexity import blockwise_hidden
 from qllm_pipeline.plan import arch_from_config, e2e_execution, memory_budget
 from qllm_pipeline.quantizer import per_bit_width
@@ -57,6 +58,7 @@ class TuneE2E(FinalStage):
     def run(self, ctx, runner) -> None:
         key = runner.key("tune_e2e", {"model": ctx.keys["fuse"], "calibrate": ctx.keys["calibration_windows"]})
         artifact = runner.produce("tune_e2e", key, lambda writer: self._tune(ctx, runner, writer, key), timed=False)
+        release_freed_memory()  # the blocks and graphs of the tuning: evaluation starts from a low RSS
         stats = artifact.json("stats.json")
         if stats["best_epoch"] == 0:
             log.info("tune_e2e: no epoch lowered the KL to the FP model on the calibration windows (%.4f before, %s "

@@ -101,7 +101,7 @@ def test_memory_benchmark_tiny(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "memory.json").read_text())
     rows = {r["stage"]: r for r in result["block70b"]["rows"]}
-    assert set(rows) == {"search_theta", "train_lowrank"}
+    assert set(rows) == {"search_theta", "train_lowrank", "fuse", "tune_e2e"}  # fuse rounds with GPTQ in the second run
     for r in rows.values():
         assert r["predicted_mib"] > 500 and r["measured_mib"] > 500  # both include the Python process
         assert abs(r["error"] - (r["measured_mib"] / r["predicted_mib"] - 1)) < 1e-3
@@ -153,3 +153,20 @@ def test_benchmark_rows_of_cases_not_rerun_are_kept(tmp_path):
     assert merged == [fresh[1], {"case": "a", "v": 1, "commit": "old"}, fresh[0]]  # b re-run, a kept, in case order
     assert merged_rows(previous, fresh, {"model": "another"}, ["a", "b", "c"]) == fresh  # another model: nothing kept
     assert merged_rows(tmp_path / "missing.json", fresh, {"model": "m"}, ["a", "b", "c"]) == fresh
+
+
+def test_e2e_streaming_benchmark_tiny(tiny_model_dir, tmp_path):
+    """Both modes of tune_e2e side by side on the tiny model: the same tuned values, a time ratio, one error line
+    for bad arguments."""
+    proc = subprocess.run([sys.executable, "benchmarks/e2e_streaming.py", "--tiny", f"--tiny-model-dir={tiny_model_dir}",
+                           f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "e2e_streaming.json").read_text())
+    whole, streamed = result["rows"]
+    assert (whole["mode"], streamed["mode"]) == ("whole", "streamed")
+    assert result["max_relative_difference"] <= 1e-5 and whole["kl_measured"] == streamed["kl_measured"]
+    assert result["time_ratio"] == round(streamed["stage_s"] / whole["stage_s"], 3)
+    assert "| streamed |" in (tmp_path / "e2e_streaming.md").read_text()
+    bad = subprocess.run([sys.executable, "benchmarks/e2e_streaming.py", "--quant", "w3a3"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --quant=w3a3 is not in conf/quant"
