@@ -50,6 +50,7 @@ HOST_BUDGET_BYTES = 32 * 10**9  # the host a plan-only run is checked against by
 RUNTIME_BYTES = int(0.7 * GIB)  # the Python process of a run before its model: torch, transformers, hydra, lm-eval, the tokenizer, the corpus (measured 0.68 GiB)
 # Evaluation windows when eval.max_windows is null: WikiText2's test split is 341,469 LLaMA tokens (166 × 2048).
 WIKITEXT2_TEST_TOKENS = 341_469
+HOST_STAGES = {"calibrate", "rotate"}  # stages that run on the host whatever the device
 RUNS_FP_BLOCK = {"collect_activations", "search_theta", "reassemble"}  # stages whose working set includes the FP block itself
 # The setting that brings each stage's memory down, for the refusal's message.
 REMEDY = {
@@ -163,7 +164,7 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True, hos
     for name in stages:
         if name in ("calibrate", "smooth"):
             work[name] = block if name == "smooth" else 0
-        elif name == "rotate":
+        elif name == "rotate":  # on the host whatever the device (the blocks are rotated as they are read)
             work[name] = rotate_working_set(arch, block)
         elif name == "collect_activations":
             work[name] = collect_activations_working_set(arch, batch_tokens, block)
@@ -195,12 +196,15 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True, hos
             per_stage[name], e2e_terms = e2e_host(cfg, arch, device_type, e2e_layout["keep_blocks"],
                                                   e2e_layout["spill_inputs"])
             per_stage[name] += resident["blocks held whole"]
+        elif name in HOST_STAGES:  # before the blocks (no block streams yet), on the host: the rotation of a block
+            per_stage[name] = base - resident["streams"] + ws
         elif device_type == "cpu":  # the working set is host memory too, beside the FP block the block state holds
             # (collect_activations, search_theta and reassemble run that very block: "moving it to the device" copies nothing)
             per_stage[name] = base + ws + (0 if name in RUNS_FP_BLOCK else block)
         else:  # host: the FP block as read and one copy on its way to the device
             per_stage[name] = base + 2 * block
-    device_peak = 0 if device_type == "cpu" else max(work.values(), default=block)
+    on_device = {k: v for k, v in work.items() if k not in HOST_STAGES}
+    device_peak = 0 if device_type == "cpu" else max(on_device.values(), default=block)
     return {"resident": resident, "stage_working_sets": work, "host_per_stage": per_stage,
             "host_peak_bytes": max(per_stage.values(), default=base), "device_peak_bytes": device_peak,
             "block_bytes": block, "stream_bytes": stream, "eval_stream_bytes": eval_streams, "lrc": lrc_plan,
@@ -233,7 +237,8 @@ def check_fits(plan: dict, budget: dict) -> None:
     """Refuse a plan above the budget: one PipelineError naming the stage and the setting that brings it down."""
     device_bytes = budget["device"]
     if device_bytes is not None and plan["device_peak_bytes"] > device_bytes:
-        stage = max(plan["stage_working_sets"], key=plan["stage_working_sets"].get)
+        on_device = {k: v for k, v in plan["stage_working_sets"].items() if k not in HOST_STAGES}
+        stage = max(on_device, key=on_device.get)
         raise PipelineError(
             f"the memory plan needs {plan['device_peak_bytes'] / GIB:.1f} GiB on the {plan['device']} device at stage "
             f"{stage}, above the {device_bytes / GIB:.1f} GiB {budget['device_source']}; {_remedy(stage, plan)}, "

@@ -24,6 +24,7 @@ from .quantizer import weight_codes, weight_codes_with_params
 
 WEIGHT_ALGORITHMS = ("rtn", "gptq")
 GPTQ_GROUPS = INPUT_GROUPS  # members of a group share one input, so one Hessian
+GPTQ_ARITHMETIC_VERSION = 2  # in GPTQ's cache keys (stages.fuse.gptq_key): 2 = float32 Hessian sums, in-place factor
 
 
 @dataclass(frozen=True)

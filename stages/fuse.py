@@ -18,7 +18,8 @@ from qllm_pipeline.fused import fused_block_tensors
 from qllm_pipeline.lowrank import fuse_block, load_lora_state
 from qllm_pipeline.stage import BlockStage, StageSpec
 from qllm_pipeline.streaming import is_streamed
-from qllm_pipeline.weight_rounding import WEIGHT_ALGORITHMS, GPTQConfig, gptq_fuse_block, load_base_tensors
+from qllm_pipeline.weight_rounding import (GPTQ_ARITHMETIC_VERSION, WEIGHT_ALGORITHMS, GPTQConfig, gptq_fuse_block,
+                                           load_base_tensors)
 
 from .reassemble import quant_block
 
@@ -34,9 +35,11 @@ def model_format(cfg: dict) -> str:
 
 
 def gptq_key(cfg: dict) -> dict:
-    """GPTQ's settings as they go into cache keys: fp_target at its default 0 is left out, so the keys of runs
-    made before the setting existed still match."""
-    return {k: v for k, v in cfg["gptq"].items() if not (k == "fp_target" and not v)}
+    """GPTQ's settings as they go into cache keys (fp_target at its default 0 is left out), with the version of its
+    arithmetic: 2 sums the Hessians in float32 and factorizes in place, which can move a code at a rounding tie, so
+    no block rounded by the earlier arithmetic is reused."""
+    settings = {k: v for k, v in cfg["gptq"].items() if not (k == "fp_target" and not v)}
+    return {**settings, "arithmetic": GPTQ_ARITHMETIC_VERSION}
 
 
 def uses_fp_stream(cfg: dict) -> bool:

@@ -104,7 +104,7 @@ def test_block_matches_the_fp_block_better_on_a_drifted_stream():
 
 
 def test_fuse_key_leaves_out_the_default_fp_target():
-    """Runs cached before gptq.fp_target existed keep their keys; a non-default value changes the key."""
+    """gptq.fp_target at its default keys like a config without the setting; a non-default value changes the key."""
     from stages.fuse import Fuse
 
     base = {"quant": {"wbits": 4, "weight_algorithm": "gptq"}, "gptq": {"damp": 0.01, "block_size": 128,
@@ -148,3 +148,14 @@ def test_plan_counts_the_fp_stream_and_the_cross_term(tmp_path):
     assert fp["resident"]["streams"] == plain["resident"]["streams"] * 3 // 2  # the FP stream beside the two
     assert fp["host_per_stage"]["fuse"] > plain["host_per_stage"]["fuse"]  # GPTQ rounds in fuse here
     assert fp["stage_working_sets"]["fuse"] > plain["stage_working_sets"]["fuse"]  # FP block, cross term, ridge solve
+
+
+def test_fuse_key_carries_the_gptq_arithmetic():
+    """Blocks rounded by GPTQ's earlier arithmetic (float64 Hessian sums) are not reused: the key carries its version."""
+    from stages.fuse import Fuse
+    from qllm_pipeline import weight_rounding
+
+    cfg = {"quant": {"wbits": 4, "weight_algorithm": "gptq"}, "gptq": {"damp": 0.01}}
+    now = Fuse().key_config(cfg)
+    assert now["gptq"]["arithmetic"] == weight_rounding.GPTQ_ARITHMETIC_VERSION == 2
+    assert Fuse().key_config({**cfg, "quant": {"wbits": 4, "weight_algorithm": "rtn"}}).get("gptq") is None
