@@ -30,7 +30,7 @@ TARGET = 1.5  # the streamed stage's wall time against the whole-model stage's
 BLOCKS = "[calibrate,rotate,train_lowrank,fuse]"
 TUNED = "[calibrate,rotate,train_lowrank,fuse,tune_e2e]"
 TINY = ["model.name=tiny", "model.package=null", "model.gguf_file=null", "model.hub_id=null", "calibrate.n_samples=4",
-        "calibrate.seq_len=32", "train_lowrank.epochs=1", "tune_e2e.epochs=2"]
+        "calibrate.seq_len=32", "eval.seq_len=32", "train_lowrank.epochs=1", "tune_e2e.epochs=2"]
 log = logger("e2e_streaming")
 
 

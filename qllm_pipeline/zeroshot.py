@@ -174,31 +174,46 @@ def _check_args(tasks, limit, batch_size) -> list[str]:
     return tasks
 
 
-_SCALAR_NAME = re.compile(r"^[ \t]*['\"]?(?:task|group|tag)['\"]?:[ \t]*['\"]?([A-Za-z0-9_\-\.\+:/]+)", re.M)
+_NAME = r"[A-Za-z0-9_\-\.\+:/()]+"
+_SCALAR_NAME = re.compile(rf"^[ \t]*['\"]?(?:task|group|tag)['\"]?:[ \t]*['\"]?({_NAME})", re.M)
 _LISTED_NAMES = re.compile(r"^[ \t]*['\"]?(?:tag|group|task)['\"]?:[ \t]*\n((?:[ \t]*-[ \t]*\S+[ \t]*\n?)+)", re.M)
+_LIST_ITEM = re.compile(rf"-[ \t]*['\"]?({_NAME})")
+
+
+def _is_task_config(path: Path) -> bool:
+    # lm-eval's configs are .yaml files and the extensionless files they include (``_default_template_yaml``).
+    return path.is_file() and (path.suffix in (".yaml", ".yml", "") or path.name.endswith("yaml"))
 
 
 @functools.lru_cache(maxsize=1)
-def _declared_task_names() -> frozenset[str]:
-    """Task, group and tag names written literally in ours and lm-eval's task YAMLs: a text scan in well under a
-    second, where building lm-eval's TaskManager takes seconds. It misses generated names (the caller falls back)."""
+def declared_task_names() -> frozenset[str]:
+    """Task, group and tag names written in ours and lm-eval's task configs: a text scan in a second or two, where
+    building lm-eval's TaskManager takes 15-20 s on two cores. tests/test_zeroshot.py checks that it covers every
+    name the TaskManager indexes."""
     import lm_eval
 
     names: set[str] = set()
     for root in (TASKS_DIR, Path(lm_eval.__file__).parent / "tasks"):
-        for path in root.rglob("*.yaml"):
+        for path in filter(_is_task_config, root.rglob("*")):
             text = path.read_text(errors="ignore")
             names.update(_SCALAR_NAME.findall(text))
             for block in _LISTED_NAMES.findall(text):
-                names.update(re.findall(r"-[ \t]*['\"]?([A-Za-z0-9_\-\.\+:/]+)", block))
+                names.update(_LIST_ITEM.findall(block))
     return frozenset(names)
 
 
+def _unknown_task(name: str, known) -> PipelineError:
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.75)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    return PipelineError(f"unknown lm-eval task {name!r}{hint}; see `lm-eval ls tasks` or use eval.tasks=[{SMOKE_TASK}]")
+
+
 def check_task_names(names: list[str]) -> None:
-    """Refuse an unknown task name at start: literal names by the fast scan, the rest through lm-eval's index."""
-    missing = [n for n in names if n not in _declared_task_names()]
-    if missing:
-        resolve_task_names(missing)
+    """Refuse an unknown task name at start, by the fast scan (the TaskManager is built only when the tasks run)."""
+    known = declared_task_names()
+    for name in names:
+        if name not in known:
+            raise _unknown_task(name, known)
 
 
 def resolve_task_names(names: list[str]):
@@ -208,9 +223,7 @@ def resolve_task_names(names: list[str]):
     tm = local if all(n in local.task_index for n in names) else _task_manager(include_defaults=True)
     for name in names:
         if name not in tm.task_index:
-            close = difflib.get_close_matches(name, tm.all_tasks, n=3, cutoff=0.75)
-            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-            raise PipelineError(f"unknown lm-eval task {name!r}{hint}; see `lm-eval ls tasks` or use eval.tasks=[{SMOKE_TASK}]")
+            raise _unknown_task(name, tm.all_tasks)
     return tm
 
 

@@ -60,6 +60,7 @@ class TuneE2E(FinalStage):
         artifact = runner.produce("tune_e2e", key, lambda writer: self._tune(ctx, runner, writer, key), timed=False)
         release_freed_memory()  # the blocks and graphs of the tuning: evaluation starts from a low RSS
         stats = artifact.json("stats.json")
+        ctx.keys["tune_e2e"] = key  # recorded in results.json whether or not an epoch was kept
         if stats["best_epoch"] == 0:
             log.info("tune_e2e: no epoch lowered the KL to the FP model on the calibration windows (%.4f before, %s "
                      "after the epochs); the fused model is kept unchanged", stats["kl_before"],
@@ -72,7 +73,7 @@ class TuneE2E(FinalStage):
             for name, value in tensors.items():
                 index, _, field = name.partition(".")
                 runner.block_overrides[int(index)][field] = value
-            ctx.keys["tune_e2e"] = ctx.keys["model"] = key  # evaluation rows and the written model are the tuned model's
+            ctx.keys["model"] = key  # evaluation rows and the written model are the tuned model's
         write_model(ctx, runner)
 
     def _tune(self, ctx, runner, writer, key: str) -> None:

@@ -68,3 +68,15 @@ def test_unknown_task_is_one_clear_error(model_and_tokenizer):
     with pytest.raises(PipelineError) as e:
         run_zeroshot(model, tokenizer, [SMOKE_TASK, "no_such_task_xyz"], limit=5, batch_size=4, device="cpu")
     assert "unknown lm-eval task 'no_such_task_xyz'" in _single_line(e)
+
+
+def test_the_fast_name_scan_covers_every_task_lm_eval_indexes():
+    """The start-of-run check refuses a name by the text scan alone, so the scan must know every name lm-eval's
+    TaskManager would: the installed lm-eval is checked here (one TaskManager build, ~20 s)."""
+    from qllm_pipeline.zeroshot import _task_manager, check_task_names, declared_task_names
+
+    indexed = set(_task_manager(include_defaults=True).task_index)
+    assert indexed - declared_task_names() == set()
+    check_task_names(["hellaswag", "mmlu", "egymmlu_arabic_language_(general)", SMOKE_TASK])
+    with pytest.raises(PipelineError, match=r"unknown lm-eval task 'hellaswg' \(did you mean 'hellaswag'"):
+        check_task_names(["hellaswg"])
