@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .arch import attention
 from .quantizer import QuantSpec, quantize_activation
 
 ATTN_IMPLEMENTATION = "qllm_sdpa"
@@ -45,7 +46,7 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, _quantized_sdpa)
 def set_attention_quant(block: nn.Module, spec: QuantSpec | None) -> None:
     """Quantize the attention inputs of `block` with `spec` (None or bits=None: leave them in full precision).
     The online QK Hadamard, when the block carries one, is applied only with quantized inputs (in FP it changes nothing)."""
-    attn = block.self_attn
+    attn = attention(block)
     enabled = spec is not None and spec.enabled
     setattr(attn, _QUANT_ATTR, spec if enabled else None)
     if enabled and attn.config._attn_implementation != ATTN_IMPLEMENTATION:
@@ -59,7 +60,7 @@ def attention_spec(quant: dict) -> QuantSpec:
 
 
 def attention_quantized(block: nn.Module) -> bool:
-    return getattr(block.self_attn, _QUANT_ATTR, None) is not None
+    return getattr(attention(block), _QUANT_ATTR, None) is not None
 
 
 __all__ = ["ATTN_IMPLEMENTATION", "QK_HADAMARD_ATTR", "set_attention_quant", "attention_spec", "attention_quantized"]

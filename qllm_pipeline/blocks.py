@@ -1,4 +1,4 @@
-"""Decoder-block plumbing for LLaMA-family models: calling one block on its own, and swapping its linears.
+"""Decoder-block plumbing: calling one block on its own, and swapping its linears (the layout: `arch.Family`).
 
 Only one block needs to live on the compute device: callers move a block there, run it over the cached
 hidden states in mini-batches, and move it back.
@@ -8,31 +8,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .arch import block_family, decoder_layers, rotary_embedding
 from .attention import set_attention_quant
 from .qlinear import QuantLinear
 from .quantizer import QuantSpec
 
-# The seven projections of a LLaMA decoder block, as (submodule, linear) attribute paths.
-LINEAR_NAMES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-# The projections grouped by the input they read, in forward order (one activation quantizer per group when deployed).
-INPUT_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+__all__ = ["BlockRunner", "decoder_layers", "get_submodule", "linear_names", "quant_linears", "quantize_block_linears",
+           "set_submodule"]
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.model.layers
+def linear_names(block: nn.Module) -> tuple[str, ...]:
+    """The block's projections in forward order, as attribute paths (e.g. ``self_attn.q_proj``)."""
+    return block_family(block).linears
 
 
 def get_submodule(block: nn.Module, path: str) -> nn.Module:
@@ -47,14 +34,14 @@ def set_submodule(block: nn.Module, path: str, module: nn.Module) -> None:
 def quantize_block_linears(
     block: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec, attn_spec: QuantSpec | None = None
 ) -> dict[str, QuantLinear]:
-    """Replace the seven projections of `block` by QuantLinear (in place); return them by name.
+    """Replace the projections of `block` by QuantLinear (in place); return them by name.
 
     A projection that is a QuantLinear already (e.g. a rotated model's down_proj with its online Hadamard) keeps its
     input transforms and takes the given specs. `attn_spec` quantizes the attention inputs (Q, K after RoPE, V).
     """
     set_attention_quant(block, attn_spec)
     out = {}
-    for name in LINEAR_NAMES:
+    for name in linear_names(block):
         linear = get_submodule(block, name)
         if isinstance(linear, QuantLinear):
             linear.set_specs(weight_spec, act_spec)
@@ -67,7 +54,8 @@ def quantize_block_linears(
 
 
 def quant_linears(block: nn.Module) -> dict[str, QuantLinear]:
-    return {name: get_submodule(block, name) for name in LINEAR_NAMES if isinstance(get_submodule(block, name), QuantLinear)}
+    return {name: get_submodule(block, name) for name in linear_names(block)
+            if isinstance(get_submodule(block, name), QuantLinear)}
 
 
 class BlockRunner:
@@ -81,7 +69,7 @@ class BlockRunner:
         self.dtype = dtype
         hidden = model.config.hidden_size
         self.position_ids = torch.arange(seq_len, device=self.device).unsqueeze(0)
-        rotary = model.model.rotary_emb.to(self.device)
+        rotary = rotary_embedding(model).to(self.device)
         with torch.no_grad():
             probe = torch.zeros(1, seq_len, hidden, device=self.device, dtype=dtype)
             cos, sin = rotary(probe, position_ids=self.position_ids)

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import LINEAR_NAMES, get_submodule, quant_linears
-from .fused import NORM_NAMES
+from .arch import Family, block_family
+from .blocks import get_submodule, quant_linears
 from .lowrank import ACT_CLIP_MIN
 from .quantizer import QuantSpec
 
@@ -72,19 +72,19 @@ class TunedParams:
     being run gets device copies (`attach`) whose gradients are added back here (`collect`)."""
 
     def __init__(self, fused: Iterable[dict[str, torch.Tensor]], cfg: E2EConfig, weight_spec: QuantSpec,
-                 act_spec: QuantSpec):
+                 act_spec: QuantSpec, family: Family):
         self.cfg = cfg
         self.blocks: list[dict[str, torch.Tensor]] = []
         for tensors in fused:
             values = {}
-            for name in LINEAR_NAMES:
+            for name in family.linears:
                 if cfg.scale_lr and weight_spec.enabled and f"{name}.scale" in tensors:
                     values[f"{name}.scale_delta"] = torch.zeros_like(tensors[f"{name}.scale"], dtype=torch.float32)
                 if cfg.act_clip_lr and act_spec.enabled:  # from the ratio LRC learned, if it did
                     clip = tensors.get(f"{name}.act_clip", torch.tensor(float(act_spec.clip_ratio)))
                     values[f"{name}.act_clip"] = torch.tensor(float(clip), dtype=torch.float32)
             if cfg.norm_lr:
-                values.update({f"{n}.weight": tensors[f"{n}.weight"].float().clone() for n in NORM_NAMES})
+                values.update({f"{n}.weight": tensors[f"{n}.weight"].float().clone() for n in family.norms})
             for value in values.values():
                 value.requires_grad_(True)
             self.blocks.append(values)
@@ -145,7 +145,7 @@ class TunedParams:
         for ql in quant_linears(block).values():
             ql.scale_delta = None
             ql.act_clip = None
-        for name in NORM_NAMES:
+        for name in block_family(block).norms:
             get_submodule(block, name).weight.requires_grad_(False)
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .attention import attention_spec
-from .blocks import LINEAR_NAMES, decoder_layers
+from .arch import family_of
+from .blocks import decoder_layers, linear_names
 from .fused import build_fused_block
 from .quantizer import QuantSpec, activation_clip_ratio
 from .shards import ShardWriter, read_checkpoint_tensors, skeleton_tensors
@@ -67,7 +68,7 @@ def save_quantized_model(model, tokenizer, block_tensors, quant: dict, out_dir: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weight_spec, _ = specs_from_quant_cfg(quant)
-    block_prefix = "model.layers."
+    block_prefix = f"{family_of(model).layers}."
     writer = ShardWriter(out_dir, parts=model.config.num_hidden_layers + 1 if sharded else None)
     skeleton = skeleton_tensors(model, block_prefix)
     writer.add(skeleton)
@@ -111,7 +112,7 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype | None = None):
     config._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     tensors = read_checkpoint_tensors(path)
-    block_prefix = "model.layers."
+    block_prefix = f"{family_of(config).layers}."
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(block_prefix)}, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -128,7 +129,7 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype | None = None):
                 block[f"{name}.{field[:-1]}"] = value
             elif field != "in_features":
                 block[key] = value
-        for name in LINEAR_NAMES:
+        for name in linear_names(layer):
             if f"{name}.codes" not in block and f"{name}.weight" not in block:
                 raise ValueError(f"{path}: layer {i} has no weight for {name}")
         layers[i] = build_fused_block(layer, block, act_spec, weight_spec, attention_spec(meta["quant"]))

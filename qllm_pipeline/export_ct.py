@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .arch import family_of
 from .export import FORMAT as PACKED_FORMAT
 from .quantizer import activation_clip_ratio
 
@@ -35,7 +36,6 @@ FORMAT_NAME = "compressed-tensors"
 MODEL_FORMATS = (PACKED_FORMAT, FORMAT_NAME)  # fuse.format choices
 PACK_FORMAT = "pack-quantized"  # codes packed into int32 (symmetric weights below 8 bits)
 INT_FORMAT = "int-quantized"  # one int8 per code (asymmetric or 8-bit weights; see weight_format)
-BLOCK_PREFIX = "model.layers."
 
 
 REMOTE_FILE = "modeling_qllm.py"
@@ -197,15 +197,17 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     n_blocks = model.config.num_hidden_layers
     writer = ShardWriter(out_dir, parts=n_blocks + 1 if sharded else None, metadata={"format": "pt"})
-    skeleton = skeleton_tensors(model, BLOCK_PREFIX)
+    family = family_of(model)
+    block_prefix = f"{family.layers}."
+    skeleton = skeleton_tensors(model, block_prefix)
     writer.add(skeleton)
     layers, block_params = [], 0
     for i, block in enumerate(block_tensors):
         tensors = {}
-        prefix = f"{BLOCK_PREFIX}{i}."
+        prefix = f"{block_prefix}{i}."
         names = sorted({k.rsplit(".", 1)[0] for k in block if k.endswith(".codes")})
         dense = sorted({k.rsplit(".", 1)[0] for k in block if k.endswith(".weight") and ".transforms." not in k
-                        and k.rsplit(".", 1)[0] not in ("input_layernorm", "post_attention_layernorm")})
+                        and k.rsplit(".", 1)[0] not in family.norms})
         has_runtime = any(".transforms." in k or k.endswith(("qk_hadamard", ".act_clip")) for k in block)
         if has_runtime and not runtime:
             raise ValueError(f"block {i} has run-time transforms, but the checkpoint is being written without its modeling code")

@@ -1,6 +1,6 @@
 """Fused (final) quantized blocks: what the fuse stage stores per block and how a block is rebuilt from it.
 
-A fused block stores, for each of the seven projections, the weight already transformed (online Hadamard,
+A fused block stores, for each of its projections, the weight already transformed (online Hadamard,
 reassembly), merged with its low-rank correction and quantized, in integer form (`codes`, `scale`, `zero`;
 rebuilding needs no training state), its ordered input transforms (`<name>.transforms.<i>.<kind>.<field>`), the
 norm weights (they may have been trained), a learned activation clip ratio per projection (`<name>.act_clip`,
@@ -13,12 +13,11 @@ import copy
 import torch
 from torch import nn
 
-from .blocks import LINEAR_NAMES, get_submodule, quant_linears, quantize_block_linears
+from .arch import attention, block_family
 from .attention import QK_HADAMARD_ATTR
+from .blocks import get_submodule, quant_linears, quantize_block_linears
 from .quantizer import QuantSpec
 from .transforms import transforms_from_tensors, transforms_to_tensors
-
-NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
 
 
 def fused_block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
@@ -36,9 +35,10 @@ def fused_block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
         if ql.act_clip_learned:  # this projection's own activation clip ratio (learned with the correction)
             tensors[f"{name}.act_clip"] = torch.tensor(ql.act_spec.clip_ratio, dtype=torch.float32)
         tensors.update({f"{name}.transforms.{k}": v for k, v in transforms_to_tensors(ql.input_transforms).items()})
-    if getattr(block.self_attn, QK_HADAMARD_ATTR, False):
-        tensors[f"self_attn.{QK_HADAMARD_ATTR}"] = torch.ones(1, dtype=torch.int8)
-    for norm in NORM_NAMES:
+    family = block_family(block)
+    if getattr(attention(block), QK_HADAMARD_ATTR, False):
+        tensors[f"{family.attention}.{QK_HADAMARD_ATTR}"] = torch.ones(1, dtype=torch.int8)
+    for norm in family.norms:
         tensors[f"{norm}.weight"] = get_submodule(block, norm).weight.detach()
     return tensors
 
@@ -52,9 +52,10 @@ def build_fused_block(
 ) -> nn.Module:
     """A copy of `fp_block` whose projections quantize activations per token and use the stored quantized weights."""
     block = copy.deepcopy(fp_block)
-    setattr(block.self_attn, QK_HADAMARD_ATTR, f"self_attn.{QK_HADAMARD_ATTR}" in tensors)
+    family = block_family(block)
+    setattr(attention(block), QK_HADAMARD_ATTR, f"{family.attention}.{QK_HADAMARD_ATTR}" in tensors)
     qlinears = quantize_block_linears(block, weight_spec, act_spec, attn_spec)
-    for name in LINEAR_NAMES:
+    for name in family.linears:
         ql = qlinears[name]
         prefix = f"{name}.transforms."
         ql.set_transforms(transforms_from_tensors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}))
@@ -68,7 +69,7 @@ def build_fused_block(
             ql.set_act_clip(float(tensors[f"{name}.act_clip"]))
         ql.weight_is_quantized = True
     with torch.no_grad():
-        for norm in NORM_NAMES:
+        for norm in family.norms:
             get_submodule(block, norm).weight.copy_(tensors[f"{norm}.weight"])
     block.requires_grad_(False)
     return block

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import INPUT_GROUPS, get_submodule, quant_linears
-from .fused import NORM_NAMES
+from .arch import block_family
+from .blocks import get_submodule, quant_linears
 
 AUTOCAST_CHOICES = ("auto", "none", "bf16", "fp16")
 ACT_CLIP_MIN = 0.5  # a learned activation clip ratio stays in [0.5, 1]
@@ -74,7 +74,7 @@ def _require_quant_linears(block: nn.Module) -> dict:
 
 
 def attach_lora(block: nn.Module, rank: int, seed: int) -> None:
-    """Attach a fresh rank-`rank` correction (B = 0) to every QuantLinear of `block`, in LINEAR_NAMES order.
+    """Attach a fresh rank-`rank` correction (B = 0) to every QuantLinear of `block`, in forward order.
 
     A is drawn from one CPU generator seeded with `seed`, so the result does not depend on the device.
     An existing correction is replaced.
@@ -91,7 +91,8 @@ def attach_act_clips(block: nn.Module, shared: bool = True) -> None:
     the same input (q/k/v; gate/up) share one parameter, so a deployment can quantize that input once (a fused QKV
     kernel). Per projection, q, k and v each quantize the shared input with their own ratio (our runtimes do)."""
     qlinears = _require_quant_linears(block)
-    groups = INPUT_GROUPS if shared else tuple((name,) for group in INPUT_GROUPS for name in group)
+    input_groups = block_family(block).input_groups
+    groups = input_groups if shared else tuple((name,) for group in input_groups for name in group)
     for group in groups:
         members = [qlinears[name] for name in group if name in qlinears]
         if not members or not members[0].act_spec.enabled or members[0].act_clip is not None:
@@ -102,11 +103,11 @@ def attach_act_clips(block: nn.Module, shared: bool = True) -> None:
 
 
 def _norm_modules(block: nn.Module) -> dict[str, nn.Module]:
-    return {name: get_submodule(block, name) for name in NORM_NAMES}
+    return {name: get_submodule(block, name) for name in block_family(block).norms}
 
 
 def trainable_parameters(block: nn.Module, train_norms: bool) -> list[nn.Parameter]:
-    """A and B of every QuantLinear (LINEAR_NAMES order, A before B), then the norm weights if `train_norms`.
+    """A and B of every QuantLinear (forward order, A before B), then the norm weights if `train_norms`.
 
     Does not change `requires_grad`; `train_block` does that for the duration of training.
     """

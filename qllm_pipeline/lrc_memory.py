@@ -3,7 +3,7 @@ the device at once (the block, the trainable parameters with AdamW's state, one 
 model's shapes alone, so a run's peak is known before any weight is read."""
 from __future__ import annotations
 
-from .blocks import LINEAR_NAMES
+from .arch import LLAMA
 
 GIB = 1024**3
 
@@ -21,7 +21,7 @@ def linear_shapes(hidden_size: int, intermediate_size: int, num_attention_heads:
         "mlp.up_proj": (i, h),
         "mlp.down_proj": (h, i),
     }
-    assert tuple(shapes) == LINEAR_NAMES
+    assert tuple(shapes) == LLAMA.linears  # the shapes of LLaMA's layout (the families planned so far)
     return shapes
 
 

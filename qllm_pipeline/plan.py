@@ -80,6 +80,7 @@ def arch_from_config(config) -> dict:
             "max_position_embeddings", "vocab_size")
     out = {k: getattr(config, k) for k in keys}
     out["tie_word_embeddings"] = bool(getattr(config, "tie_word_embeddings", False))
+    out["model_type"] = config.model_type
     return out
 
 

@@ -6,10 +6,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-POINT_LABELS = {"qkv": "input_layernorm → q/k/v", "gate_up": "post_attention_layernorm → gate/up", "down": "SwiGLU → down_proj"}
-
-
-def plot_theta_curves(results: dict, path, title: str) -> None:
+def plot_theta_curves(results: dict, path, title: str, labels: dict[str, str] | None = None) -> None:
     """One panel per reassembly point: sub-block MSE against θ, the chosen θ marked."""
     points = [p for p, r in results.items() if r["curve"]]
     fig, axes = plt.subplots(1, len(points), figsize=(4.2 * len(points), 3.4), squeeze=False)
@@ -24,7 +21,7 @@ def plot_theta_curves(results: dict, path, title: str) -> None:
         ax.invert_xaxis()  # the search goes from the largest channel max downwards
         ax.set_xlabel("θ (log); searched from the largest, left to right")
         ax.set_ylabel("sub-block output MSE (log)")
-        ax.set_title(POINT_LABELS.get(point, point), fontsize=9)
+        ax.set_title((labels or {}).get(point, point), fontsize=9)
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -32,7 +29,8 @@ def plot_theta_curves(results: dict, path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_channel_max(before: dict[str, list[dict]], after: dict[str, list[dict]], path) -> None:
+def plot_channel_max(before: dict[str, list[dict]], after: dict[str, list[dict]], path,
+                     labels: dict[str, str] | None = None) -> None:
     """Per reassembly point: max and median channel |x| per block, before and after reassembly (log scale)."""
     points = [p for p in before if before[p]]
     fig, axes = plt.subplots(1, len(points), figsize=(4.4 * len(points), 3.4), squeeze=False)
@@ -45,7 +43,7 @@ def plot_channel_max(before: dict[str, list[dict]], after: dict[str, list[dict]]
         ax.set_yscale("log")
         ax.set_xlabel("decoder block")
         ax.set_ylabel("channel max |x| (log)")
-        ax.set_title(POINT_LABELS.get(point, point), fontsize=9)
+        ax.set_title((labels or {}).get(point, point), fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle("Activation outliers at the reassembly points")
     fig.tight_layout()

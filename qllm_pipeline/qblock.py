@@ -5,15 +5,9 @@ import copy
 
 from torch import nn
 
+from .arch import block_family
 from .blocks import quantize_block_linears
 from .quantizer import QuantSpec
-
-# Reassembly points: the activation each one transforms feeds these projections.
-POINT_LINEARS = {
-    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),  # input_layernorm output
-    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),  # post_attention_layernorm output
-    "down": ("mlp.down_proj",),  # SwiGLU output act(gate)·up
-}
 
 
 def make_quant_block(
@@ -27,8 +21,9 @@ def make_quant_block(
     appended after any input transform the block's projections already carry (e.g. an online Hadamard)."""
     block = copy.deepcopy(fp_block)
     qlinears = quantize_block_linears(block, weight_spec, act_spec, attn_spec)
+    points = block_family(block).point_linears
     for point, reassembly in (reassemblies or {}).items():
-        for name in POINT_LINEARS[point]:
+        for name in points[point]:
             qlinears[name].set_reassembly(reassembly)
     block.requires_grad_(False)
     return block

@@ -24,13 +24,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .blocks import decoder_layers
+from .arch import attention, block_family, decoder_layers, embeddings, family_of, final_norm, set_decoder_layers
 from .hadamard import OnlineHadamard, hadamard_matrix, random_hadamard, random_orthogonal  # noqa: F401  (re-exported)
 from .qlinear import weight_changed
 
 __all__ = [
-    "READ_LINEARS",
-    "WRITE_LINEARS",
     "hadamard_matrix",
     "random_orthogonal",
     "random_hadamard",
@@ -45,14 +43,7 @@ __all__ = [
     "rotated_view",
 ]
 
-# Linears of a LLaMA decoder layer that read / write the residual stream.
-READ_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-WRITE_LINEARS = ("self_attn.o_proj", "mlp.down_proj")
-# norm -> the linears it feeds
-NORM_LINEARS = {
-    "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
-}
+# Which linears read and write the residual stream, and which norm feeds which: the family's layout (arch.Family).
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -65,7 +56,7 @@ def _set(param: Tensor, value: Tensor) -> None:
 
 def untie_lm_head(model: nn.Module) -> bool:
     """Give lm_head its own copy of the weight if it shares it with embed_tokens; return whether it was tied."""
-    head, embed = model.lm_head, model.model.embed_tokens
+    head, embed = model.get_output_embeddings(), embeddings(model)
     tied = head.weight is embed.weight or (
         head.weight.device == embed.weight.device
         and head.weight.shape == embed.weight.shape
@@ -94,7 +85,7 @@ def _fold_norm(norm: nn.Module, linears: list[nn.Module]) -> None:
 def fuse_layer_norms(layer: nn.Module) -> None:
     """In place: fold one decoder block's RMSNorm weights into the linears they feed (input_layernorm -> q/k/v,
     post_attention_layernorm -> gate/up) and set them to ones."""
-    for norm_path, linear_paths in NORM_LINEARS.items():
+    for norm_path, linear_paths in block_family(layer).norm_linears.items():
         _fold_norm(layer.get_submodule(norm_path), [layer.get_submodule(p) for p in linear_paths])
 
 
@@ -102,7 +93,7 @@ def fuse_layer_norms(layer: nn.Module) -> None:
 def fuse_final_norm(model: nn.Module) -> None:
     """In place: fold the final norm into lm_head (untied from embed_tokens first if tied)."""
     untie_lm_head(model)
-    _fold_norm(model.model.norm, [model.lm_head])
+    _fold_norm(final_norm(model), [model.get_output_embeddings()])
 
 
 @torch.no_grad()
@@ -142,9 +133,10 @@ def rotate_layer(layer: nn.Module, q: Tensor) -> None:
     """In place: one decoder block's part of :func:`rotate_model` (norms folded, readers W Q, writers Qᵀ W)."""
     fuse_layer_norms(layer)
     q = q.double().cpu()
-    for path in READ_LINEARS:
+    family = block_family(layer)
+    for path in family.readers:
         _read(layer.get_submodule(path), q)
-    for path in WRITE_LINEARS:
+    for path in family.writers:
         _write(layer.get_submodule(path), q)
 
 
@@ -154,9 +146,9 @@ def rotate_skeleton(model: nn.Module, q: Tensor) -> None:
     embeddings E Q, lm_head W Q), so that blocks can be rotated one at a time (:func:`rotate_layer`)."""
     q = _check_rotation(q, model.config.hidden_size)
     fuse_final_norm(model)
-    embed = model.model.embed_tokens.weight
+    embed = embeddings(model).weight
     _set(embed, embed.data.double() @ q.to(embed.device))
-    _read(model.lm_head, q)
+    _read(model.get_output_embeddings(), q)
 
 
 @torch.no_grad()
@@ -196,7 +188,7 @@ def rotate_value_heads(model: nn.Module) -> None:
 def rotate_layer_value_heads(layer: nn.Module, head_dim: int) -> None:
     """One decoder block's part of :func:`rotate_value_heads`."""
     h = OnlineHadamard(head_dim).matrix(torch.float64)
-    v, o = layer.self_attn.v_proj, layer.self_attn.o_proj
+    v, o = layer.get_submodule(block_family(layer).value_proj), layer.get_submodule(block_family(layer).attention_output)
     wv = v.weight.data.double()
     heads = wv.shape[0] // head_dim
     _set(v.weight, (h.T.to(wv.device) @ wv.reshape(heads, head_dim, -1)).reshape(wv.shape))
@@ -209,12 +201,13 @@ def rotate_layer_value_heads(layer: nn.Module, head_dim: int) -> None:
     weight_changed(o)
 
 
-def add_online_hadamard(model: nn.Module, path: str = "mlp.down_proj") -> None:
+def add_online_hadamard(model: nn.Module, path: str | None = None) -> None:
     """In place: an online Hadamard on the input of projection `path` of every block: QuaRot's R4 for down_proj (the
     SwiGLU output); for o_proj a full-width one across heads (QuIP#-style incoherence of the attention output, where
     R2 only mixes within a head). The projection becomes a full-precision QuantLinear whose input transform is the
     Hadamard, so its weight is used as W H and the output is unchanged; quantized copies of the block keep the
     transform before their activation quantizer."""
+    path = path or family_of(model).point("down").linears[0]
     for layer in decoder_layers(model):
         add_layer_online_hadamard(layer, path)
 
@@ -243,7 +236,7 @@ def add_online_qk_hadamard(model: nn.Module) -> None:
 def mark_layer_qk_hadamard(layer: nn.Module) -> None:
     from .attention import QK_HADAMARD_ATTR
 
-    setattr(layer.self_attn, QK_HADAMARD_ATTR, True)
+    setattr(attention(layer), QK_HADAMARD_ATTR, True)
 
 
 def rotated_view(model: nn.Module, q: Tensor | None = None, value_heads: bool = False, online: tuple[str, ...] = (),
@@ -272,5 +265,5 @@ def rotated_view(model: nn.Module, q: Tensor | None = None, value_heads: bool = 
             mark_layer_qk_hadamard(layer)
         return layer
 
-    view.model.layers = TransformedLayers(model.model.layers, transform)
+    set_decoder_layers(view, TransformedLayers(decoder_layers(model), transform))
     return view

@@ -20,18 +20,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .arch import Family, Point, block_family
 from .qlinear import weight_changed
 
-__all__ = ["SMOOTH_POINTS", "smoothing_scales", "block_smoothing_scales", "apply_smoothing", "smooth_block",
+__all__ = ["smoothing_points", "smoothing_scales", "block_smoothing_scales", "apply_smoothing", "smooth_block",
            "smooth_norm_linears", "smoothed_channel_max"]
 
-# point name -> (norm attribute path, linears it feeds, act_max key: the input of the first linear)
-SMOOTH_POINTS = {
-    "qkv": ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.q_proj"),
-    "gate_up": ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp.gate_proj"),
-}
-
 _CLAMP = 1e-5
+
+
+def smoothing_points(block: nn.Module) -> dict[str, Point]:
+    """The points whose input is a norm's output (q/k/v, gate/up): SmoothQuant folds x / s into that norm. The
+    activation maximum of a point is its first projection's input's (`act_max[point.linears[0]]`)."""
+    return {p.name: p for p in block_family(block).points if p.norm is not None}
 
 
 def smoothing_scales(act_channel_max: Tensor, weights: Sequence[Tensor], alpha: float = 0.5) -> Tensor:
@@ -71,29 +72,31 @@ def smooth_norm_linears(norm: nn.Module, linears: Sequence[nn.Module], scales: T
 
 
 def block_smoothing_scales(block: nn.Module, act_max: dict[str, Tensor], alpha: float = 0.5) -> dict[str, Tensor]:
-    """The scales {"qkv": s1, "gate_up": s2} of one LLaMA decoder layer, without changing it.
+    """The scales {"qkv": s1, "gate_up": s2} of one decoder layer, without changing it.
 
     act_max["self_attn.q_proj"] / act_max["mlp.gate_proj"]: per-channel max |x| of the inputs of those linears (the
     input_layernorm / post_attention_layernorm outputs), measured on the block *before* smoothing.
     """
-    missing = [key for _, _, key in SMOOTH_POINTS.values() if key not in act_max]
+    points = smoothing_points(block)
+    missing = [p.linears[0] for p in points.values() if p.linears[0] not in act_max]
     if missing:
         raise KeyError(f"act_max lacks {missing}; record the per-channel max |x| of those linears' inputs (forward pre-hooks)")
     return {
-        point: smoothing_scales(act_max[key], [block.get_submodule(p).weight for p in linear_paths], alpha)
-        for point, (_, linear_paths, key) in SMOOTH_POINTS.items()
+        name: smoothing_scales(act_max[p.linears[0]], [block.get_submodule(path).weight for path in p.linears], alpha)
+        for name, p in points.items()
     }
 
 
 def apply_smoothing(block: nn.Module, scales: dict[str, Tensor]) -> None:
     """In place: fold each point's scales into its norm (÷ s) and the linears it feeds (× s)."""
-    for point, s in scales.items():
-        norm_path, linear_paths, _ = SMOOTH_POINTS[point]
-        smooth_norm_linears(block.get_submodule(norm_path), [block.get_submodule(p) for p in linear_paths], s)
+    points = smoothing_points(block)
+    for name, s in scales.items():
+        p = points[name]
+        smooth_norm_linears(block.get_submodule(p.norm), [block.get_submodule(path) for path in p.linears], s)
 
 
 def smooth_block(block: nn.Module, act_max: dict[str, Tensor], alpha: float = 0.5) -> dict[str, Tensor]:
-    """Apply SmoothQuant in place to one LLaMA decoder layer; return the scales {"qkv": s1, "gate_up": s2}.
+    """Apply SmoothQuant in place to one decoder layer; return the scales {"qkv": s1, "gate_up": s2}.
 
     The block's full-precision output is unchanged up to float rounding.
     """
@@ -102,11 +105,11 @@ def smooth_block(block: nn.Module, act_max: dict[str, Tensor], alpha: float = 0.
     return scales
 
 
-def smoothed_channel_max(act_max: dict[str, Tensor], scales: dict[str, Tensor]) -> dict[str, Tensor]:
+def smoothed_channel_max(act_max: dict[str, Tensor], scales: dict[str, Tensor], family: Family) -> dict[str, Tensor]:
     """Per-channel max |x| of every linear's input after smoothing: the inputs of a smoothed point are x / s."""
     out = dict(act_max)
     for point, s in scales.items():
-        for path in SMOOTH_POINTS[point][1]:
+        for path in family.point(point).linears:
             if path in out:
                 out[path] = out[path] / s.to(out[path].dtype)
     return out

@@ -1,7 +1,7 @@
 """A model streamed from its safetensors shards: host memory bounded by one decoder block, not by the model.
 
 The skeleton (embeddings, final norm, lm_head, rotary embedding, config) is built on the `meta` device and only its
-own tensors are read; `model.model.layers` becomes a :class:`StreamedLayers`, whose `layers[i]` reads block i's
+own tensors are read; the model's decoder layers (`model.model.layers` in LLaMA) become a :class:`StreamedLayers`, whose `layers[i]` reads block i's
 tensors (`safetensors.safe_open`, only that block's names) into a fresh module each time it is asked. Nothing keeps
 a block alive once its caller drops it, so a 70B checkpoint never sits in host memory as a whole.
 
@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .arch import (decoder_layers, embeddings, family_of, rotary_embedding, set_decoder_layers,
+                   set_rotary_embedding)
 from .errors import PipelineError
 
-BLOCK_PREFIX = "model.layers."
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -73,7 +74,7 @@ class ShardIndex:
 
 
 class LazyLayers(nn.Module):
-    """A stand-in for `model.model.layers`: `len()`, `layers[i]` (a fresh, materialized block) and iteration.
+    """A stand-in for a model's decoder layers: `len()`, `layers[i]` (a fresh, materialized block) and iteration.
 
     Blocks are not submodules, so `model.parameters()` / `state_dict()` hold the skeleton only. A full-model forward
     works (a slice yields the blocks one by one); lm-eval, which runs many, gets a real ModuleList (stages.evaluate)."""
@@ -104,18 +105,19 @@ class LazyLayers(nn.Module):
 class StreamedLayers(LazyLayers):
     """Decoder blocks read from safetensors shards on request; a meta-device template gives each block's structure."""
 
-    def __init__(self, template: nn.ModuleList, index: ShardIndex, dtype: torch.dtype):
+    def __init__(self, template: nn.ModuleList, index: ShardIndex, dtype: torch.dtype, prefix: str):
         super().__init__()
         # Plain attributes, not submodules: the template is on `meta` and must not show up as the model's parameters.
         object.__setattr__(self, "_template", template)
         object.__setattr__(self, "_index", index)
         self.dtype = dtype
+        self.prefix = prefix  # the blocks' names in the checkpoint: `<prefix><i>.<tensor>`
 
     def __len__(self) -> int:
         return len(self._template)
 
     def block(self, index: int) -> nn.Module:
-        prefix = f"{BLOCK_PREFIX}{index}."
+        prefix = f"{self.prefix}{index}."
         tensors = self._index.read(self._index.names(prefix), self.dtype)
         layer = copy.deepcopy(self._template[index])  # on meta: no memory
         state = {name[len(prefix):]: t for name, t in tensors.items()}
@@ -152,30 +154,29 @@ class TransformedLayers(LazyLayers):
 @contextmanager
 def swapped_layers(model: nn.Module, layers: list[nn.Module]) -> Iterator[nn.Module]:
     """`model` with its decoder layers replaced by `layers` for the duration (the original list is restored)."""
-    original = model.model.layers
-    model.model.layers = nn.ModuleList(layers)
+    original = decoder_layers(model)
+    set_decoder_layers(model, nn.ModuleList(layers))
     try:
         yield model
     finally:
-        model.model.layers = original
+        set_decoder_layers(model, original)
 
 
 def skeleton_copy(model: nn.Module) -> nn.Module:
     """A deep copy of the model without its decoder blocks (embeddings, norm, head, config); `layers` is left
     pointing at the original's blocks, for the caller to replace."""
-    inner = model.model
-    layers = inner.layers
-    inner.layers = nn.ModuleList()
+    layers = decoder_layers(model)
+    set_decoder_layers(model, nn.ModuleList())
     try:
         clone = copy.deepcopy(model)
     finally:
-        inner.layers = layers
-    clone.model.layers = layers
+        set_decoder_layers(model, layers)
+    set_decoder_layers(clone, layers)
     return clone
 
 
 def is_streamed(model: nn.Module) -> bool:
-    return isinstance(model.model.layers, LazyLayers)
+    return isinstance(decoder_layers(model), LazyLayers)
 
 
 def load_streamed_model(directory: str | Path, dtype: torch.dtype):
@@ -187,9 +188,9 @@ def load_streamed_model(directory: str | Path, dtype: torch.dtype):
     index = ShardIndex(directory)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    template = model.model.layers
-    model.model.layers = StreamedLayers(template, index, dtype)
-    skeleton = [n for n in index.files if not n.startswith(BLOCK_PREFIX)]
+    prefix = f"{family_of(config).layers}."
+    set_decoder_layers(model, StreamedLayers(decoder_layers(model), index, dtype, prefix))
+    skeleton = [n for n in index.files if not n.startswith(prefix)]
     state = index.read(skeleton, dtype)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if tied or "lm_head.weight" not in state:
@@ -199,9 +200,9 @@ def load_streamed_model(directory: str | Path, dtype: torch.dtype):
         raise PipelineError(f"{directory} lacks {missing[:3]}; the checkpoint does not match its config.json")
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.get_output_embeddings().weight = embeddings(model).weight
     # Buffers that are computed, not stored (the rotary frequencies), are rebuilt on the CPU.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+    set_rotary_embedding(model, type(rotary_embedding(model))(config=model.config))
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise PipelineError(f"{directory}: tensors {left[:3]} were not found in the checkpoint")

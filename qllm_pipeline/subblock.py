@@ -1,4 +1,5 @@
-"""The three QLLM reassembly points of a LLaMA block and the sub-block output each θ is scored on.
+"""The three QLLM reassembly points of a block and the sub-block output each θ is scored on (LLaMA's names below;
+the family's layout, `arch.Family`, gives each model's).
 
 For a block input x (from the quantized stream), with full-precision weights:
 - qkv:     input h1 = input_layernorm(x);   scored output: attention output before o_proj
@@ -16,13 +17,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .arch import POINT_NAMES, attention, block_family, get_path
 from .attention import set_attention_quant
 from .blocks import BlockRunner
-from .qblock import POINT_LINEARS
 from .qlinear import QuantLinear
 from .quantizer import QuantSpec
 
-POINTS = tuple(POINT_LINEARS)
+POINTS = POINT_NAMES
 
 
 def _attention(attn: nn.Module, h: torch.Tensor, runner: BlockRunner) -> torch.Tensor:
@@ -33,29 +34,39 @@ def _attention(attn: nn.Module, h: torch.Tensor, runner: BlockRunner) -> torch.T
 
 def point_inputs(block: nn.Module, x: torch.Tensor, runner: BlockRunner) -> dict[str, torch.Tensor]:
     """Full-precision inputs of the three points for block input x (block and x on the same device)."""
+    family = block_family(block)
     with torch.no_grad():
-        h1 = block.input_layernorm(x)
-        attn_out = block.self_attn.o_proj(_attention_pre_o(block.self_attn, h1, runner))
-        h2 = block.post_attention_layernorm(x + attn_out)
-        z = block.mlp.act_fn(block.mlp.gate_proj(h2)) * block.mlp.up_proj(h2)
+        h1 = get_path(block, family.point("qkv").norm)(x)
+        attn_out = get_path(block, family.attention_output)(_attention_pre_o(block, h1, runner))
+        h2 = get_path(block, family.point("gate_up").norm)(x + attn_out)
+        z = _gated(block, h2)
     return {"qkv": h1, "gate_up": h2, "down": z}
 
 
-def _attention_pre_o(attn: nn.Module, h: torch.Tensor, runner: BlockRunner) -> torch.Tensor:
-    saved = attn.o_proj
-    attn.o_proj = nn.Identity()
+def _gated(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's hidden activation act(gate(h)) · up(h): the input of down_proj."""
+    family = block_family(block)
+    gate, up = (get_path(block, name) for name in family.point("gate_up").linears)
+    return get_path(block, family.act_fn)(gate(h)) * up(h)
+
+
+def _attention_pre_o(block: nn.Module, h: torch.Tensor, runner: BlockRunner) -> torch.Tensor:
+    attn = attention(block)
+    name = block_family(block).attention_output.rpartition(".")[2]
+    saved = getattr(attn, name)
+    setattr(attn, name, nn.Identity())
     try:
         return _attention(attn, h, runner)
     finally:
-        attn.o_proj = saved
+        setattr(attn, name, saved)
 
 
 def _point_output(block: nn.Module, point: str, h: torch.Tensor, runner: BlockRunner) -> torch.Tensor:
     if point == "qkv":
-        return _attention_pre_o(block.self_attn, h, runner)
+        return _attention_pre_o(block, h, runner)
     if point == "gate_up":
-        return block.mlp.act_fn(block.mlp.gate_proj(h)) * block.mlp.up_proj(h)
-    return block.mlp.down_proj(h)
+        return _gated(block, h)
+    return get_path(block, block_family(block).point("down").linears[0])(h)
 
 
 def _transformed_weight(module: nn.Module) -> torch.Tensor:
@@ -64,12 +75,12 @@ def _transformed_weight(module: nn.Module) -> torch.Tensor:
 
 def point_weights(block: nn.Module, point: str) -> list[torch.Tensor]:
     """The point's projection weights with their existing input transforms folded in (what a reassembly maps)."""
-    return [_transformed_weight(block.get_submodule(name)) for name in POINT_LINEARS[point]]
+    return [_transformed_weight(block.get_submodule(name)) for name in block_family(block).point(point).linears]
 
 
 def point_activations(block: nn.Module, point: str, h: torch.Tensor) -> torch.Tensor:
     """The point's input `h` after its projections' existing input transforms (they share them)."""
-    first = block.get_submodule(POINT_LINEARS[point][0])
+    first = block.get_submodule(block_family(block).stat_key(point))
     with torch.no_grad():
         return first.transform_input(h) if isinstance(first, QuantLinear) else h
 
@@ -90,7 +101,7 @@ def point_loss_fn(
     qblock = copy.deepcopy(block)
     set_attention_quant(qblock, attn_spec)
     qlinears = []
-    for name in POINT_LINEARS[point]:
+    for name in block_family(block).point(point).linears:
         parent, _, attr = name.rpartition(".")
         ql = QuantLinear.from_module(qblock.get_submodule(name), weight_spec, act_spec)
         setattr(qblock.get_submodule(parent), attr, ql)

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import INPUT_GROUPS, quant_linears
+from .arch import block_family
+from .blocks import quant_linears
 from .gptq import HessianAccumulator, fp_target_weight, gptq_weight_codes, inverse_factor
 from .quantizer import weight_codes, weight_codes_with_params
 
 WEIGHT_ALGORITHMS = ("rtn", "gptq")
-GPTQ_GROUPS = INPUT_GROUPS  # members of a group share one input, so one Hessian
 GPTQ_ARITHMETIC_VERSION = 2  # in GPTQ's cache keys (stages.fuse.gptq_key): 2 = float32 Hessian sums, in-place factor
 
 
@@ -79,7 +79,7 @@ def gptq_round_block(block: nn.Module, run_block, inputs: torch.Tensor, device, 
     if fp_block is not None:
         fp_block.to(device)
     report = {}
-    for group in GPTQ_GROUPS:
+    for group in block_family(block).input_groups:  # members of a group share one input, so one Hessian
         first = qlinears[group[0]]
         acc = HessianAccumulator(first.effective_in_features)
         for start in range(0, inputs.shape[0], batch_size):

@@ -12,7 +12,7 @@ import math
 from .e2e_tuning import HEAD_CHUNK_BYTES
 from .gptq import FACTOR_COLUMNS
 from .lrc_memory import linear_shapes
-from .weight_rounding import GPTQ_GROUPS
+from .arch import family_of_arch
 
 MAX_SCORE_TOKENS = 4096  # tokens the reassembly scorer keeps (stages.search_theta)
 SCORER_ROWS = 2048  # rows per block of the scorer's distance matrix (qllm_pipeline.reassembly)
@@ -68,10 +68,11 @@ def search_theta_working_set(arch: dict, tokens: int, nbytes: int, block_bytes: 
     quantized input and output in float32 (3 copies of the input, 2 of the output)."""
     h, i = arch["hidden_size"], arch["intermediate_size"]
     sh = shapes(arch)
+    linears = family_of_arch(arch).point_linears
     points = {  # point -> (input channels C, projections, output width)
-        "qkv": (h, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), h),
-        "gate_up": (h, ("mlp.gate_proj", "mlp.up_proj"), i),
-        "down": (i, ("mlp.down_proj",), h),
+        "qkv": (h, linears["qkv"], h),
+        "gate_up": (h, linears["gate_up"], i),
+        "down": (i, linears["down"], h),
     }
     inputs = tokens * (2 * h + i) * nbytes
     out = {}
@@ -98,7 +99,7 @@ def gptq_working_set(arch: dict, block_bytes: int, fp_target: bool = False, acce
     With gptq.fp_target the cross term and its blend (2 × 4 per C² entry) and the float64 ridge solve (3 × 8) too."""
     sh = shapes(arch)
     worst = 0
-    for group in GPTQ_GROUPS:
+    for group in family_of_arch(arch).input_groups:
         c = sh[group[0]][1]
         out = max(sh[name][0] for name in group)
         slabs = 4 * FACTOR_COLUMNS * c * 8

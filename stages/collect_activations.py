@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from qllm_pipeline.blocks import LINEAR_NAMES, get_submodule
+from qllm_pipeline.blocks import get_submodule, linear_names
 from qllm_pipeline.qlinear import QuantLinear
 from qllm_pipeline.stage import BlockStage, StageSpec
 
@@ -39,7 +39,7 @@ def channel_max(block, run_block, inputs: torch.Tensor, device, batch_size: int)
 
         return record
 
-    handles = [get_submodule(block, n).register_forward_pre_hook(hook(n)) for n in LINEAR_NAMES]
+    handles = [get_submodule(block, n).register_forward_pre_hook(hook(n)) for n in linear_names(block)]
     try:
         block.to(device)
         with torch.no_grad():

@@ -129,7 +129,7 @@ def zeroshot(ctx, runner, plan: dict, cfg: dict) -> dict:
         def compute(writer, name=name, block_for=block_for, model=model):
             # lm-eval runs the whole model's forward: the variant's blocks are all built and swapped in for the call
             # (the one place a streamed model is held whole).
-            with swapped_layers(model, [block_for(i) for i in range(len(model.model.layers))]):
+            with swapped_layers(model, [block_for(i) for i in range(len(decoder_layers(model)))]):
                 log.info("zero-shot %s on %s", name, tasks)
                 writer.save_json("zeroshot.json", run_zeroshot(model, ctx.tokenizer, tasks, cfg.get("limit"), cfg["batch_size"], ctx.device))
 

@@ -5,12 +5,13 @@ The maps are built from the same tokens search-theta scored, so they are the map
 """
 from __future__ import annotations
 
+from qllm_pipeline.arch import block_family, family_of
 from qllm_pipeline.qblock import load_reassemblies, make_quant_block, reassembly_tensors
 from qllm_pipeline.reassembly import build_reassembly
 from qllm_pipeline.stage import BlockStage, StageSpec
 from qllm_pipeline.subblock import point_activations, point_weights
 
-from .search_theta import POINT_STAT, channel_max, score_tokens, search_inputs
+from .search_theta import channel_max, score_tokens, search_inputs
 
 class Reassemble(BlockStage):
     spec = StageSpec("reassemble", version=1, config_keys=("reassemble",), upstream=("search_theta",), label="cra")
@@ -20,13 +21,13 @@ class Reassemble(BlockStage):
 
     def run(self, ctx, state, writer) -> None:
         thetas = state.artifacts["search_theta"].json("theta.json")
-        stats = channel_max(state.artifacts)
+        stats = channel_max(state.artifacts, family_of(ctx.model))
         inputs, block = search_inputs(ctx, state)
         try:
             maps = {}
             for point, found in thetas.items():
                 r = build_reassembly(
-                    stats[POINT_STAT[point]], found["theta"], score_tokens(point_activations(block, point, inputs[point])),
+                    stats[block_family(block).stat_key(point)], found["theta"], score_tokens(point_activations(block, point, inputs[point])),
                     point_weights(block, point), bool(ctx.cfg["reassemble"]["assemble"]),
                 )
                 if not r.is_identity:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 
+from qllm_pipeline.arch import family_of
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.hadamard import hadamard_factors
 from qllm_pipeline.rotation import random_hadamard, rotated_view
@@ -61,7 +62,9 @@ class Rotate(OnceStage):
 
     def apply(self, ctx, artifact) -> None:
         rot = ctx.cfg["rotate"]
-        online = tuple(path for part, path in (("online_down", "mlp.down_proj"), ("online_o", "self_attn.o_proj")) if rot[part])
+        family = family_of(ctx.fp_model)
+        online = tuple(path for part, path in (("online_down", family.point("down").linears[0]),
+                                               ("online_o", family.attention_output)) if rot[part])
         ctx.model = rotated_view(ctx.fp_model, artifact.tensors("rotation.safetensors")["Q"] if rot["residual"] else None,
                                  value_heads=rot["value_heads"], online=online, online_qk=rot["online_qk"])
         log.info("rotated: %s", ", ".join(p for p in PARTS if rot[p]))

@@ -10,6 +10,7 @@ import logging
 
 import torch
 
+from qllm_pipeline.arch import block_family, family_of
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.plots import plot_theta_curves
 from qllm_pipeline.reassembly import GRID_SPACINGS, build_reassembly, search_theta, theta_grid
@@ -19,8 +20,6 @@ from qllm_pipeline.subblock import POINTS, point_activations, point_inputs, poin
 
 log = logging.getLogger(__name__)
 
-# Which collected channel maxima belong to which point (the input of the point's first projection).
-POINT_STAT = {"qkv": "self_attn.q_proj", "gate_up": "mlp.gate_proj", "down": "mlp.down_proj"}
 MAX_SCORE_TOKENS = 4096
 
 
@@ -52,7 +51,7 @@ class SearchTheta(BlockStage):
 
     def run(self, ctx, state, writer) -> None:
         cfg = ctx.cfg
-        stats = channel_max(state.artifacts)
+        stats = channel_max(state.artifacts, family_of(ctx.model))
         inputs, block = search_inputs(ctx, state)
         assemble = bool(cfg["reassemble"]["assemble"])
         steps, ratio = cfg["search_theta"]["steps"], float(cfg["search_theta"]["channel_ratio"])
@@ -60,7 +59,7 @@ class SearchTheta(BlockStage):
         results = {}
         try:
             for point in enabled_points(cfg):
-                m, h = stats[POINT_STAT[point]], inputs[point]
+                m, h = stats[block_family(block).stat_key(point)], inputs[point]
                 loss_fn = point_loss_fn(block, point, h, ctx.block_runner, ctx.weight_spec, ctx.act_spec, ctx.attn_spec)
                 weights, tokens = point_weights(block, point), score_tokens(point_activations(block, point, h))
                 theta = fixed_theta(cfg, point)
@@ -88,7 +87,8 @@ class SearchTheta(BlockStage):
             block.to("cpu")
         writer.save_json("theta.json", results)
         if any(r["curve"] for r in results.values()):
-            plot_theta_curves(results, writer.path("theta_curve.png"), title=f"block {state.index}: θ search")
+            plot_theta_curves(results, writer.path("theta_curve.png"), title=f"block {state.index}: θ search",
+                              labels={p.name: p.label for p in block_family(block).points})
         ctx.tracker.log({"theta/block": state.index, **{f"theta/{p}/loss": r["loss"] for p, r in results.items()}})
 
 
@@ -110,11 +110,11 @@ def fixed_theta(cfg: dict, point: str) -> float | None:
     return None if value is None else float(value)
 
 
-def channel_max(artifacts) -> dict[str, torch.Tensor]:
+def channel_max(artifacts, family) -> dict[str, torch.Tensor]:
     """Collected per-channel max |x| of every projection's input, divided by the smoothing scales if smooth ran."""
     stats = artifacts["collect_activations"].tensors("channel_max.safetensors")
     smooth = artifacts.get("smooth")
-    return smoothed_channel_max(stats, smooth.tensors("scales.safetensors")) if smooth is not None else stats
+    return smoothed_channel_max(stats, smooth.tensors("scales.safetensors"), family) if smooth is not None else stats
 
 
 def search_inputs(ctx, state) -> tuple[dict, torch.Tensor]:

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from qllm_pipeline.blocks import decoder_layers
+from qllm_pipeline.arch import decoder_layers, family_of, final_norm
 from qllm_pipeline.cache import artifact_key
 from qllm_pipeline.e2e_streaming import EXECUTORS, FusedBlocks, InputStore
 from qllm_pipeline.e2e_tuning import Checkpoints, E2EConfig, Head, TunedParams, tune
@@ -81,7 +81,8 @@ class TuneE2E(FinalStage):
         windows = ctx.cache.get("calibrate", ctx.keys["calibrate"]).tensors("windows.safetensors")["input_ids"]
         teacher = teacher_states(ctx, runner, windows)
         layers, n = decoder_layers(ctx.model), len(runner.artifacts["fuse"])
-        params = TunedParams((runner.block_tensors(i) for i in range(n)), cfg, ctx.weight_spec, ctx.act_spec)
+        params = TunedParams((runner.block_tensors(i) for i in range(n)), cfg, ctx.weight_spec, ctx.act_spec,
+                             family_of(ctx.model))
         budget = ctx.memory_budget or memory_budget(ctx.cfg, ctx.device)
         layout = e2e_execution(ctx.cfg, arch_from_config(ctx.model.config), ctx.device.type, budget["host"])
         log.info("tune_e2e: %s, fused blocks %s, block inputs %s", cfg.mode,
@@ -89,8 +90,8 @@ class TuneE2E(FinalStage):
                  "spilled to disk" if layout["spill_inputs"] else "in host memory")
         blocks = FusedBlocks(lambda i: build_fused_block(layers[i], runner.block_tensors(i), ctx.act_spec,
                                                          ctx.weight_spec, ctx.attn_spec), n, keep=layout["keep_blocks"])
-        student = Head(ctx.model.model.norm, ctx.model.get_output_embeddings())
-        fp_head = Head(ctx.fp_model.model.norm, ctx.fp_model.get_output_embeddings())
+        student = Head(final_norm(ctx.model), ctx.model.get_output_embeddings())
+        fp_head = Head(final_norm(ctx.fp_model), ctx.fp_model.get_output_embeddings())
         extra = {"inputs": InputStore(writer.path("spill") if layout["spill_inputs"] else None)} \
             if cfg.mode == "streamed" else {}
         student.to(ctx.device), fp_head.to(ctx.device)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import read_results, run_cli, tiny_model, tiny_overrides
+from qllm_pipeline.arch import LLAMA
 from qllm_pipeline.blocks import BlockRunner, decoder_layers
 from qllm_pipeline.cache import ArtifactCache
 from stages.rotate import Rotate
@@ -62,7 +63,7 @@ def test_smooth_stage_is_exact_and_rescales_the_searched_maxima(tmp_path):
         assert torch.allclose(runner(state.fp_block, x), runner(layer, x), atol=1e-5)
     # search-theta's channel maxima are those of the smoothed block's real inputs
     measured = collect_channel_max(state.fp_block, runner, x, "cpu", 2)
-    derived = search_channel_max({"collect_activations": collected, "smooth": scales})
+    derived = search_channel_max({"collect_activations": collected, "smooth": scales}, LLAMA)
     for name in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
         assert torch.allclose(derived[name], measured[name], rtol=1e-4, atol=1e-6), name
     assert not torch.allclose(derived["self_attn.q_proj"], stats["self_attn.q_proj"])

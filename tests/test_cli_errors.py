@@ -67,7 +67,7 @@ def test_non_llama_model_is_refused(tmp_path):
     )
     assert proc.returncode == 2
     lines = error_lines(proc)
-    assert len(lines) == 1 and "'gpt2' model" in lines[0] and "LLaMA-architecture" in lines[0]
+    assert len(lines) == 1 and "'gpt2' model" in lines[0] and "(model_type in ['llama'])" in lines[0]
 
 
 def test_too_short_corpus_leaves_no_artifact(tiny_model_dir, tmp_path):

@@ -7,7 +7,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qllm_pipeline.blocks import LINEAR_NAMES, BlockRunner, quant_linears, quantize_block_linears
+from qllm_pipeline.arch import LLAMA
+from qllm_pipeline.blocks import BlockRunner, quant_linears, quantize_block_linears
+
+LINEAR_NAMES = LLAMA.linears
 from qllm_pipeline.lowrank import (
     LowRankConfig,
     attach_lora,

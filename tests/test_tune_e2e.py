@@ -15,6 +15,7 @@ import torch
 
 from conftest import REPO, read_results, run_cli, tiny_model, tiny_overrides
 from qllm_pipeline import e2e_tuning
+from qllm_pipeline.arch import LLAMA
 from qllm_pipeline.blocks import BlockRunner, decoder_layers, quant_linears
 from qllm_pipeline.e2e_streaming import EXECUTORS, FusedBlocks, InputStore
 from qllm_pipeline.e2e_tuning import E2EConfig, Head, TunedParams, head_kl, tune
@@ -60,7 +61,7 @@ class Setup:
         return FusedBlocks(lambda i: build_fused_block(self.layers[i], fused[i], A4, W4), len(self.fused), keep=keep)
 
     def tune(self, cfg, keep=True, inputs=None, checkpoints=None):
-        params = TunedParams(self.fused, cfg, W4, A4)
+        params = TunedParams(self.fused, cfg, W4, A4, LLAMA)
         extra = {"inputs": inputs} if cfg.mode == "streamed" and inputs is not None else {}
         executor = EXECUTORS[cfg.mode](self.blocks(keep), params, self.runner, self.teacher.get_input_embeddings(),
                                        self.head, self.head, "cpu", **extra)
@@ -98,7 +99,7 @@ def whole_model_reference(setup, cfg):
     (the same batches, schedule and clamping)."""
     student = copy.deepcopy(setup.teacher)
     student.model.layers = torch.nn.ModuleList(setup.blocks(keep=False)[i] for i in range(len(setup.fused)))
-    params = TunedParams(setup.fused, cfg, W4, A4)
+    params = TunedParams(setup.fused, cfg, W4, A4, LLAMA)
     pairs = [params.attach(i, block) for i, block in enumerate(student.model.layers)]
     groups = {"scale_delta": [], "act_clip": [], "weight": []}
     for block_pairs, values in zip(pairs, params.blocks):
@@ -137,7 +138,7 @@ def _close(a: dict, b: dict, rel: float) -> None:
 def test_attaching_changes_nothing_until_trained():
     setup = Setup()
     blocks = setup.blocks()
-    params = TunedParams(setup.fused, E2EConfig(norm_lr=1e-4), W4, A4)
+    params = TunedParams(setup.fused, E2EConfig(norm_lr=1e-4), W4, A4, LLAMA)
     assert [len(values) for values in params.blocks] == [16, 16]  # a scale delta and a clip per projection, two norms
     x = torch.randn(2, 32, 64)
     for i in range(2):
@@ -161,7 +162,7 @@ def test_streamed_gives_the_whole_models_parameters_and_the_replaced_algorithms(
     _close(streamed.state(), whole.state(), 1e-5)
     _close(streamed.state(), reference, 1e-5)
     assert s_stats["kl_before"] == pytest.approx(w_stats["kl_before"], rel=1e-6)
-    assert s_stats["kl_before"] == pytest.approx(_kl(setup.tuned_model(TunedParams(setup.fused, E2EConfig(**SETTINGS), W4, A4)),
+    assert s_stats["kl_before"] == pytest.approx(_kl(setup.tuned_model(TunedParams(setup.fused, E2EConfig(**SETTINGS), W4, A4, LLAMA)),
                                                      setup.teacher, setup.windows), rel=1e-4)
     held = _windows(8, seed=3)
     ppl = [_ppl(setup.tuned_model(p), held) for p in (streamed, whole)]
@@ -176,7 +177,7 @@ def test_streamed_gives_the_whole_models_parameters_and_the_replaced_algorithms(
 def test_tuning_lowers_the_kl_keeps_the_codes_and_rebuilds_exactly():
     setup = Setup(n=16)  # 8 random windows are too few to carry over to others; 16 are enough
     held = _windows(16, seed=1)
-    untuned = setup.tuned_model(TunedParams(setup.fused, E2EConfig(), W4, A4))
+    untuned = setup.tuned_model(TunedParams(setup.fused, E2EConfig(), W4, A4, LLAMA))
     kl_calib, kl_held = _kl(untuned, setup.teacher, setup.windows), _kl(untuned, setup.teacher, held)
     params, stats = setup.tune(E2EConfig(epochs=4, scale_lr=2e-3, act_clip_lr=1e-2))
     assert stats["steps"] == 64 and len(stats["kl_per_epoch"]) == len(stats["kl_measured"]) == 4
