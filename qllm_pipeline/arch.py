@@ -7,13 +7,11 @@ and the rotation's folding points), and which projections read and write the res
 the family of a model (:func:`family_of`, by ``config.model_type``) or of a block (:func:`block_family`, by its
 class) instead of spelling ``self_attn.q_proj`` or ``model.model.layers`` themselves.
 
-Adding a family is one entry in :data:`FAMILIES` and its tests (tests/test_arch.py); a family with features the
-pipeline does not handle yet (biases on the readers, q/k norms, sandwich norms, sliding windows ...) lists them in
-``features`` so that the stages that cannot honour one refuse it up front.
+Adding a family is one entry in :data:`FAMILIES` and its tests (tests/test_arch.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -47,7 +45,6 @@ class Family:
     embeddings: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     rotary: str = "model.rotary_emb"
-    features: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -111,10 +108,6 @@ LLAMA = Family(
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA,)}
 _BY_BLOCK_CLASS = {f.block_class: f for f in FAMILIES.values()}
-
-
-def supported_model_types() -> tuple[str, ...]:
-    return tuple(FAMILIES)
 
 
 def family_for_type(model_type: str | None, name: str = "the model") -> Family:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arch import block_family, decoder_layers, rotary_embedding
+from .arch import block_family, decoder_layers, rotary_embedding, set_path
 from .attention import set_attention_quant
 from .qlinear import QuantLinear
 from .quantizer import QuantSpec
@@ -27,8 +27,7 @@ def get_submodule(block: nn.Module, path: str) -> nn.Module:
 
 
 def set_submodule(block: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    setattr(block.get_submodule(parent_path) if parent_path else block, name, module)
+    set_path(block, path, module)
 
 
 def quantize_block_linears(
