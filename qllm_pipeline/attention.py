@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import copy
 
+import functools
+
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .arch import attention
 from .quantizer import QuantSpec, quantize_activation
@@ -37,10 +37,18 @@ def _quantized_sdpa(module: nn.Module, query, key, value, attention_mask, **kwar
             query, key = rotate(query), rotate(key)
         # [batch, heads, tokens, head_dim]: one (scale, zero) per token and head, over head_dim.
         query, key, value = (quantize_activation(t, spec) for t in (query, key, value))
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, _quantized_sdpa)
+@functools.cache
+def _register() -> None:
+    """Register `qllm_sdpa` with transformers on first use: importing its modeling code costs seconds, which a run
+    refused by its settings should not pay."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _quantized_sdpa)
 
 
 def set_attention_quant(block: nn.Module, spec: QuantSpec | None) -> None:
@@ -50,6 +58,7 @@ def set_attention_quant(block: nn.Module, spec: QuantSpec | None) -> None:
     enabled = spec is not None and spec.enabled
     setattr(attn, _QUANT_ATTR, spec if enabled else None)
     if enabled and attn.config._attn_implementation != ATTN_IMPLEMENTATION:
+        _register()
         attn.config = copy.copy(attn.config)  # private: the FP model's config keeps plain sdpa
         attn.config._attn_implementation = ATTN_IMPLEMENTATION
 

@@ -24,7 +24,6 @@ from .memory import release_freed_memory
 from .model_loading import ModelSource, load_config, load_model, load_tokenizer
 from .report import write_results
 from .arch import family_of
-from .run_report import write_plots
 from .runner import RunContext, Runner, peak_rss_mib, validate_config
 from .schema import SCHEMA, validate_schema
 from .tracking import make_tracker
@@ -231,6 +230,8 @@ def run(cfg: DictConfig) -> dict:
         "overrides": list(HydraConfig.get().overrides.task),
     }
     text = write_results(run_dir, results)
+    from .run_report import write_plots  # matplotlib: imported only once a run has results
+
     for png in write_plots(run_dir, runner.artifacts, results, f"{source.name} {c['quant']['name']}", family_of(model)):
         tracker.log_image(png.stem, str(png))
     print(text)

@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import bz2
 import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
 import logging
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,16 +39,32 @@ class Corpus:
     source: str
 
 
-@functools.lru_cache(maxsize=1)  # parsed once per process (calibrate, its cache key and evaluate all read it)
-def _wiki_sample() -> Corpus:
-    try:
-        import gensim
-        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-    except ImportError as exc:  # pragma: no cover - gensim is a declared dependency
-        raise PipelineError("data=wiki_sample needs the PyPI package gensim (it ships the text): pip install gensim") from exc
-    path = Path(gensim.__file__).parent / "test" / "test_data" / WIKI_FIXTURE
+PARSE_VERSION = 1  # bump when _parse_wiki changes: the parsed-text cache is keyed by it
+
+
+def corpus_cache_dir() -> Path:
+    """Where parsed corpora are kept between processes: $QLLM_PIPELINE_CORPUS_CACHE, else the user's cache directory."""
+    explicit = os.environ.get("QLLM_PIPELINE_CORPUS_CACHE")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qllm_pipeline" / "corpora"
+
+
+def _wiki_fixture() -> tuple[Path, str]:
+    """The fixture's path and gensim's version, found without importing gensim (1 s) when the parse is cached."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or spec.origin is None:
+        raise PipelineError("data=wiki_sample needs the PyPI package gensim (it ships the text): pip install gensim")
+    path = Path(spec.origin).parent / "test" / "test_data" / WIKI_FIXTURE
     if not path.exists():
         raise PipelineError(f"gensim does not ship {WIKI_FIXTURE} any more; reinstall with pip install 'gensim>=4.3,<5'")
+    return path, importlib.metadata.version("gensim")
+
+
+def _parse_wiki(path: Path) -> list[str]:
+    """The fixture's articles as plain text: gensim's filter_wiki, redirects dropped, blank runs collapsed."""
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
     articles = []
     with bz2.open(path) as fh:
         for _title, markup, _pageid in extract_pages(fh):
@@ -53,6 +75,37 @@ def _wiki_sample() -> Corpus:
             text = re.sub(r"\n\s*\n+", "\n\n", text).strip()
             if text:
                 articles.append(text)
+    return articles
+
+
+def _cached_articles(path: Path, parser_id: str, parse) -> list[str]:
+    """`parse(path)`, kept on disk under a key of the file's bytes and the parser's identity, so every process after
+    the first skips the parse (5 s for the wiki sample). An unreadable entry is parsed again; an unwritable cache
+    directory only costs the parse."""
+    key = hashlib.sha256(path.read_bytes() + parser_id.encode()).hexdigest()[:20]
+    entry = corpus_cache_dir() / f"{path.name}.{key}.json"
+    try:
+        articles = json.loads(entry.read_text(encoding="utf-8"))
+        if isinstance(articles, list) and all(isinstance(a, str) for a in articles):
+            return articles
+    except (OSError, ValueError):
+        pass
+    articles = parse(path)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=entry.parent, delete=False, suffix=".tmp") as tmp:
+            json.dump(articles, tmp)
+        os.chmod(tmp.name, 0o644)
+        os.replace(tmp.name, entry)  # readers see the whole entry or none
+    except OSError as exc:
+        log.debug("parsed corpus not cached (%s)", exc)
+    return articles
+
+
+@functools.lru_cache(maxsize=1)  # once per process (calibrate, its cache key and evaluate all read it)
+def _wiki_sample() -> Corpus:
+    path, gensim_version = _wiki_fixture()
+    articles = _cached_articles(path, f"wiki parse v{PARSE_VERSION}, gensim {gensim_version}", _parse_wiki)
     calib = [a for i, a in enumerate(articles) if i % EVAL_EVERY != EVAL_EVERY - 1]
     evals = [a for i, a in enumerate(articles) if i % EVAL_EVERY == EVAL_EVERY - 1]
     return Corpus("wiki_sample", "\n\n".join(calib), "\n\n".join(evals), f"gensim test fixture {WIKI_FIXTURE}")

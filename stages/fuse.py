@@ -7,6 +7,7 @@ loader (qllm_pipeline.export), which also holds the run-time transforms compress
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 from qllm_pipeline.cache import artifact_key
@@ -78,11 +79,9 @@ class Fuse(BlockStage):
             blockers = export_blockers(cfg)
             if blockers:
                 raise PipelineError(f"fuse.format={CT_FORMAT} cannot hold {'; '.join(blockers)}; use fuse.format={PACKED_FORMAT}")
-            try:
-                import compressed_tensors  # noqa: F401
-            except ImportError as exc:
+            if importlib.util.find_spec("compressed_tensors") is None:  # found, not imported: its import costs seconds
                 raise PipelineError(f"fuse.format={CT_FORMAT} needs the compressed-tensors package: "
-                                    "pip install 'compressed-tensors>=0.20,<1'") from exc
+                                    "pip install 'compressed-tensors>=0.20,<1'")
 
     def run(self, ctx, state, writer) -> None:
         block = quant_block(ctx, state)
