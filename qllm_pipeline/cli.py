@@ -195,8 +195,8 @@ def run(cfg: DictConfig) -> dict:
     model_id = checked.model_id
     from stages import STAGES
 
-    model = load_model(source)
-    tokenizer = load_tokenizer(source)
+    model = load_model(source, model_id)
+    tokenizer = load_tokenizer(source, model_id)
     # What exists now (modules, the model's skeleton) lives for the run: keep it out of the cycle collector, so the
     # per-block collections (Runner.walk_blocks) take milliseconds instead of half a second.
     gc.collect()

@@ -121,12 +121,14 @@ def _local_snapshot(source: ModelSource) -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def load_model(source: ModelSource):
+def load_model(source: ModelSource, identity: str | None = None):
     """The causal LM with SDPA attention, blocks on CPU (moved to the compute device one at a time).
 
     Streamed (`streams(source)`): the skeleton in memory, each decoder block read from the safetensors shards when a
     stage asks for it, so host memory holds one block, not the model. Whole: the full model in memory (GGUF).
-    Memoized: the jobs of a multirun (basic launcher, one process) share the loaded model; stages never modify it.
+    Memoized by the source and `identity` (the content key of its weights, `identity.model_identity`): the jobs of
+    a multirun (basic launcher, one process) share the loaded model, which stages never modify, and weights replaced
+    under the same path are loaded again.
 
     Call `load_config` first: it refuses unsupported families before any weights are read."""
     from transformers import AutoModelForCausalLM
@@ -165,7 +167,8 @@ def _forget_gguf_origin(model) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def load_tokenizer(source: ModelSource):
+def load_tokenizer(source: ModelSource, identity: str | None = None):
+    """Memoized like `load_model`."""
     from transformers import AutoTokenizer
 
     where, kwargs = source.location()

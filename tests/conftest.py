@@ -1,14 +1,22 @@
 """Shared fixtures: a tiny random LLaMA saved like a hub model (with the real SmolLM2 tokenizer), and a CLI runner."""
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-import pytest
-import torch
+# Before transformers/huggingface_hub are imported (they read these once): the suite never reaches the hub, in this
+# process or in the CLI runs it starts.
+CLI_ENV = {"PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+os.environ.update(CLI_ENV)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,11 +87,43 @@ def tiny_overrides(model_dir: Path, cache_dir: Path, run_dir: Path) -> list[str]
     ]
 
 
-def run_cli(args: list[str], timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "qllm_pipeline", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kwargs
-    )
+def run_cli(args: list[str], timeout: int = 600, in_process: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m qllm_pipeline ARGS`: by default through the CLI's main function in this process (what the command
+    runs, without paying torch's and transformers' imports again: seconds per call); `in_process=False` starts a
+    real process, for what only one shows (its exit status, a kill, launchers that start workers)."""
+    if in_process and not kwargs:
+        return run_cli_in_process(args)
+    return subprocess.run([sys.executable, "-m", "qllm_pipeline", *args], cwd=REPO, env={**os.environ, **CLI_ENV},
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def run_cli_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """main() with sys.argv set, stdout and stderr captured, SystemExit turned into a return code, and the global
+    state a run sets (Hydra's singleton, the logging handlers it configures) put back afterwards."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from qllm_pipeline import cli
+
+    root = logging.getLogger()
+    handlers, level, argv = root.handlers[:], root.level, sys.argv
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    sys.argv = ["qllm_pipeline", *args]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()  # the run's log file
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess(["qllm_pipeline", *args], code, out.getvalue(), err.getvalue())
 
 
 def read_results(run_dir: Path) -> dict:

@@ -58,12 +58,13 @@ def test_model_dependent_errors(tiny_model_dir, tmp_path, override, expected):
 
 
 def test_non_llama_model_is_refused(tmp_path):
+    """In a real process (most errors here go through main() in-process): the exit status and the one line."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
     proc = run_cli(
         [f"model.path={tmp_path / 'gpt2'}", "model.package=null", "model.gguf_file=null", "model.name=tiny_gpt2",
-         f"pipeline.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"]
+         f"pipeline.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run"], in_process=False
     )
     assert proc.returncode == 2
     lines = error_lines(proc)

@@ -72,3 +72,27 @@ def test_same_names_other_content_recomputes(tiny_model_dir, tmp_path, texts):
         weights.write_bytes(original)
     r = rows(tmp_path / "three")
     assert r["calibrate"]["computed"] == 1 and r["fuse"]["computed"] == 3 and r["evaluate"]["computed"] == 2
+
+
+def test_a_process_reloads_weights_replaced_under_the_same_path(tmp_path):
+    """load_model is memoized for the jobs of a multirun, keyed by the weights' content: the same weights give the
+    same object; new weights at the same path are loaded, not the remembered ones."""
+    import torch
+    from conftest import tiny_model
+    from qllm_pipeline.cache import artifact_key
+    from qllm_pipeline.identity import model_identity
+    from qllm_pipeline.model_loading import ModelSource, load_model
+
+    tiny_model(seed=1).save_pretrained(tmp_path / "m")
+    source = ModelSource(name="tiny", path=str(tmp_path / "m"))
+
+    def identity():
+        return artifact_key("model_identity", 1, model_identity(source, tmp_path / "digests"))
+
+    first = load_model(source, identity())
+    assert load_model(source, identity()) is first
+    tiny_model(seed=2).save_pretrained(tmp_path / "m")
+    second = load_model(source, identity())
+    name = "model.embed_tokens.weight"  # in the skeleton: the blocks stream from the files
+    assert not torch.equal(first.state_dict()[name], second.state_dict()[name])
+    assert torch.equal(second.state_dict()[name], tiny_model(seed=2).state_dict()[name])

@@ -27,8 +27,10 @@ def test_wheel_installs_and_runs_a_tiny_job(tiny_model_dir, tmp_path):
     assert build.returncode == 0, f"building the wheel failed (setuptools is in the test extra):\n{build.stderr[-2000:]}"
     (wheel,) = wheels.glob("qllm_pipeline-*.whl")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)  # a checkout on it (with the egg-info the build writes) would read as installed
     pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env)
     assert pip.returncode == 0, pip.stderr[-2000:]
     # torch & co. come from the running environment, appended after the venv's own site-packages by a .pth of plain
     # paths: those directories' own .pth files (an editable install of this checkout) are not run, so the package and
@@ -37,8 +39,6 @@ def test_wheel_installs_and_runs_a_tiny_job(tiny_model_dir, tmp_path):
                                capture_output=True, text=True, check=True, timeout=120).stdout.strip()
     with open(os.path.join(venv_site, "_running_env.pth"), "w") as pth:
         pth.write("".join(d + "\n" for d in running_site_dirs()))
-    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import qllm_pipeline.cli as c; print(c.__file__); print(c.CONF_DIR)"],
                            capture_output=True, text=True, cwd=work, env=env, timeout=120)
     assert where.returncode == 0, f"the installed wheel does not import in its venv:\n{where.stderr[-2000:]}"

@@ -28,7 +28,7 @@ def test_wandb_offline_run_records_metrics(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli(
         [*tiny_overrides(tiny_model_dir, tmp_path / "cache", run_dir), "logger=wandb",
-         "pipeline.stages=[calibrate,collect_activations,fuse,evaluate]"]
+         "pipeline.stages=[calibrate,collect_activations,fuse,evaluate]"], in_process=False,  # wandb's own service
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((run_dir / "wandb").glob("offline-run-*"))
@@ -60,7 +60,7 @@ def test_parallel_multirun_on_one_cache_computes_each_artifact_once(tiny_model_d
     (calibration, block 0's stages up to train_lowrank, the fp and rtn rows) computed by one job and read by the others."""
     args = [a for a in tiny_overrides(tiny_model_dir, tmp_path / "cache", tmp_path / "unused") if not a.startswith("hydra.run")]
     proc = run_cli(["-m", *args, f"hydra.sweep.dir={tmp_path}/sweep", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3",
-                    "train_lowrank.rank=2,3,4"])
+                    "train_lowrank.rank=2,3,4"], in_process=False)  # the launcher starts worker processes
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Joblib" in proc.stdout + proc.stderr  # really the parallel launcher
     jobs = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in (0, 1, 2)]
