@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 WIKI_FIXTURE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 EVAL_EVERY = 5  # every fifth article of the offline corpus is held out for evaluation
+TOKENS_DIR = ".tokens"  # token ids kept in the artifact cache (hidden: not a stage's artifacts)
 
 
 @dataclass
@@ -168,9 +169,44 @@ def load_corpus(name: str, options: dict | None = None) -> Corpus:
     return CORPORA[name]()
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
+def tokenize(tokenizer, text: str, cache_dir: Path | None = None) -> torch.Tensor:
+    """The text's token ids (no special tokens). With `cache_dir`, kept there under a key of the text's and the
+    tokenizer's content, so a run after the first reads them (the calibration text takes seconds to tokenize)."""
+    if cache_dir is None:
+        return _tokenize(tokenizer, text)
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(f"{tokenizer_digest(tokenizer)}|{hashlib.sha256(text.encode()).hexdigest()}".encode())
+    path = Path(cache_dir) / f"{key.hexdigest()[:32]}.safetensors"
+    try:
+        return load_file(str(path))["input_ids"]
+    except Exception:  # noqa: BLE001 - absent or damaged: tokenize again (and rewrite it)
+        pass
+    ids = _tokenize(tokenizer, text)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        save_file({"input_ids": ids}, str(tmp))
+        os.replace(tmp, path)  # readers see the whole file or none
+    except OSError as exc:
+        log.debug("token ids not cached (%s)", exc)
+    return ids
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """What the tokenizer is now: its full serialization (vocabulary, merges, added tokens, normalizer) for a fast
+    tokenizer, else its class and vocabulary. Computed each time (40 ms), so a tokenizer changed in place misses."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        content = backend.to_str()
+    else:
+        content = type(tokenizer).__name__ + json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(content.encode()).hexdigest()
 
 
 def calibration_windows(tokens: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:

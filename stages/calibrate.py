@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from qllm_pipeline.data import calibration_windows, load_corpus, tokenize
+from qllm_pipeline.data import TOKENS_DIR, calibration_windows, load_corpus, tokenize
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.identity import tensor_digest, text_digest
 from qllm_pipeline.stage import ONCE, OnceStage, StageSpec
@@ -32,7 +32,7 @@ class Calibrate(OnceStage):
         if max_len and cfg["seq_len"] > max_len:
             raise PipelineError(f"calibrate.seq_len={cfg['seq_len']} exceeds the model's context of {max_len} tokens; lower it")
         corpus = load_corpus(ctx.cfg["data"]["name"], ctx.cfg["data"])
-        tokens = tokenize(ctx.tokenizer, corpus.calib_text)
+        tokens = tokenize(ctx.tokenizer, corpus.calib_text, ctx.cache.root / TOKENS_DIR)
         windows = calibration_windows(tokens, cfg["n_samples"], cfg["seq_len"], cfg["seed"])
         log.info("calibration: %d windows × %d tokens from %s (%d tokens available)", *windows.shape, corpus.name, tokens.numel())
         writer.save_tensors("windows.safetensors", {"input_ids": windows})

@@ -9,7 +9,7 @@ import logging
 
 
 from qllm_pipeline.blocks import decoder_layers
-from qllm_pipeline.data import HELDOUT, calibration_starts, evaluation_windows, heldout_windows, load_corpus, tokenize
+from qllm_pipeline.data import HELDOUT, TOKENS_DIR, calibration_starts, evaluation_windows, heldout_windows, load_corpus, tokenize
 from qllm_pipeline.fused import build_fused_block
 from qllm_pipeline.identity import tensor_digest
 from qllm_pipeline.perplexity import blockwise_perplexity
@@ -141,9 +141,10 @@ def zeroshot(ctx, runner, plan: dict, cfg: dict) -> dict:
 def _windows(ctx, dataset: str, cfg: dict):
     if dataset == HELDOUT:  # the calibration split's windows that calibrate did not draw
         cal = ctx.cfg["calibrate"]
-        tokens = tokenize(ctx.tokenizer, load_corpus(ctx.cfg["data"]["name"], ctx.cfg["data"]).calib_text)
+        tokens = tokenize(ctx.tokenizer, load_corpus(ctx.cfg["data"]["name"], ctx.cfg["data"]).calib_text,
+                          ctx.cache.root / TOKENS_DIR)
         starts = calibration_starts(tokens.numel(), cal["n_samples"], cal["seq_len"], cal["seed"])
         return heldout_windows(tokens, starts, cal["seq_len"], cfg["seq_len"], cfg.get("max_windows"))
     corpus = load_corpus(dataset, ctx.cfg["data"])
-    tokens = tokenize(ctx.tokenizer, corpus.eval_text)
+    tokens = tokenize(ctx.tokenizer, corpus.eval_text, ctx.cache.root / TOKENS_DIR)
     return evaluation_windows(tokens, cfg["seq_len"], cfg.get("max_windows"))

@@ -67,3 +67,28 @@ def test_a_second_read_of_the_wiki_sample_does_not_parse(monkeypatch):
     finally:
         data._wiki_sample.cache_clear()
     assert len(first.eval_text) > 100_000 and first.calib_text[:200] != first.eval_text[:200]
+
+
+def test_token_ids_are_cached_by_the_texts_and_the_tokenizers_content(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = data.load_corpus("wiki_sample").eval_text[:20_000]
+    plain = data.tokenize(tokenizer, text)
+    cached = data.tokenize(tokenizer, text, tmp_path / "tokens")
+    assert cached.dtype == plain.dtype and cached.tolist() == plain.tolist()
+    (entry,) = (tmp_path / "tokens").iterdir()
+
+    calls = []
+    real = data._tokenize
+    monkeypatch.setattr(data, "_tokenize", lambda tok, t: calls.append(t) or real(tok, t))
+    assert data.tokenize(AutoTokenizer.from_pretrained(tiny_model_dir), text, tmp_path / "tokens").equal(plain)
+    assert calls == []  # another object of the same tokenizer: read back
+    data.tokenize(tokenizer, text[:10_000], tmp_path / "tokens")
+    other = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert data.tokenize(other, text, tmp_path / "tokens").equal(plain) and len(calls) == 1
+    other.add_tokens(["Alabama"])  # changed in place, after a use: another vocabulary, other ids for the same text
+    changed = data.tokenize(other, text, tmp_path / "tokens")
+    assert len(calls) == 2 and not changed.equal(plain) and len(list((tmp_path / "tokens").iterdir())) == 3
+    entry.write_bytes(b"damaged")
+    assert data.tokenize(tokenizer, text, tmp_path / "tokens").equal(plain) and len(calls) == 3
