@@ -19,7 +19,7 @@ from .attention import attention_spec
 from .cache import ArtifactCache, artifact_key, is_disk_full
 from .errors import PipelineError
 from .export import specs_from_quant_cfg
-from .identity import model_identity
+from .identity import model_key
 from .memory import release_freed_memory
 from .model_loading import ModelSource, load_config, load_model, load_tokenizer
 from .report import write_results
@@ -147,7 +147,7 @@ def check_before_loading(c: dict) -> Checked:
             STAGES[name].preflight(c, config)  # e.g. Hadamard sizes
     budget = check_memory(c, source, config, device)
     cache = ArtifactCache(c["pipeline"]["cache_dir"])  # refuses an unwritable directory
-    model_id = artifact_key("model_identity", 1, model_identity(source, cache.root / ".file_digests"))
+    model_id = model_key(source, cache.root / ".file_digests")
     return Checked(source, specs, device, config, cache, model_id, budget)
 
 

@@ -79,3 +79,10 @@ def model_identity(source, memo_dir: Path | None = None) -> dict:
         return {"files": {p.name: file_digest(p, memo_dir) for p in files}, "dtype": source.dtype}
     return {"hub_id": where, "revision": source.revision or "main", "commit": _hub_commit(where, source.revision),
             "dtype": source.dtype}
+
+
+def model_key(source, memo_dir: Path | None = None) -> str:
+    """The content key of a model source (`model_identity` hashed): what cache keys and the loaded-model memo use."""
+    from .cache import artifact_key
+
+    return artifact_key("model_identity", 1, model_identity(source, memo_dir))

@@ -120,17 +120,27 @@ def _local_snapshot(source: ModelSource) -> Path:
                             "check model.hub_id, hub access (HF_TOKEN for gated LLaMA weights), or set model.path") from exc
 
 
-@functools.lru_cache(maxsize=1)
 def load_model(source: ModelSource, identity: str | None = None):
     """The causal LM with SDPA attention, blocks on CPU (moved to the compute device one at a time).
 
     Streamed (`streams(source)`): the skeleton in memory, each decoder block read from the safetensors shards when a
     stage asks for it, so host memory holds one block, not the model. Whole: the full model in memory (GGUF).
-    Memoized by the source and `identity` (the content key of its weights, `identity.model_identity`): the jobs of
-    a multirun (basic launcher, one process) share the loaded model, which stages never modify, and weights replaced
-    under the same path are loaded again.
+    Memoized by the source and `identity`, the content key of its weights (`identity.model_key`, computed when not
+    given): the jobs of a multirun (basic launcher, one process) share the loaded model, which stages never modify,
+    and weights replaced under the same path are loaded again.
 
     Call `load_config` first: it refuses unsupported families before any weights are read."""
+    return _load_model(source, identity or _identity(source))
+
+
+def _identity(source: ModelSource) -> str:
+    from .identity import model_key
+
+    return model_key(source)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_model(source: ModelSource, identity: str):
     from transformers import AutoModelForCausalLM
 
     if streams(source):
@@ -166,9 +176,13 @@ def _forget_gguf_origin(model) -> None:
         del model.config.quantization_config
 
 
-@functools.lru_cache(maxsize=1)
 def load_tokenizer(source: ModelSource, identity: str | None = None):
     """Memoized like `load_model`."""
+    return _load_tokenizer(source, identity or _identity(source))
+
+
+@functools.lru_cache(maxsize=1)
+def _load_tokenizer(source: ModelSource, identity: str):
     from transformers import AutoTokenizer
 
     where, kwargs = source.location()

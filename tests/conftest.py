@@ -14,9 +14,35 @@ from pathlib import Path
 # process or in the CLI runs it starts.
 CLI_ENV = {"PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 os.environ.update(CLI_ENV)
+# Under pytest-xdist (`-n auto` in pyproject.toml) the workers share the cores: each worker, and every process it
+# starts, gets its share of threads instead of all of them (oversubscribed BLAS threads only slow both down).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(config, items):
+    """With N workers, the `slow` tests (the real embedded model) go to the head of each worker's share, so they start
+    at once on different workers instead of ending the run one after another (xdist's worksteal splits the
+    collected list into N equal parts, in order)."""
+    if WORKERS <= 1:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    rest = [item for item in items if not item.get_closest_marker("slow")]
+    ordered, remaining = [], len(items)
+    for w in range(WORKERS):
+        size = remaining // (WORKERS - w)  # the share worksteal sends this worker first
+        mine = slow[w::WORKERS]
+        ordered += mine + rest[: size - len(mine)]
+        rest = rest[size - len(mine):]
+        remaining -= size
+    items[:] = ordered + rest
 
 REPO = Path(__file__).resolve().parent.parent
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -11,9 +11,9 @@ SMALL = [
     "calibrate.n_samples=4",
     "calibrate.seq_len=128",
     "eval.seq_len=256",
-    "eval.max_windows=6",
+    "eval.max_windows=4",
     "search_theta.n_samples=1",
-    "search_theta.steps=40",
+    "search_theta.steps=16",
     "train_lowrank.epochs=1",
     "pipeline.progress=false",
 ]

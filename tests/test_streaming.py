@@ -118,7 +118,7 @@ def test_embedded_model_streamed_from_safetensors_equals_the_gguf_run(tmp_path):
     load_model(source).save_pretrained(out, max_shard_size="100MB")
     load_tokenizer(source).save_pretrained(out)
     assert (out / INDEX_FILE).exists()
-    small = ["calibrate.n_samples=2", "calibrate.seq_len=64", "eval.seq_len=128", "eval.max_windows=2",
+    small = ["calibrate.n_samples=2", "calibrate.seq_len=32", "eval.seq_len=64", "eval.max_windows=1",
              "train_lowrank.epochs=1", "pipeline.progress=false", "method=rotation_lrc", "fuse.save_model=false"]
     gguf = run_cli([*small, f"pipeline.cache_dir={tmp_path}/c1", f"hydra.run.dir={tmp_path}/gguf"])
     assert gguf.returncode == 0, gguf.stderr[-3000:]
@@ -157,10 +157,10 @@ def test_hub_models_stream_from_their_snapshot(sharded, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     source = ModelSource(name="llama2_70b", hub_id="meta-llama/Llama-2-70b-hf", revision="main")
-    model_loading.load_model.cache_clear()
+    model_loading._load_model.cache_clear()
     try:
         model = model_loading.load_model(source)
     finally:
-        model_loading.load_model.cache_clear()
+        model_loading._load_model.cache_clear()
     assert isinstance(model.model.layers, StreamedLayers)
     assert calls == [("meta-llama/Llama-2-70b-hf", "main", ("*.json", "*.safetensors", "tokenizer*", "*.model"))]
