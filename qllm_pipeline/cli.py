@@ -129,7 +129,7 @@ class Checked:
 def check_before_loading(c: dict) -> Checked:
     """Everything that can be refused before a weight is read: settings, stages, device, lm-eval task names, the
     model's config (architecture, widths, context), the cache directory; then the model's identity for the keys."""
-    from stages import STAGES
+    from qllm_pipeline.stages import STAGES
 
     specs = quant_specs(c["quant"])
     source = ModelSource.from_config(c["model"])
@@ -193,7 +193,7 @@ def run(cfg: DictConfig) -> dict:
     source, cache, device = checked.source, checked.cache, checked.device
     weight_spec, act_spec, attn_spec = checked.specs
     model_id = checked.model_id
-    from stages import STAGES
+    from qllm_pipeline.stages import STAGES
 
     model = load_model(source, model_id)
     tokenizer = load_tokenizer(source, model_id)

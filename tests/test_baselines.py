@@ -9,10 +9,10 @@ from conftest import read_results, run_cli, tiny_model, tiny_overrides
 from qllm_pipeline.arch import LLAMA
 from qllm_pipeline.blocks import BlockRunner, decoder_layers
 from qllm_pipeline.cache import ArtifactCache
-from stages.rotate import Rotate
-from stages.smooth import Smooth
-from stages.collect_activations import channel_max as collect_channel_max
-from stages.search_theta import channel_max as search_channel_max
+from qllm_pipeline.stages.rotate import Rotate
+from qllm_pipeline.stages.smooth import Smooth
+from qllm_pipeline.stages.collect_activations import channel_max as collect_channel_max
+from qllm_pipeline.stages.search_theta import channel_max as search_channel_max
 
 
 def stage_rows(results):

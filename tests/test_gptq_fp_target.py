@@ -105,7 +105,7 @@ def test_block_matches_the_fp_block_better_on_a_drifted_stream():
 
 def test_fuse_key_leaves_out_the_default_fp_target():
     """gptq.fp_target at its default keys like a config without the setting; a non-default value changes the key."""
-    from stages.fuse import Fuse
+    from qllm_pipeline.stages.fuse import Fuse
 
     base = {"quant": {"wbits": 4, "weight_algorithm": "gptq"}, "gptq": {"damp": 0.01, "block_size": 128,
                                                                       "act_order": True, "clip": True}}
@@ -152,7 +152,7 @@ def test_plan_counts_the_fp_stream_and_the_cross_term(tmp_path):
 
 def test_fuse_key_carries_the_gptq_arithmetic():
     """Blocks rounded by GPTQ's earlier arithmetic (float64 Hessian sums) are not reused: the key carries its version."""
-    from stages.fuse import Fuse
+    from qllm_pipeline.stages.fuse import Fuse
     from qllm_pipeline import weight_rounding
 
     cfg = {"quant": {"wbits": 4, "weight_algorithm": "gptq"}, "gptq": {"damp": 0.01}}

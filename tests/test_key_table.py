@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from stages import STAGES
+from qllm_pipeline.stages import STAGES
 
 # key (or group prefix ending in ".") -> the stages whose own key part it changes
 DIRECT = {

@@ -81,7 +81,7 @@ def test_learned_clips_survive_saving_fusing_and_rebuilding():
 
 
 def test_lrc_key_leaves_out_the_default():
-    from stages.train_lowrank import TrainLowrank
+    from qllm_pipeline.stages.train_lowrank import TrainLowrank
 
     lrc = {"enabled": True, "rank": 4, "lr": 2e-3, "epochs": 2, "batch_size": 1, "weight_decay": 0.0, "train_norms": True,
            "autocast": "auto", "seed": 0}

@@ -4,6 +4,7 @@ import site
 import subprocess
 import sys
 import sysconfig
+import zipfile
 
 from conftest import REPO, tiny_overrides
 
@@ -26,6 +27,9 @@ def test_wheel_installs_and_runs_a_tiny_job(tiny_model_dir, tmp_path):
                             str(REPO)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert build.returncode == 0, f"building the wheel failed (setuptools is in the test extra):\n{build.stderr[-2000:]}"
     (wheel,) = wheels.glob("qllm_pipeline-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "qllm_pipeline/stages/__init__.py" in names and "qllm_pipeline/conf/config.yaml" in names
+    assert not [n for n in names if n.split("/")[0] not in ("qllm_pipeline",) and ".dist-info/" not in n], names
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)  # a checkout on it (with the egg-info the build writes) would read as installed

@@ -11,7 +11,7 @@ from qllm_pipeline.data import calibration_starts, calibration_windows, heldout_
 from qllm_pipeline.reassembly import reference_steps, theta_grid
 from qllm_pipeline.runner import validate_config
 from qllm_pipeline.stage import BLOCK, FINAL, ONCE, BlockStage, FinalStage, OnceStage, StageSpec, registry
-from stages import STAGES
+from qllm_pipeline.stages import STAGES
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))

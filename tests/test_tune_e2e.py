@@ -263,7 +263,7 @@ def test_bad_settings_are_refused(kwargs, message):
 def test_scale_lr_per_weight_bit_width_keys_by_the_rate_it_resolves_to():
     """A map {weight bits: rate} acts as the rate of the run's weight width: the same cache key as that number, another
     key for another width's rate, and the resolved rate is the one trained with."""
-    from stages.tune_e2e import TuneE2E, e2e_config
+    from qllm_pipeline.stages.tune_e2e import TuneE2E, e2e_config
 
     settings = {"epochs": 2, "batch_size": 1, "scale_lr": 0.004, "act_clip_lr": 0.005, "norm_lr": 0.0, "seed": 0}
     stage = TuneE2E()
