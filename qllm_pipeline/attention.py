@@ -14,7 +14,6 @@ rotated per head by a Hadamard matrix H, as QuaRot does online before quantizing
 from __future__ import annotations
 
 import copy
-
 import functools
 
 from torch import nn

@@ -59,6 +59,22 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def write_file_atomically(path: Path, write: Callable[[Path], Any]) -> bool:
+    """`write(tmp)` to a temporary name beside `path`, then renamed onto it: readers see the whole file or none. For
+    the small side files kept beside the artifacts (digest memos, parsed texts, token ids); False (and nothing left
+    behind) when the directory cannot be written, which only costs recomputing them next time."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return False
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -17,13 +17,14 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .cache import sha256_file, write_file_atomically
 from .errors import PipelineError
+from .identity import text_digest
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def _cached_articles(path: Path, parser_id: str, parse) -> list[str]:
     """`parse(path)`, kept on disk under a key of the file's bytes and the parser's identity, so every process after
     the first skips the parse (5 s for the wiki sample). An unreadable entry is parsed again; an unwritable cache
     directory only costs the parse."""
-    key = hashlib.sha256(path.read_bytes() + parser_id.encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{sha256_file(path)}|{parser_id}".encode()).hexdigest()[:20]
     entry = corpus_cache_dir() / f"{path.name}.{key}.json"
     try:
         articles = json.loads(entry.read_text(encoding="utf-8"))
@@ -92,14 +93,8 @@ def _cached_articles(path: Path, parser_id: str, parse) -> list[str]:
     except (OSError, ValueError):
         pass
     articles = parse(path)
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=entry.parent, delete=False, suffix=".tmp") as tmp:
-            json.dump(articles, tmp)
-        os.chmod(tmp.name, 0o644)
-        os.replace(tmp.name, entry)  # readers see the whole entry or none
-    except OSError as exc:
-        log.debug("parsed corpus not cached (%s)", exc)
+    if not write_file_atomically(entry, lambda tmp: tmp.write_text(json.dumps(articles), encoding="utf-8")):
+        log.debug("parsed corpus not cached: %s is not writable", entry.parent)
     return articles
 
 
@@ -176,20 +171,15 @@ def tokenize(tokenizer, text: str, cache_dir: Path | None = None) -> torch.Tenso
         return _tokenize(tokenizer, text)
     from safetensors.torch import load_file, save_file
 
-    key = hashlib.sha256(f"{tokenizer_digest(tokenizer)}|{hashlib.sha256(text.encode()).hexdigest()}".encode())
+    key = hashlib.sha256(f"{tokenizer_digest(tokenizer)}|{text_digest(text)}".encode())
     path = Path(cache_dir) / f"{key.hexdigest()[:32]}.safetensors"
     try:
         return load_file(str(path))["input_ids"]
     except Exception:  # noqa: BLE001 - absent or damaged: tokenize again (and rewrite it)
         pass
     ids = _tokenize(tokenizer, text)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        save_file({"input_ids": ids}, str(tmp))
-        os.replace(tmp, path)  # readers see the whole file or none
-    except OSError as exc:
-        log.debug("token ids not cached (%s)", exc)
+    if not write_file_atomically(path, lambda tmp: save_file({"input_ids": ids}, str(tmp))):
+        log.debug("token ids not cached: %s is not writable", path.parent)
     return ids
 
 

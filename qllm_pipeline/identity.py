@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -40,17 +39,11 @@ def file_digest(path: Path, memo_dir: Path | None = None) -> str:
             return json.loads(memo.read_text())["sha256"]
         except (OSError, ValueError, KeyError):
             pass
-    from .cache import sha256_file
+    from .cache import sha256_file, write_file_atomically
 
     value = sha256_file(path)
-    if memo is not None:
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps({"path": str(path), "sha256": value}))
-            os.replace(tmp, memo)
-        except OSError:
-            pass  # a read-only cache only costs the hash again next time
+    if memo is not None:  # a read-only cache only costs the hash again next time
+        write_file_atomically(memo, lambda tmp: tmp.write_text(json.dumps({"path": str(path), "sha256": value})))
     return value
 
 
