@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arch import block_family, decoder_layers, rotary_embedding, set_path
+from .arch import block_family, decoder_layers, family_of, layer_type, rotary_embedding, set_path, sliding_window
 from .attention import set_attention_quant
 from .qlinear import QuantLinear
 from .quantizer import QuantSpec
@@ -60,7 +60,10 @@ def quant_linears(block: nn.Module) -> dict[str, QuantLinear]:
 class BlockRunner:
     """Runs a single decoder block on [batch, seq, hidden] inputs with the model's rotary embeddings.
 
-    Attention is causal through SDPA's `is_causal` (no explicit mask), which the model is loaded with.
+    Attention is causal through SDPA's `is_causal` (no explicit mask), which the model is loaded with; a block whose
+    attention has a sliding window shorter than the input gets the banded causal mask transformers would build
+    (token i sees tokens i - window < j <= i). A family with a rotary embedding per layer type (Gemma-3's local and
+    global layers) gets each block's own cos/sin.
     """
 
     def __init__(self, model: nn.Module, seq_len: int, device: torch.device | str, dtype: torch.dtype = torch.float32):
@@ -69,20 +72,36 @@ class BlockRunner:
         hidden = model.config.hidden_size
         self.position_ids = torch.arange(seq_len, device=self.device).unsqueeze(0)
         rotary = rotary_embedding(model).to(self.device)
+        kinds = sorted(set(getattr(model.config, "layer_types", None) or ["full_attention"]))
         with torch.no_grad():
             probe = torch.zeros(1, seq_len, hidden, device=self.device, dtype=dtype)
-            cos, sin = rotary(probe, position_ids=self.position_ids)
-        self.cos, self.sin = cos, sin
+            if family_of(model).rotary_per_layer_type:
+                self._rope = {kind: rotary(probe, self.position_ids, kind) for kind in kinds}
+            else:
+                self._rope = dict.fromkeys(kinds, rotary(probe, position_ids=self.position_ids))
+        self.cos, self.sin = self._rope.get("full_attention", next(iter(self._rope.values())))
         if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "flash_attention_2"):
             raise ValueError("BlockRunner needs the model loaded with attn_implementation='sdpa' (causal without a mask)")
+
+    def position_embeddings(self, block: nn.Module, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self._rope[layer_type(block)]
+        return cos[:, :length], sin[:, :length]
+
+    def attention_mask(self, block: nn.Module, length: int) -> torch.Tensor | None:
+        """None (SDPA's causal path) unless the block's sliding window is shorter than the input."""
+        window = sliding_window(block)
+        if window is None or window >= length:
+            return None
+        i = torch.arange(length, device=self.device)
+        return ((i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window))[None, None]
 
     def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         length = hidden.shape[1]
         out = block(
             hidden,
-            attention_mask=None,
+            attention_mask=self.attention_mask(block, length),
             position_ids=self.position_ids[:, :length],
-            position_embeddings=(self.cos[:, :length], self.sin[:, :length]),
+            position_embeddings=self.position_embeddings(block, length),
         )
         return out[0] if isinstance(out, tuple) else out
 

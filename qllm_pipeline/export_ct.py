@@ -39,7 +39,11 @@ INT_FORMAT = "int-quantized"  # one int8 per code (asymmetric or 8-bit weights; 
 
 
 REMOTE_FILE = "modeling_qllm.py"
-REMOTE_CLASS = "QLLMLlamaForCausalLM"
+
+
+def remote_class(family) -> str:
+    """The class of modeling_qllm.py a family's checkpoint loads as: its transformers class with our run-time parts."""
+    return f"QLLM{family.causal_lm_class}"
 
 
 def export_blockers(cfg: dict) -> list[str]:
@@ -85,8 +89,8 @@ def weight_format(quant: dict) -> str:
     return PACK_FORMAT if packed else INT_FORMAT
 
 
-def quantization_config(quant: dict, activations: bool = True):
-    """The compressed-tensors QuantizationConfig of our scheme (one group: every Linear except lm_head); without
+def quantization_config(quant: dict, activations: bool = True, head: str = "lm_head"):
+    """The compressed-tensors QuantizationConfig of our scheme (one group: every Linear except the head); without
     `activations` the scheme holds the weights only (the shipped modeling code quantizes the activations)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
@@ -103,7 +107,7 @@ def quantization_config(quant: dict, activations: bool = True):
         )
     scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts, format=weight_format(quant))
     return QuantizationConfig(
-        config_groups={"group_0": scheme}, format=weight_format(quant), quantization_status="compressed", ignore=["lm_head"],
+        config_groups={"group_0": scheme}, format=weight_format(quant), quantization_status="compressed", ignore=[head],
     )
 
 
@@ -191,13 +195,13 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Full-precision weights (quant.wbits=null): a plain checkpoint, no quantization_config
-    config = quantization_config(quant, activations=not runtime) if quant.get("wbits") is not None else None
+    family = family_of(model)
+    config = quantization_config(quant, not runtime, family.head) if quant.get("wbits") is not None else None
     scheme = config.config_groups["group_0"] if config is not None else None
     dtype = next(model.parameters()).dtype
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     n_blocks = model.config.num_hidden_layers
     writer = ShardWriter(out_dir, parts=n_blocks + 1 if sharded else None, metadata={"format": "pt"})
-    family = family_of(model)
     block_prefix = f"{family.layers}."
     skeleton = skeleton_tensors(model, block_prefix)
     writer.add(skeleton)
@@ -206,8 +210,7 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
         tensors = {}
         prefix = f"{block_prefix}{i}."
         names = sorted({k.rsplit(".", 1)[0] for k in block if k.endswith(".codes")})
-        dense = sorted({k.rsplit(".", 1)[0] for k in block if k.endswith(".weight") and ".transforms." not in k
-                        and k.rsplit(".", 1)[0] not in family.norms})
+        dense = sorted(name for name in family.linears if f"{name}.weight" in block)  # full-precision projections
         has_runtime = any(".transforms." in k or k.endswith(("qk_hadamard", ".act_clip")) for k in block)
         if has_runtime and not runtime:
             raise ValueError(f"block {i} has run-time transforms, but the checkpoint is being written without its modeling code")
@@ -233,8 +236,8 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
                             "clip": activation_clip_ratio(quant) if abits is not None else 1.0},
             "attn_bits": quant.get("attn_bits"), "layers": layers,
         }
-        hf_config.architectures = [REMOTE_CLASS]
-        hf_config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_FILE.removesuffix('.py')}.{REMOTE_CLASS}"}
+        hf_config.architectures = [remote_class(family)]
+        hf_config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_FILE.removesuffix('.py')}.{remote_class(family)}"}
         shutil.copyfile(Path(__file__).with_name("remote_modeling.py"), out_dir / REMOTE_FILE)
     hf_config.save_pretrained(out_dir)
     if config is not None:

@@ -3,7 +3,8 @@
 A fused block stores, for each of its projections, the weight already transformed (online Hadamard,
 reassembly), merged with its low-rank correction and quantized, in integer form (`codes`, `scale`, `zero`;
 rebuilding needs no training state), its ordered input transforms (`<name>.transforms.<i>.<kind>.<field>`), the
-norm weights (they may have been trained), a learned activation clip ratio per projection (`<name>.act_clip`,
+norm weights (they may have been trained) and every other parameter of the block outside its projections (q/k norms,
+Gemma's post norms), a learned activation clip ratio per projection (`<name>.act_clip`,
 when LRC learned one) and whether the attention rotates Q and K online (`self_attn.qk_hadamard`).
 """
 from __future__ import annotations
@@ -38,9 +39,15 @@ def fused_block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
     family = block_family(block)
     if getattr(attention(block), QK_HADAMARD_ATTR, False):
         tensors[f"{family.attention}.{QK_HADAMARD_ATTR}"] = torch.ones(1, dtype=torch.int8)
-    for norm in family.norms:
-        tensors[f"{norm}.weight"] = get_submodule(block, norm).weight.detach()
+    tensors.update({name: value.detach() for name, value in block_parameters(block).items()})
     return tensors
+
+
+def block_parameters(block: nn.Module) -> dict[str, nn.Parameter]:
+    """The block's parameters outside its projections: the norms that feed them, and the family's others (q/k norms,
+    the norms after the attention and the MLP)."""
+    inside = tuple(f"{name}." for name in block_family(block).linears)
+    return {name: p for name, p in block.named_parameters() if not name.startswith(inside)}
 
 
 def build_fused_block(
@@ -69,7 +76,7 @@ def build_fused_block(
             ql.set_act_clip(float(tensors[f"{name}.act_clip"]))
         ql.weight_is_quantized = True
     with torch.no_grad():
-        for norm in family.norms:
-            get_submodule(block, norm).weight.copy_(tensors[f"{norm}.weight"])
+        for name, param in block_parameters(block).items():
+            param.copy_(tensors[name])
     block.requires_grad_(False)
     return block

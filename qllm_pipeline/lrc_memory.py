@@ -8,8 +8,10 @@ from .arch import LLAMA
 GIB = 1024**3
 
 
-def linear_shapes(hidden_size: int, intermediate_size: int, num_attention_heads: int, num_key_value_heads: int) -> dict:
-    head_dim = hidden_size // num_attention_heads
+def linear_shapes(hidden_size: int, intermediate_size: int, num_attention_heads: int, num_key_value_heads: int,
+                  head_dim: int | None = None) -> dict:
+    """(out, in) of each projection; `head_dim` when the config sets it apart from hidden/heads (Qwen3, Gemma-3)."""
+    head_dim = head_dim or hidden_size // num_attention_heads
     kv = num_key_value_heads * head_dim
     h, i = hidden_size, intermediate_size
     shapes = {  # (out, in)
@@ -21,7 +23,7 @@ def linear_shapes(hidden_size: int, intermediate_size: int, num_attention_heads:
         "mlp.up_proj": (i, h),
         "mlp.down_proj": (h, i),
     }
-    assert tuple(shapes) == LLAMA.linears  # the shapes of LLaMA's layout (the families planned so far)
+    assert tuple(shapes) == LLAMA.linears  # every family so far has LLaMA's projections (arch.FAMILIES)
     return shapes
 
 
@@ -37,6 +39,7 @@ def memory_plan(
     act_bytes: int = 2,
     batch_size: int = 1,
     train_norms: bool = True,
+    head_dim: int | None = None,
 ) -> dict:
     """Bytes needed to train the low-rank correction of one LLaMA decoder block, from config numbers only.
 
@@ -56,9 +59,9 @@ def memory_plan(
       device_peak_with_cache_bytes the same with all inputs/targets on the device.
     The activation numbers are estimates (eager/math attention; flash/SDPA kernels need less).
     """
-    shapes = linear_shapes(hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)
+    shapes = linear_shapes(hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim)
     h, i = hidden_size, intermediate_size
-    head_dim = hidden_size // num_attention_heads
+    head_dim = head_dim or hidden_size // num_attention_heads
     kv = num_key_value_heads * head_dim
     linear_params = sum(o * n for o, n in shapes.values())
     norm_params = 2 * h

@@ -7,13 +7,15 @@ our config. compressed-tensors stores and decompresses the integer weights (alre
 the Hadamards are folded into their columns); this file applies, before each projection, its ordered input transforms
 and the per-token activation quantizer, and quantizes Q, K (after RoPE and the optional per-head Hadamard) and V
 when the checkpoint says so. Everything it needs is in `config.json` (`qllm_runtime`) and in the weights file
-(`model.layers.<i>.qllm_transforms.*`).
+(`model.layers.<i>.qllm_transforms.*`). One class per family (`QLLM<its transformers class>`), all sharing
+`install_runtime`.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, LlamaForCausalLM
+from transformers import (AttentionInterface, Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+                          Qwen3ForCausalLM)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTENTION = "qllm_runtime_sdpa"
@@ -86,44 +88,83 @@ def _quantized_attention(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register(ATTENTION, _quantized_attention)
 
 
+def prepare_config(config) -> None:
+    """Before the model is built: the attention function that quantizes Q, K and V when the checkpoint asks for it."""
+    if config.qllm_runtime.get("attn_bits") is not None:
+        config._attn_implementation = ATTENTION
+
+
+def install_runtime(model: nn.Module) -> None:
+    """After the model is built: every projection runs its input transforms and activation quantizer first."""
+    runtime = model.config.qllm_runtime
+    act = runtime["activations"]
+    for i, layer in enumerate(model.model.layers):
+        spec = runtime["layers"][i]
+        transforms = nn.ModuleDict()
+        if "qk" in spec:
+            transforms["qk"] = InputTransforms(spec["qk"]["kinds"], spec["qk"]["buffers"], spec["qk"]["dtypes"])
+        for path, entry in spec["projections"].items():
+            linear = layer.get_submodule(path)
+            if entry["in_features"] != linear.in_features:  # disassembly without assembly widens the input
+                parent, _, name = path.rpartition(".")
+                wide = nn.Linear(entry["in_features"], linear.out_features, bias=linear.bias is not None)
+                setattr(layer.get_submodule(parent), name, wide)
+                linear = wide
+            key = path.replace(".", "__")
+            if entry["kinds"]:
+                transforms[key] = InputTransforms(entry["kinds"], entry["buffers"], entry["dtypes"])
+            # a projection may carry its own (learned) activation clip ratio
+            linear.register_forward_pre_hook(_input_hook(transforms, key, {**act, "clip": entry.get("clip", act["clip"])}))
+        layer.qllm_transforms = transforms
+        if runtime.get("attn_bits") is not None:
+            layer.self_attn.qllm_attention = {"bits": runtime["attn_bits"], "symmetric": act["symmetric"],
+                                              "qk": transforms["qk"] if "qk" in transforms else None}
+
+
+def _input_hook(transforms: nn.ModuleDict, key: str, act: dict):
+    def hook(module, args):
+        x = args[0]
+        if key in transforms:
+            x = transforms[key](x)
+        if act["bits"] is not None:
+            x = fake_quantize(x, act["bits"], act["symmetric"], act["clip"])
+        return (x, *args[1:])
+
+    return hook
+
+
 class QLLMLlamaForCausalLM(LlamaForCausalLM):
     """LlamaForCausalLM whose projections run their input transforms and activation quantizer before the matmul."""
 
     def __init__(self, config):
-        runtime = config.qllm_runtime
-        if runtime.get("attn_bits") is not None:
-            config._attn_implementation = ATTENTION
+        prepare_config(config)
         super().__init__(config)
-        act = runtime["activations"]
-        for i, layer in enumerate(self.model.layers):
-            spec = runtime["layers"][i]
-            transforms = nn.ModuleDict()
-            if "qk" in spec:
-                transforms["qk"] = InputTransforms(spec["qk"]["kinds"], spec["qk"]["buffers"], spec["qk"]["dtypes"])
-            for path, entry in spec["projections"].items():
-                linear = layer.get_submodule(path)
-                if entry["in_features"] != linear.in_features:  # disassembly without assembly widens the input
-                    parent, _, name = path.rpartition(".")
-                    setattr(layer.get_submodule(parent), name, nn.Linear(entry["in_features"], linear.out_features, bias=False))
-                    linear = layer.get_submodule(path)
-                key = path.replace(".", "__")
-                if entry["kinds"]:
-                    transforms[key] = InputTransforms(entry["kinds"], entry["buffers"], entry["dtypes"])
-                # a projection may carry its own (learned) activation clip ratio
-                linear.register_forward_pre_hook(self._input_hook(transforms, key, {**act, "clip": entry.get("clip", act["clip"])}))
-            layer.qllm_transforms = transforms
-            if runtime.get("attn_bits") is not None:
-                layer.self_attn.qllm_attention = {"bits": runtime["attn_bits"], "symmetric": act["symmetric"],
-                                                  "qk": transforms["qk"] if "qk" in transforms else None}
+        install_runtime(self)
 
-    @staticmethod
-    def _input_hook(transforms: nn.ModuleDict, key: str, act: dict):
-        def hook(module, args):
-            x = args[0]
-            if key in transforms:
-                x = transforms[key](x)
-            if act["bits"] is not None:
-                x = fake_quantize(x, act["bits"], act["symmetric"], act["clip"])
-            return (x, *args[1:])
 
-        return hook
+class QLLMMistralForCausalLM(MistralForCausalLM):
+    def __init__(self, config):
+        prepare_config(config)
+        super().__init__(config)
+        install_runtime(self)
+
+
+class QLLMQwen2ForCausalLM(Qwen2ForCausalLM):
+    def __init__(self, config):
+        prepare_config(config)
+        super().__init__(config)
+        install_runtime(self)
+
+
+class QLLMQwen3ForCausalLM(Qwen3ForCausalLM):
+    def __init__(self, config):
+        prepare_config(config)
+        super().__init__(config)
+        install_runtime(self)
+
+
+class QLLMGemma3ForCausalLM(Gemma3ForCausalLM):
+    def __init__(self, config):
+        prepare_config(config)
+        super().__init__(config)
+        install_runtime(self)

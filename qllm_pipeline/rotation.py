@@ -70,30 +70,32 @@ def untie_lm_head(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _fold_norm(norm: nn.Module, linears: list[nn.Module]) -> None:
+def _fold_norm(norm: nn.Module, linears: list[nn.Module], offset: float = 0.0) -> None:
+    """The norm's scale g = offset + weight (`arch.Family.norm_offset`) moves into the linears; g becomes 1."""
     if getattr(norm, "bias", None) is not None:
         raise NotImplementedError("folding a norm with a bias (LayerNorm) is not supported; LLaMA's RMSNorm has none")
-    g = norm.weight.data.double()
+    g = norm.weight.data.double() + offset
     for linear in linears:
         w = linear.weight
         _set(w, w.data.double() * g.to(w.device).unsqueeze(0))
         weight_changed(linear)
-    norm.weight.data.fill_(1.0)
+    norm.weight.data.fill_(1.0 - offset)
 
 
 @torch.no_grad()
 def fuse_layer_norms(layer: nn.Module) -> None:
     """In place: fold one decoder block's RMSNorm weights into the linears they feed (input_layernorm -> q/k/v,
     post_attention_layernorm -> gate/up) and set them to ones."""
-    for norm_path, linear_paths in block_family(layer).norm_linears.items():
-        _fold_norm(layer.get_submodule(norm_path), [layer.get_submodule(p) for p in linear_paths])
+    family = block_family(layer)
+    for norm_path, linear_paths in family.norm_linears.items():
+        _fold_norm(layer.get_submodule(norm_path), [layer.get_submodule(p) for p in linear_paths], family.norm_offset)
 
 
 @torch.no_grad()
 def fuse_final_norm(model: nn.Module) -> None:
     """In place: fold the final norm into lm_head (untied from embed_tokens first if tied)."""
     untie_lm_head(model)
-    _fold_norm(final_norm(model), [model.get_output_embeddings()])
+    _fold_norm(final_norm(model), [model.get_output_embeddings()], family_of(model).norm_offset)
 
 
 @torch.no_grad()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .arch import family_of
+
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -17,7 +19,7 @@ def skeleton_tensors(model, block_prefix: str = "model.layers.") -> dict[str, to
     embeddings (rebuilt from them on load)."""
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(block_prefix)}
     if getattr(model.config, "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)
+        tensors.pop(f"{family_of(model).head}.weight", None)
     return tensors
 
 

@@ -55,13 +55,15 @@ def smoothing_scales(act_channel_max: Tensor, weights: Sequence[Tensor], alpha: 
 
 
 @torch.no_grad()
-def smooth_norm_linears(norm: nn.Module, linears: Sequence[nn.Module], scales: Tensor) -> None:
-    """In place: norm.weight /= s, and every linear's weight columns *= s (computed in float64, cast back).
+def smooth_norm_linears(norm: nn.Module, linears: Sequence[nn.Module], scales: Tensor, offset: float = 0.0) -> None:
+    """In place: the norm's scale g /= s, and every linear's weight columns *= s (computed in float64, cast back).
 
     Exact in full precision: (x̂ ⊙ g / s) (W · s)ᵀ = (x̂ ⊙ g) Wᵀ. A norm bias (LayerNorm) is divided by s as well.
+    The norm scales by g = offset + weight (`arch.Family.norm_offset`: 1 for Gemma's (1 + w) norms).
     """
     s = scales.detach().double()
-    norm.weight.data.copy_((norm.weight.data.double() / s.to(norm.weight.device)).to(norm.weight.dtype))
+    g = norm.weight.data.double() + offset
+    norm.weight.data.copy_((g / s.to(norm.weight.device) - offset).to(norm.weight.dtype))
     bias = getattr(norm, "bias", None)
     if bias is not None:
         bias.data.copy_((bias.data.double() / s.to(bias.device)).to(bias.dtype))
@@ -89,10 +91,10 @@ def block_smoothing_scales(block: nn.Module, act_max: dict[str, Tensor], alpha: 
 
 def apply_smoothing(block: nn.Module, scales: dict[str, Tensor]) -> None:
     """In place: fold each point's scales into its norm (÷ s) and the linears it feeds (× s)."""
-    points = smoothing_points(block)
+    points, offset = smoothing_points(block), block_family(block).norm_offset
     for name, s in scales.items():
         p = points[name]
-        smooth_norm_linears(block.get_submodule(p.norm), [block.get_submodule(path) for path in p.linears], s)
+        smooth_norm_linears(block.get_submodule(p.norm), [block.get_submodule(path) for path in p.linears], s, offset)
 
 
 def smooth_block(block: nn.Module, act_max: dict[str, Tensor], alpha: float = 0.5) -> dict[str, Tensor]:

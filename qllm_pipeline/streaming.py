@@ -179,6 +179,24 @@ def is_streamed(model: nn.Module) -> bool:
     return isinstance(decoder_layers(model), LazyLayers)
 
 
+def _rebuild_computed_buffers(model: nn.Module, layers_prefix: str) -> None:
+    """Give the skeleton's non-persistent buffers (Gemma's embedding scale) their values on the CPU.
+
+    They are not in any checkpoint; the model's own `_init_weights` knows their values. It runs before the
+    state dict is assigned, so the weights it would initialise are still on `meta` and are left untouched.
+    """
+    for name, module in model.named_modules():
+        if name.startswith(layers_prefix) or name == layers_prefix.rstrip("."):
+            continue
+        persistent = set(module.state_dict(keep_vars=True))
+        computed = [b for b, t in module.named_buffers(recurse=False) if t.is_meta and b not in persistent]
+        if not computed:
+            continue
+        for b in computed:
+            setattr(module, b, torch.empty_like(getattr(module, b), device="cpu"))
+        model._init_weights(module)
+
+
 def load_streamed_model(directory: str | Path, dtype: torch.dtype):
     """The skeleton of the checkpoint in `directory` in memory, its decoder blocks streamed (see the module doc)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -188,16 +206,18 @@ def load_streamed_model(directory: str | Path, dtype: torch.dtype):
     index = ShardIndex(directory)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    prefix = f"{family_of(config).layers}."
+    family = family_of(config)
+    prefix, head = f"{family.layers}.", f"{family.head}.weight"
     set_decoder_layers(model, StreamedLayers(decoder_layers(model), index, dtype, prefix))
     skeleton = [n for n in index.files if not n.startswith(prefix)]
     state = index.read(skeleton, dtype)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    if tied or "lm_head.weight" not in state:
-        state.pop("lm_head.weight", None)
-    missing = sorted(set(model.state_dict()) - set(state) - ({"lm_head.weight"} if tied else set()))
+    if tied or head not in state:
+        state.pop(head, None)
+    missing = sorted(set(model.state_dict()) - set(state) - ({head} if tied else set()))
     if missing:
         raise PipelineError(f"{directory} lacks {missing[:3]}; the checkpoint does not match its config.json")
+    _rebuild_computed_buffers(model, prefix)
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.get_output_embeddings().weight = embeddings(model).weight

@@ -4,6 +4,7 @@ the family's layout, `arch.Family`, gives each model's).
 For a block input x (from the quantized stream), with full-precision weights:
 - qkv:     input h1 = input_layernorm(x);   scored output: attention output before o_proj
 - gate_up: input h2 = post_attention_layernorm(x + attn(h1)); scored output: act(gate(h2)) · up(h2)
+  (Gemma: h2 = pre_feedforward_layernorm(x + post_attention_layernorm(attn(h1))))
 - down:    input z = act(gate(h2)) · up(h2);  scored output: down_proj(z)
 The quantized side replaces the projections of the point by QuantLinear with the candidate reassembly.
 A projection may already carry input transforms (a rotated model's down_proj has its online Hadamard): the
@@ -26,9 +27,10 @@ from .quantizer import QuantSpec
 POINTS = POINT_NAMES
 
 
-def _attention(attn: nn.Module, h: torch.Tensor, runner: BlockRunner) -> torch.Tensor:
+def _attention(block: nn.Module, attn: nn.Module, h: torch.Tensor, runner: BlockRunner) -> torch.Tensor:
     length = h.shape[1]
-    out = attn(hidden_states=h, position_embeddings=(runner.cos[:, :length], runner.sin[:, :length]), attention_mask=None)
+    out = attn(hidden_states=h, position_embeddings=runner.position_embeddings(block, length),
+               attention_mask=runner.attention_mask(block, length))
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -38,6 +40,8 @@ def point_inputs(block: nn.Module, x: torch.Tensor, runner: BlockRunner) -> dict
     with torch.no_grad():
         h1 = get_path(block, family.point("qkv").norm)(x)
         attn_out = get_path(block, family.attention_output)(_attention_pre_o(block, h1, runner))
+        if family.attention_out_norm is not None:  # Gemma's sandwich norm, before the residual add
+            attn_out = get_path(block, family.attention_out_norm)(attn_out)
         h2 = get_path(block, family.point("gate_up").norm)(x + attn_out)
         z = _gated(block, h2)
     return {"qkv": h1, "gate_up": h2, "down": z}
@@ -56,7 +60,7 @@ def _attention_pre_o(block: nn.Module, h: torch.Tensor, runner: BlockRunner) -> 
     saved = getattr(attn, name)
     setattr(attn, name, nn.Identity())
     try:
-        return _attention(attn, h, runner)
+        return _attention(block, attn, h, runner)
     finally:
         setattr(attn, name, saved)
 

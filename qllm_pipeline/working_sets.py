@@ -27,7 +27,7 @@ ADAMW_COPIES = 6  # a tuned value in float32: itself, its gradient, AdamW's two 
 
 def shapes(arch: dict) -> dict[str, tuple[int, int]]:
     return linear_shapes(arch["hidden_size"], arch["intermediate_size"], arch["num_attention_heads"],
-                         arch["num_key_value_heads"])
+                         arch["num_key_value_heads"], arch.get("head_dim"))
 
 
 def linear_params(arch: dict) -> int:

@@ -44,6 +44,12 @@ class Rotate(OnceStage):
 
     def preflight(self, cfg: dict, model_config) -> None:
         rot = cfg["rotate"]
+        family = family_of(model_config)
+        if rot["residual"] and family.post_norms:
+            raise PipelineError(
+                f"rotate.residual=true is not exact for {family.model_type} models: the residual rotation cannot pass "
+                f"through the norms on their attention and MLP outputs ({', '.join(family.post_norms)}); set "
+                "rotate.residual=false (the per-head and online rotations stay exact)")
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
         sizes = {"online_down": model_config.intermediate_size, "online_o": model_config.num_attention_heads * head_dim,
                  "value_heads": head_dim, "online_qk": head_dim}

