@@ -405,7 +405,7 @@ def run(args, command: str) -> dict:
     import compressed_tensors
     import llmcompressor
     import transformers
-    from qllm_pipeline.data import calibration_windows, evaluation_windows, load_corpus, tokenize
+    from qllm_pipeline.data import calibration_windows, evaluation_windows, load_corpus, start_with, tokenize, window_bos
     from qllm_pipeline.model_loading import ModelSource, load_config, load_model, load_tokenizer
 
     t0 = time.perf_counter()
@@ -427,9 +427,11 @@ def run(args, command: str) -> dict:
     pristine.config._name_or_path = config_dir
     pristine.name_or_path = config_dir
     corpus = load_corpus("wiki_sample")
-    calib = calibration_windows(tokenize(tokenizer, corpus.calib_text), settings["calib_samples"], settings["calib_seq_len"],
-                                seed=settings["calib_seed"])
-    evals = evaluation_windows(tokenize(tokenizer, corpus.eval_text), settings["eval_seq_len"], settings["eval_windows"])
+    bos = window_bos(pristine.config, tokenizer)  # the windows start as the pipeline's do (Gemma: with BOS)
+    calib = start_with(calibration_windows(tokenize(tokenizer, corpus.calib_text), settings["calib_samples"],
+                                           settings["calib_seq_len"], seed=settings["calib_seed"]), bos)
+    evals = start_with(evaluation_windows(tokenize(tokenizer, corpus.eval_text), settings["eval_seq_len"],
+                                          settings["eval_windows"]), bos)
     settings["eval_windows"] = int(evals.shape[0])
     log(f"calibration {tuple(calib.shape)}, evaluation {tuple(evals.shape)}; FP evaluation")
     fp = ppl_of(window_nlls(pristine, evals, desc="eval fp"))

@@ -87,12 +87,14 @@ def run_pipeline(case: str, run_dir: Path, cache: Path, model: list[str], overri
 
 def evaluation_windows(model_dir: Path, corpus: str, seq_len: int, max_windows: int, path: Path) -> Path:
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from qllm_pipeline.data import evaluation_windows as windows, load_corpus, tokenize
+    from qllm_pipeline.data import evaluation_windows as windows, load_corpus, start_with, tokenize, window_bos
 
-    tokens = tokenize(AutoTokenizer.from_pretrained(model_dir), load_corpus(corpus).eval_text)
-    torch.save(windows(tokens, seq_len, max_windows), path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens = tokenize(tokenizer, load_corpus(corpus).eval_text)
+    bos = window_bos(AutoConfig.from_pretrained(model_dir), tokenizer)  # as the pipeline's windows start
+    torch.save(start_with(windows(tokens, seq_len, max_windows), bos), path)
     return path
 
 

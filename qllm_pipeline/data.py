@@ -239,6 +239,25 @@ def heldout_windows(tokens: torch.Tensor, calib_starts: list[int], calib_len: in
     return torch.stack(out[::-1])
 
 
+def window_bos(config, tokenizer) -> int | None:
+    """The token each window must start with for this model's family (Gemma: BOS), or None."""
+    from .arch import family_of
+
+    if not family_of(config).bos_per_window:
+        return None
+    if tokenizer.bos_token_id is None:
+        raise PipelineError(f"{config.model_type} models expect each window to start with BOS, and the tokenizer has none")
+    return int(tokenizer.bos_token_id)
+
+
+def start_with(windows: torch.Tensor, token: int | None) -> torch.Tensor:
+    """Each window with `token` in front and its last token dropped (same length, the same text positions), or the
+    windows as they are when `token` is None."""
+    if token is None:
+        return windows
+    return torch.cat([torch.full_like(windows[:, :1], token), windows[:, :-1]], dim=1)
+
+
 def evaluation_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows of `seq_len` over the concatenated test text (the standard perplexity protocol)."""
     n = tokens.numel() // seq_len

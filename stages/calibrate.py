@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from qllm_pipeline.data import TOKENS_DIR, calibration_windows, load_corpus, tokenize
+from qllm_pipeline.data import TOKENS_DIR, calibration_windows, load_corpus, start_with, tokenize, window_bos
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.identity import tensor_digest, text_digest
 from qllm_pipeline.stage import ONCE, OnceStage, StageSpec
@@ -33,7 +33,8 @@ class Calibrate(OnceStage):
             raise PipelineError(f"calibrate.seq_len={cfg['seq_len']} exceeds the model's context of {max_len} tokens; lower it")
         corpus = load_corpus(ctx.cfg["data"]["name"], ctx.cfg["data"])
         tokens = tokenize(ctx.tokenizer, corpus.calib_text, ctx.cache.root / TOKENS_DIR)
-        windows = calibration_windows(tokens, cfg["n_samples"], cfg["seq_len"], cfg["seed"])
+        windows = start_with(calibration_windows(tokens, cfg["n_samples"], cfg["seq_len"], cfg["seed"]),
+                             window_bos(ctx.model.config, ctx.tokenizer))
         log.info("calibration: %d windows × %d tokens from %s (%d tokens available)", *windows.shape, corpus.name, tokens.numel())
         writer.save_tensors("windows.safetensors", {"input_ids": windows})
         writer.save_json("meta.json", {"corpus": corpus.name, "source": corpus.source, "available_tokens": tokens.numel()})

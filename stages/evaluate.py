@@ -9,7 +9,8 @@ import logging
 
 
 from qllm_pipeline.blocks import decoder_layers
-from qllm_pipeline.data import HELDOUT, TOKENS_DIR, calibration_starts, evaluation_windows, heldout_windows, load_corpus, tokenize
+from qllm_pipeline.data import (HELDOUT, TOKENS_DIR, calibration_starts, evaluation_windows, heldout_windows, load_corpus,
+                                start_with, tokenize, window_bos)
 from qllm_pipeline.fused import build_fused_block
 from qllm_pipeline.identity import tensor_digest
 from qllm_pipeline.perplexity import blockwise_perplexity
@@ -139,6 +140,10 @@ def zeroshot(ctx, runner, plan: dict, cfg: dict) -> dict:
 
 
 def _windows(ctx, dataset: str, cfg: dict):
+    return start_with(_text_windows(ctx, dataset, cfg), window_bos(ctx.model.config, ctx.tokenizer))
+
+
+def _text_windows(ctx, dataset: str, cfg: dict):
     if dataset == HELDOUT:  # the calibration split's windows that calibrate did not draw
         cal = ctx.cfg["calibrate"]
         tokens = tokenize(ctx.tokenizer, load_corpus(ctx.cfg["data"]["name"], ctx.cfg["data"]).calib_text,
