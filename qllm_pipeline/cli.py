@@ -23,7 +23,7 @@ from .identity import model_key
 from .memory import release_freed_memory
 from .model_loading import ModelSource, load_config, load_model, load_tokenizer
 from .report import write_results
-from .arch import family_of
+from .arch import check_config, family_of
 from .runner import RunContext, Runner, peak_rss_mib, validate_config
 from .schema import SCHEMA, validate_schema
 from .tracking import make_tracker
@@ -182,10 +182,17 @@ def run(cfg: DictConfig) -> dict:
     c = resolved_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if c["pipeline"]["plan_only"]:
-        from .plan import print_plan
+        from .plan import model_config, print_plan
+        from qllm_pipeline.stages import STAGES
 
         quant_specs(c["quant"])
-        plan = print_plan(c, ModelSource.from_config(c["model"]))
+        source = ModelSource.from_config(c["model"])
+        config = model_config(c["model"], source)
+        check_config(config, source.name)  # a plan is only printed for a run that would start
+        for name in c["pipeline"]["stages"]:
+            if STAGES[name].enabled(c):
+                STAGES[name].preflight(c, config)
+        plan = print_plan(c, source)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "plan.json").write_text(json.dumps(plan, indent=2))  # what benchmarks/memory.py checks against measurement
         return plan

