@@ -7,11 +7,13 @@ process (the model is loaded once). Each invocation starts from an empty artifac
 (Q, K, V) quantized at the activation bit width (`quant.attn_bits`, the papers' "KV" setting); the other rows keep
 them at 16 bits.
 
-Results are merged into benchmarks/results/accuracy.json (rows keyed by tool, method, quant; rows of other tools, e.g.
-llm-compressor's from benchmarks/peers.py, are kept) and accuracy.md is rewritten from all rows.
+Results are merged into benchmarks/results/accuracy.json (rows keyed by tool, model, method, quant; rows of other
+tools, e.g. llm-compressor's from benchmarks/peers.py, are kept; rows without a model are SmolLM2's) and accuracy.md
+is rewritten from all rows, one table per model.
 
     python benchmarks/accuracy.py --quants w4a4 --methods rtn,gptq,qllm,rotation,quarot,rotation_lrc_gptq,rotation_qllm_gptq
     python benchmarks/accuracy.py --quants w4a8,w6a6 --methods qllm,rotation_qllm_gptq --attn-methods rotation_qllm_gptq
+    python benchmarks/accuracy.py --model gemma3_270m --methods rotation_lrc_gptq rotate.residual=false
     python benchmarks/accuracy.py --tiny --tiny-model-dir DIR --out DIR   # smoke mode used by the tests
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ from qllm_pipeline.quantizer import ACTIVATION_QUANTIZER_VERSION  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 HELDOUT = "calib_heldout"
 TOOL = "qllm-pipeline"
+DEFAULT_MODEL = "smollm2_135m"  # the model of rows written before rows named theirs
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
 QUANTS = sorted(p.stem for p in (REPO / "conf" / "quant").glob("*.yaml"))
 # The default job's settings, minus the exported model (the table does not need it); every run is also evaluated on
@@ -63,7 +66,8 @@ def sweep(args, quant: str, methods: list[str], extra: list[str], cache: Path, s
     for results_file in sorted(sweep_dir.glob("*/results.json"), key=lambda p: int(p.parent.name)):
         results = json.loads(results_file.read_text())
         choice = dict(o.split("=", 1) for o in results["meta"]["overrides"] if o.split("=", 1)[0] == "method")
-        runs.append({"quant": quant, "method": choice["method"], "extra": extra, "results": results})
+        runs.append({"quant": quant, "method": choice["method"], "extra": extra, "results": results,
+                     "model": "tiny" if args.tiny else args.model})
     return runs
 
 
@@ -87,6 +91,7 @@ def row_from(run: dict, tag: str = "") -> dict:
     attn = next((int(o.split("=")[1]) for o in run["extra"] if o.startswith("quant.attn_bits=")), None)
     return {
         "tool": TOOL,
+        "model": run["model"],
         "method": label + (f" [{tag}]" if tag else "") + (f" (attn A{attn})" if attn else ""),
         "config": " ".join([f"method={run['method']}", *run["extra"]]),
         "quant": run["quant"],
@@ -109,49 +114,57 @@ def earlier_quantizer(row: dict) -> bool:
     return row.get("tool", TOOL) == TOOL and row.get("act_quantizer", 1) != ACTIVATION_QUANTIZER_VERSION
 
 
+def model_of(row: dict) -> str:
+    return row.get("model", DEFAULT_MODEL)
+
+
 def merge(path: Path, rows: list[dict]) -> list[dict]:
-    """Upsert `rows` into the json file's rows, keyed by (tool, method, quant); other rows are kept in order."""
+    """Upsert `rows` into the json file's rows, keyed by (tool, model, method, quant); other rows are kept in order."""
     old = json.loads(path.read_text()).get("rows", []) if path.exists() else []
-    key = lambda r: (r.get("tool", TOOL), r["method"], r["quant"])  # noqa: E731
+    key = lambda r: (r.get("tool", TOOL), model_of(r), r["method"], r["quant"])  # noqa: E731
     new = {key(r): r for r in rows}
     kept = [r for r in old if key(r) not in new and "tool" in r]  # rows without a tool predate this format
     return kept + rows
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    quants = [q for q in ("w4a4", "w4a8", "w6a6", "w8a8") if any(r["quant"] == q for r in rows)]
-    quants += sorted({r["quant"] for r in rows} - set(quants))
-    fp = {r["quant"]: r["fp"] for r in rows}
-    cell = {(r.get("tool", TOOL), r["method"], r["quant"]): r for r in rows}
-    names = list(dict.fromkeys((r.get("tool", TOOL), r["method"]) for r in rows))
-    lines = [
-        "# Accuracy: perplexity on the evaluation windows (wiki_sample, 32 × 512 tokens)",
-        "",
-        f"Last command: `{command}`. Cells are ppl (× FP). Attention inputs stay 16-bit unless the method says `attn A<n>`.",
-        "",
-        "| tool | method | " + " | ".join(quants) + " |",
-        "|---|---|" + "---:|" * len(quants),
-        "| - | fp | " + " | ".join(f"{fp[q]:.2f} (1.00×)" for q in quants) + " |",
-    ]
-    for tool, method in names:
-        cells = [f"{cell[tool, method, q]['ppl']:.2f} ({cell[tool, method, q]['ppl'] / cell[tool, method, q]['fp']:.2f}×)"
-                 if (tool, method, q) in cell else "-" for q in quants]
-        mark = " †" if any(earlier_quantizer(cell[tool, method, q]) for q in quants if (tool, method, q) in cell) else ""
-        lines.append(f"| {tool} | {method}{mark} | " + " | ".join(cells) + " |")
+    lines = ["# Accuracy: perplexity on the evaluation windows (wiki_sample, 32 × 512 tokens)", "",
+             f"Last command: `{command}`. Cells are ppl (× FP). Attention inputs stay 16-bit unless the method says "
+             "`attn A<n>`. One table per model."]
+    for model in dict.fromkeys(model_of(r) for r in rows):
+        lines += ["", f"## {model}", "", *model_table([r for r in rows if model_of(r) == model])]
     if any(earlier_quantizer(r) for r in rows):
         lines += ["", f"† measured with an earlier activation quantizer (before version {ACTIVATION_QUANTIZER_VERSION}, "
                   "compressed-tensors' arithmetic: qllm_pipeline/quantizer.py); not re-run since. The change is in the "
                   "asymmetric activation quantizer only: `[symmetric]` rows would give the same numbers."]
     ours = [r for r in rows if r.get("tool", TOOL) == TOOL and r.get("stages")]
     lines += ["", "## Our runs: held-out calibration windows (× FP, what settings are chosen on) and cost of every stage", "",
-              "| quant | method | config | calib_heldout × FP | wall (s) | stages: s / MiB |", "|---|---|---|---|---:|---|"]
+              "| model | quant | method | config | calib_heldout × FP | wall (s) | stages: s / MiB |",
+              "|---|---|---|---|---|---:|---|"]
     for r in ours:
         stages = ", ".join(f"{k} {v['seconds']:.0f} s / {v['peak_rss_mib']:.0f}" for k, v in r["stages"].items())
         dev = ", ".join(f"{v:.3f}" for v in r.get("dev_ratio", {}).values()) or "-"
         wall = "-" if r.get("wall_s") is None else f"{r['wall_s']:.0f}"
         mark = " †" if earlier_quantizer(r) else ""
-        lines.append(f"| {r['quant']} | {r['method']}{mark} | `{r['config']}` | {dev} | {wall} | {stages} |")
+        lines.append(f"| {model_of(r)} | {r['quant']} | {r['method']}{mark} | `{r['config']}` | {dev} | {wall} | {stages} |")
     return "\n".join(lines) + "\n"
+
+
+def model_table(rows: list[dict]) -> list[str]:
+    """One model's rows: a column per bit width, the FP row first."""
+    quants = [q for q in ("w4a4", "w4a8", "w6a6", "w8a8") if any(r["quant"] == q for r in rows)]
+    quants += sorted({r["quant"] for r in rows} - set(quants))
+    fp = {r["quant"]: r["fp"] for r in rows}
+    cell = {(r.get("tool", TOOL), r["method"], r["quant"]): r for r in rows}
+    names = list(dict.fromkeys((r.get("tool", TOOL), r["method"]) for r in rows))
+    lines = ["| tool | method | " + " | ".join(quants) + " |", "|---|---|" + "---:|" * len(quants),
+             "| - | fp | " + " | ".join(f"{fp[q]:.2f} (1.00×)" for q in quants) + " |"]
+    for tool, method in names:
+        cells = [f"{cell[tool, method, q]['ppl']:.2f} ({cell[tool, method, q]['ppl'] / cell[tool, method, q]['fp']:.2f}×)"
+                 if (tool, method, q) in cell else "-" for q in quants]
+        mark = " †" if any(earlier_quantizer(cell[tool, method, q]) for q in quants if (tool, method, q) in cell) else ""
+        lines.append(f"| {tool} | {method}{mark} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:

@@ -52,6 +52,11 @@ Usage:
     .venv-peers/bin/python benchmarks/peers.py --merge benchmarks/results/accuracy.json   # run, then upsert the rows
     python benchmarks/peers.py --merge-only --merge some.json       # upsert <out>/peers.json's rows, no run (no llmcompressor needed)
 
+Another model: `--model gemma3_270m --model-path DIR`, where DIR holds the model saved with `save_pretrained` by the
+main install (transformers 5.17, which llmcompressor pins, misloads Gemma-3 270M's GGUF: perplexity 147 for 14.7);
+it is loaded whole, the windows start with BOS as the pipeline's do for Gemma, and the reports are
+<out>/peers-<model>.json/.md. Rows carry "model" (rows without one are SmolLM2's).
+
 Writes <out>/peers.json and <out>/peers.md after every row, so a killed run keeps its finished rows. `--merge PATH`
 upserts the successful rows into an accuracy.json-style file ({"rows": [...]}), keyed by (tool, method, quant); rows of
 other tools (ours have no "tool" key) are left as they are. Bad command-line input ends with one `error: ...` line and
@@ -82,6 +87,7 @@ from _cli import CliError, Parser, logger  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TOOL = "llm-compressor"
+DEFAULT_MODEL = "smollm2_135m"  # rows without a "model" key are this model's
 QUANTS = ("w4a4", "w4a8", "w6a6")
 RECIPES = ("rtn", "gptq", "smoothquant_gptq", "spinquant_gptq", "quip_gptq")
 RECIPE_TEXT = {
@@ -115,6 +121,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--merge", type=Path, help="upsert the successful rows into this accuracy.json-style file")
     p.add_argument("--merge-only", action="store_true", help="no run: upsert the rows of <out>/peers.json into --merge")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: leaves the other core free)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="a conf/model entry (default: the embedded SmolLM2)")
+    p.add_argument("--model-path", type=Path,
+                   help="read the model from this saved (save_pretrained) directory instead: for a GGUF this venv's "
+                        "transformers misloads (Gemma-3 270M under 5.17), saved by the main install")
     p.add_argument("--fp-check", action="store_true",
                    help="also evaluate FP with our block-by-block qllm_pipeline.perplexity and record both numbers")
     args = p.parse_args(argv)
@@ -136,6 +146,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CliError(f"--{name.replace('_', '-')}={value} must be a positive integer")
+    if not (REPO / "conf" / "model" / f"{args.model}.yaml").is_file():
+        raise CliError(f"unknown --model={args.model}; choose a conf/model entry")
+    if args.model_path is not None and not (args.model_path / "config.json").is_file():
+        raise CliError(f"--model-path={args.model_path} has no config.json; save the model there with save_pretrained")
     if args.out.exists() and not args.out.is_dir():
         raise CliError(f"--out={args.out} is a file; give a directory")
     if args.merge_only and not args.merge:
@@ -145,8 +159,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             raise CliError(f"--merge={args.merge} is a directory; give an accuracy.json-style file")
         if args.merge.exists():
             load_rows_file(args.merge)  # refuse a malformed target before spending an hour
-    if args.merge_only and not (args.out / "peers.json").is_file():
-        raise CliError(f"--merge-only: {args.out / 'peers.json'} does not exist; run the benchmark first")
+    if args.merge_only and not (args.out / f"{report_stem(args.model)}.json").is_file():
+        raise CliError(f"--merge-only: {args.out / (report_stem(args.model) + '.json')} does not exist; "
+                       "run the benchmark first")
     return args
 
 
@@ -162,7 +177,7 @@ def load_rows_file(path: Path) -> dict:
 
 
 def row_key(row: dict) -> tuple:
-    return row.get("tool"), row.get("method"), row.get("quant")
+    return row.get("tool"), row.get("model", DEFAULT_MODEL), row.get("method"), row.get("quant")
 
 
 def upsert_rows(data: dict, rows: list[dict]) -> tuple[dict, int, int]:
@@ -221,7 +236,7 @@ def markdown(result: dict) -> str:
         f"transformers {result['versions']['transformers']}, torch {result['versions']['torch']}), "
         f"run from `benchmarks/peers.py` in its own virtual environment.",
         "",
-        f"Model SmolLM2-135M-Instruct (fp32, our loader). Calibration: {s['calib_samples']} × {s['calib_seq_len']} tokens of "
+        f"Model {result.get('model', DEFAULT_MODEL)} (fp32, our loader). Calibration: {s['calib_samples']} × {s['calib_seq_len']} tokens of "
         f"`wiki_sample` (`calibration_windows`, seed {s['calib_seed']}: our `calibrate` stage's windows). Evaluation: the "
         f"first {s['eval_windows']} windows of {s['eval_seq_len']} tokens of the held-out articles. Cells are perplexity "
         "(× FP). Scheme (ours): int weights per output channel, asymmetric min-max; int input activations per token, "
@@ -287,9 +302,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_stem(model: str) -> str:
+    """peers.json/.md for the default model, peers-<model>.json/.md for another."""
+    return "peers" if model == DEFAULT_MODEL else f"peers-{model}"
+
+
 def write_reports(out: Path, result: dict) -> None:
-    write_atomic(out / "peers.json", json.dumps(result, indent=2) + "\n")
-    write_atomic(out / "peers.md", markdown(result))
+    stem = report_stem(result.get("model", DEFAULT_MODEL))
+    write_atomic(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(out / f"{stem}.md", markdown(result))
 
 
 # -------------------------------------------------------------------------------------------------- llm-compressor
@@ -416,7 +437,11 @@ def run(args, command: str) -> dict:
         "calib_seed": int(cal_cfg["seed"]), "eval_seq_len": int(eval_cfg["seq_len"]), "threads": args.threads,
         "eval_windows": args.eval_windows or int(eval_cfg["max_windows"]),
     }
-    source = ModelSource.from_config(read_yaml(REPO / "conf" / "model" / "smollm2_135m.yaml"))
+    model_cfg = read_yaml(REPO / "conf" / "model" / f"{args.model}.yaml")
+    if args.model_path is not None:
+        # loaded whole: oneshot walks the model's modules (a streamed model's blocks are not submodules)
+        model_cfg.update(path=str(args.model_path), package=None, gguf_file=None, hub_id=None, load="whole")
+    source = ModelSource.from_config(model_cfg)
     log(f"loading {source.name} through qllm_pipeline.model_loading")
     load_config(source)
     pristine, tokenizer = load_model(source), load_tokenizer(source)
@@ -446,7 +471,7 @@ def run(args, command: str) -> dict:
                                             desc="fp blockwise")["fp"]
         log(f"FP ppl through qllm_pipeline.perplexity (block by block): {fp_blockwise:.3f}")
     result = {
-        "tool": TOOL, "tool_version": llmcompressor.__version__, "command": command,
+        "tool": TOOL, "tool_version": llmcompressor.__version__, "command": command, "model": args.model,
         "versions": {"llmcompressor": llmcompressor.__version__, "compressed-tensors": compressed_tensors.__version__,
                      "transformers": transformers.__version__, "torch": torch.__version__},
         "settings": settings, "quants": args.quants, "recipes": args.recipes, "fp": fp, "fp_blockwise": fp_blockwise,
@@ -456,7 +481,7 @@ def run(args, command: str) -> dict:
     runs = [(q, m) for q in args.quants for m in args.recipes]
     for i, (quant, recipe) in enumerate(runs, 1):
         log(f"run {i}/{len(runs)}: {recipe} {quant}")
-        row = {"tool": TOOL, "tool_version": llmcompressor.__version__, "method": recipe, "quant": quant,
+        row = {"tool": TOOL, "tool_version": llmcompressor.__version__, "model": args.model, "method": recipe, "quant": quant,
                "calib": f"{settings['calib_samples']}x{settings['calib_seq_len']}", "eval_windows": settings["eval_windows"]}
         try:
             out = run_one(pristine, tokenizer, recipe, quant, calib, evals, settings)
@@ -475,7 +500,7 @@ def run(args, command: str) -> dict:
         write_reports(args.out, result)
     result["total_wall_s"] = round(time.perf_counter() - t0, 1)
     write_reports(args.out, result)
-    log(f"done in {result['total_wall_s'] / 60:.1f} min; wrote {args.out / 'peers.md'} and peers.json")
+    log(f"done in {result['total_wall_s'] / 60:.1f} min; wrote {args.out / report_stem(args.model)}.md and .json")
     return result
 
 
@@ -495,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         if args.merge_only:
-            merge_into(args.merge, load_rows_file(args.out / "peers.json")["rows"])
+            merge_into(args.merge, load_rows_file(args.out / f"{report_stem(args.model)}.json")["rows"])
             return 0
         try:
             import llmcompressor  # noqa: F401

@@ -24,6 +24,7 @@ def test_accuracy_benchmark_tiny(tiny_model_dir, tmp_path):
         ("w8a8", "smoothquant"), ("w8a8", "rotation+cra+lrc+gptq"), ("w8a8", "rotation+gptq (attn A8)"),
     ]
     assert all(r["tool"] == "qllm-pipeline" and r["ppl"] > 0 and r["fp"] == ours[0]["fp"] for r in ours)
+    assert {r["model"] for r in ours} == {"tiny"}
     assert len({r["ppl"] for r in ours}) == len(ours)  # every run produced its own model
     # every run computed its own stages (a fresh cache); the rotation is computed once and then shared
     assert {"smooth", "fuse", "evaluate"} <= set(ours[0]["stages"])
@@ -33,6 +34,9 @@ def test_accuracy_benchmark_tiny(tiny_model_dir, tmp_path):
     assert all(s["peak_rss_mib"] > 0 for r in ours for s in r["stages"].values())
     md = (tmp_path / "accuracy.md").read_text()
     assert "| qllm-pipeline | rotation+cra+lrc+gptq |" in md and "| llm-compressor | gptq |" in md and "w8a8" in md
+    # one table per model: the peer row (no model: SmolLM2's) and ours (the tiny model) apart
+    assert md.index("## smollm2_135m") < md.index("| llm-compressor | gptq |") < md.index("## tiny") \
+        < md.index("| qllm-pipeline | rotation+cra+lrc+gptq |")
 
 
 def test_scaling_benchmark_tiny(tmp_path):

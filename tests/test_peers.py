@@ -43,6 +43,8 @@ def peer_row(method, quant, ppl, status="ok"):
     (["--eval-windows", "many"], "invalid int value"),
     (["--merge-only"], "--merge-only needs --merge"),
     (["--no-such-option"], "unrecognized arguments"),
+    (["--model", "gpt5"], "unknown --model=gpt5; choose a conf/model entry"),
+    (["--model", "gemma3_270m", "--model-path", "/nonexistent"], "--model-path=/nonexistent has no config.json"),
 ])
 def test_bad_input_is_one_error_line(args, needle):
     proc = run_cli(*args)
@@ -106,3 +108,15 @@ def test_markdown_has_table_failures_and_total():
     assert "| spinquant_gptq | failed | - |" in md
     assert "failed: ValueError: no" in md
     assert "Total wall time: 60.0 min" in md and "python benchmarks/peers.py" in md
+
+
+def test_rows_of_another_model_are_kept_apart(tmp_path):
+    """Gemma-3 270M's rows sit beside SmolLM2's (rows without a model are SmolLM2's), in their own report files."""
+    peers = load_peers()
+    smol, gemma = peer_row("gptq", "w4a4", 30.0), {**peer_row("gptq", "w4a4", 40.0), "model": "gemma3_270m"}
+    data, replaced, added = peers.upsert_rows({"rows": [smol]}, [gemma])
+    assert (replaced, added) == (0, 1) and data["rows"] == [smol, gemma]
+    newer = {**gemma, "ppl": 39.0}
+    data, replaced, added = peers.upsert_rows(data, [newer])
+    assert (replaced, added) == (1, 0) and data["rows"] == [smol, newer]
+    assert peers.report_stem("smollm2_135m") == "peers" and peers.report_stem("gemma3_270m") == "peers-gemma3_270m"
