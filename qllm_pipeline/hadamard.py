@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from .transforms import register_transform
+from .transform_kinds import register_transform
 
 __all__ = ["hadamard_matrix", "random_orthogonal", "random_hadamard", "hadamard_factors", "OnlineHadamard"]
 

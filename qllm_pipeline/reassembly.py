@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .transforms import register_transform
+from .transform_kinds import register_transform
 
 __all__ = [
     "ChannelReassembly",

@@ -6,34 +6,15 @@ A transform maps ``x [..., in] -> x' [..., out]`` and ``W [o, in] -> W' [o, out]
 * ``reassembly`` — QLLM channel disassembly/assembly (:class:`qllm_pipeline.reassembly.ChannelReassembly`);
 * ``hadamard`` — an online (run-time) Hadamard rotation (:class:`qllm_pipeline.hadamard.OnlineHadamard`), QuaRot's R4.
 
-Every kind registers here under its tag, so a fused block, the export and its loader can store the list as flat
-tensors (``<i>.<kind>.<field>``) and read it back without knowing the kinds.
+Every kind registers under its tag (transform_kinds.py), so a fused block, the export and its loader can store the
+list as flat tensors (``<i>.<kind>.<field>``) and read it back without knowing the kinds.
 """
 from __future__ import annotations
 
-from typing import Protocol
-
 from torch import Tensor
 
-TRANSFORM_KINDS: dict[str, type] = {}
-
-
-class InputTransform(Protocol):
-    kind: str
-    in_channels: int
-    out_channels: int
-
-    def apply_to_activation(self, x: Tensor) -> Tensor: ...
-
-    def apply_to_weight(self, w: Tensor) -> Tensor: ...
-
-    def to_tensors(self) -> dict[str, Tensor]: ...
-
-
-def register_transform(cls: type) -> type:
-    """Class decorator: make a transform kind loadable by its `kind` tag (the class needs `from_tensors`)."""
-    TRANSFORM_KINDS[cls.kind] = cls
-    return cls
+from . import hadamard, reassembly  # noqa: F401 - the kinds register themselves on import
+from .transform_kinds import TRANSFORM_KINDS
 
 
 def transforms_to_tensors(transforms: list) -> dict[str, Tensor]:
@@ -43,9 +24,6 @@ def transforms_to_tensors(transforms: list) -> dict[str, Tensor]:
 
 def transforms_from_tensors(tensors: dict[str, Tensor]) -> list:
     """Inverse of :func:`transforms_to_tensors`."""
-    # The kinds live in other modules; import them so they are registered before lookup.
-    from . import hadamard, reassembly  # noqa: F401
-
     parts: dict[int, tuple[str, dict]] = {}
     for key, value in tensors.items():
         index, kind, field = key.split(".", 2)
