@@ -42,6 +42,7 @@ from .working_sets import (
     search_theta_working_set,
     skeleton_params,
 )
+from .weight_rounding import weight_rounding
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True, hos
     block = block_params(arch) * nbytes
     quantized = quant.get("wbits") is not None or quant.get("abits") is not None
     lrc_on = "train_lowrank" in stages and cfg["train_lowrank"].get("enabled", True) and quant.get("wbits") is not None
-    gptq_on = quant.get("weight_algorithm") == "gptq" and quant.get("wbits") is not None
+    gptq_on = weight_rounding(cfg).reads_inputs and quant.get("wbits") is not None
     gptq_fp = gptq_on and bool((cfg.get("gptq") or {}).get("fp_target") or 0)
     stream = n * seq * h * nbytes
     resident = {

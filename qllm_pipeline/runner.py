@@ -30,6 +30,7 @@ from .cache import Artifact, ArtifactCache, artifact_key
 from .errors import PipelineError
 from .fused import build_fused_block
 from .memory import PeakRSS, release_freed_memory
+from .qblock import load_reassemblies, make_quant_block
 from .quantizer import ACTIVATION_QUANTIZER_VERSION, QuantSpec
 from .stage import BLOCK, FINAL, ONCE, Stage
 
@@ -92,6 +93,18 @@ class BlockState:
         self.x_fp = x_fp  # inputs from the full-precision blocks < index (None when no stage needs targets)
         self.artifacts: dict[str, Artifact | None] = {}  # this block's artifacts of the stages run so far
         self._targets: torch.Tensor | None = None
+
+    @property
+    def fp_stream(self) -> tuple[nn.Module, torch.Tensor] | None:
+        """(the FP block, its FP-stream inputs), for GPTQ matching the FP model's layers (gptq.fp_target); None once
+        the targets were computed (they replace the FP inputs) or when no stage tracks the FP stream."""
+        return None if self.x_fp is None else (self.fp_block, self.x_fp)
+
+    def quant_block(self) -> nn.Module:
+        """A quantized copy of the FP block, with its reassembly maps if the reassemble stage ran."""
+        reassembled = self.artifacts.get("reassemble")
+        maps = load_reassemblies(reassembled.tensors("reassembly.safetensors")) if reassembled is not None else None
+        return make_quant_block(self.fp_block, self.ctx.weight_spec, self.ctx.act_spec, maps, self.ctx.attn_spec)
 
     @property
     def targets(self) -> torch.Tensor:

@@ -20,11 +20,11 @@ from torch import nn
 
 from .arch import block_family
 from .blocks import quant_linears
+from .errors import PipelineError
 from .gptq import HessianAccumulator, fp_target_weight, gptq_weight_codes, inverse_factor
 from .quantizer import weight_codes, weight_codes_with_params
 
-WEIGHT_ALGORITHMS = ("rtn", "gptq")
-GPTQ_ARITHMETIC_VERSION = 2  # in GPTQ's cache keys (stages.fuse.gptq_key): 2 = float32 Hessian sums, in-place factor
+GPTQ_ARITHMETIC_VERSION = 2  # in GPTQ's cache keys (GPTQRounding.key): 2 = float32 Hessian sums, in-place factor
 
 
 @dataclass(frozen=True)
@@ -170,3 +170,73 @@ def load_base_tensors(block: nn.Module, tensors: dict[str, torch.Tensor]) -> Non
 
 def block_dtype(block: nn.Module) -> torch.dtype:
     return next(block.parameters()).dtype
+
+
+# ------------------------------------------------------------------------------------------------------ the registry
+class WeightRounding:
+    """One way a block's weights are rounded to their grid (`quant.weight_algorithm`), as the stages see it: its
+    settings, what it puts in the cache keys of the stages that round (train_lowrank, fuse), whether it reads the FP
+    stream, and `round_block`. Round-to-nearest is the default: `round_block` leaves it to QuantLinear.fuse."""
+
+    name = "rtn"
+    label: str | None = None  # the part it adds to the method's name in results ("gptq")
+    reads_inputs = False  # rounds from the block's inputs (GPTQ's Hessians; the plan counts them), not weight by weight
+
+    def validate(self, cfg: dict) -> None:
+        """Refuse bad settings before anything is read (one PipelineError)."""
+
+    def key(self, cfg: dict) -> dict:
+        """Its settings as they go into cache keys; {} for none (so round-to-nearest's keys are the keys of runs
+        made before the registry)."""
+        return {}
+
+    def needs_fp_stream(self, cfg: dict) -> bool:
+        return False
+
+    def round_block(self, block: nn.Module, run_block, inputs: torch.Tensor, device, batch_size: int, cfg: dict,
+                    fp=None, as_base: bool = False) -> dict | None:
+        """Round every projection of `block` from its inputs: fused (`as_base` false) or as the frozen base LRC refines
+        (`as_base` true), and return a report. Only for roundings that `reads_inputs`; round-to-nearest happens in
+        QuantLinear.fuse."""
+        raise NotImplementedError(f"{self.name} rounds each weight at fuse time, not from the block's inputs")
+
+
+class GPTQRounding(WeightRounding):
+    name = "gptq"
+    label = "gptq"
+    reads_inputs = True
+
+    def config(self, cfg: dict) -> GPTQConfig:
+        try:
+            return GPTQConfig(**cfg["gptq"])
+        except (TypeError, ValueError) as exc:
+            raise PipelineError(str(exc)) from exc
+
+    def validate(self, cfg: dict) -> None:
+        self.config(cfg)
+
+    def key(self, cfg: dict) -> dict:
+        """fp_target at its default 0 is left out; the arithmetic's version is in (see GPTQ_ARITHMETIC_VERSION: a block
+        rounded by the earlier arithmetic can differ in a code at a rounding tie, so it is never reused)."""
+        settings = {k: v for k, v in cfg["gptq"].items() if not (k == "fp_target" and not v)}
+        return {"gptq": {**settings, "arithmetic": GPTQ_ARITHMETIC_VERSION}}
+
+    def needs_fp_stream(self, cfg: dict) -> bool:
+        """Matching the FP model's layers (gptq.fp_target > 0) reads each block's FP-stream inputs."""
+        return bool(cfg["gptq"].get("fp_target") or 0)
+
+    def round_block(self, block, run_block, inputs, device, batch_size, cfg, fp=None, as_base=False) -> dict:
+        step = gptq_base_block if as_base else gptq_fuse_block
+        return step(block, run_block, inputs, device, batch_size, self.config(cfg), fp=fp)
+
+
+WEIGHT_ROUNDINGS: dict[str, WeightRounding] = {r.name: r for r in (WeightRounding(), GPTQRounding())}
+WEIGHT_ALGORITHMS = tuple(WEIGHT_ROUNDINGS)
+
+
+def weight_rounding(cfg: dict) -> WeightRounding:
+    """The rounding `quant.weight_algorithm` names (round-to-nearest when unset)."""
+    name = cfg["quant"].get("weight_algorithm", "rtn")
+    if name not in WEIGHT_ROUNDINGS:
+        raise PipelineError(f"quant.weight_algorithm={name!r} is not one of {list(WEIGHT_ALGORITHMS)}")
+    return WEIGHT_ROUNDINGS[name]

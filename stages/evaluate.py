@@ -17,8 +17,8 @@ from qllm_pipeline.perplexity import blockwise_perplexity
 from qllm_pipeline.qblock import load_reassemblies, make_quant_block
 from qllm_pipeline.stage import FINAL, FinalStage, StageSpec
 from qllm_pipeline.streaming import swapped_layers
+from qllm_pipeline.weight_rounding import weight_rounding
 
-from .fuse import uses_gptq
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ class Evaluate(FinalStage):
 
 def method_names(ctx, runner) -> list[str]:
     """The parts of this run's method, e.g. ["rotation", "cra", "lrc", "gptq"] (GPTQ: the weight rounding)."""
-    return runner.labels() + (["gptq"] if uses_gptq(ctx.cfg) and runner.enabled("fuse") else [])
+    label = weight_rounding(ctx.cfg).label
+    return runner.labels() + ([label] if label and runner.enabled("fuse") else [])
 
 
 def variant_plan(ctx, runner, artifacts) -> dict[str, tuple[dict, object, object]]:

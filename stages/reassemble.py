@@ -6,12 +6,11 @@ The maps are built from the same tokens search-theta scored, so they are the map
 from __future__ import annotations
 
 from qllm_pipeline.arch import block_family, family_of
-from qllm_pipeline.qblock import load_reassemblies, make_quant_block, reassembly_tensors
+from qllm_pipeline.qblock import reassembly_tensors
 from qllm_pipeline.reassembly import build_reassembly
+from qllm_pipeline.reassembly_inputs import channel_max, score_tokens, search_inputs
 from qllm_pipeline.stage import BlockStage, StageSpec
 from qllm_pipeline.subblock import point_activations, point_weights
-
-from .search_theta import channel_max, score_tokens, search_inputs
 
 class Reassemble(BlockStage):
     spec = StageSpec("reassemble", version=1, config_keys=("reassemble",), upstream=("search_theta",), label="cra")
@@ -37,9 +36,3 @@ class Reassemble(BlockStage):
         writer.save_tensors("reassembly.safetensors", reassembly_tensors(maps))
         writer.save_json("summary.json", {p: r.summary() for p, r in maps.items()})
 
-
-def quant_block(ctx, state):
-    """A quantized copy of this block's FP block with its reassembly maps (if the reassemble stage ran)."""
-    reassembled = state.artifacts.get("reassemble")
-    maps = load_reassemblies(reassembled.tensors("reassembly.safetensors")) if reassembled is not None else None
-    return make_quant_block(state.fp_block, ctx.weight_spec, ctx.act_spec, maps, ctx.attn_spec)

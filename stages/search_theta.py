@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from qllm_pipeline.arch import block_family, family_of
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.plots import plot_theta_curves
 from qllm_pipeline.reassembly import GRID_SPACINGS, build_reassembly, search_theta, theta_grid
+from qllm_pipeline.reassembly_inputs import channel_max, score_tokens, search_inputs
 from qllm_pipeline.stage import BlockStage, StageSpec
-from qllm_pipeline.smoothquant import smoothed_channel_max
-from qllm_pipeline.subblock import POINTS, point_activations, point_inputs, point_loss_fn, point_weights
+from qllm_pipeline.subblock import POINTS, point_activations, point_loss_fn, point_weights
 
 log = logging.getLogger(__name__)
-
-MAX_SCORE_TOKENS = 4096
-
 
 class SearchTheta(BlockStage):
     spec = StageSpec("search_theta", version=1, config_keys=("search_theta", "reassemble.assemble", "quant"),
@@ -108,25 +103,3 @@ def fixed_theta(cfg: dict, point: str) -> float | None:
     if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
         raise PipelineError(f"search_theta.theta={value!r} must be a positive number (or null to search)")
     return None if value is None else float(value)
-
-
-def channel_max(artifacts, family) -> dict[str, torch.Tensor]:
-    """Collected per-channel max |x| of every projection's input, divided by the smoothing scales if smooth ran."""
-    stats = artifacts["collect_activations"].tensors("channel_max.safetensors")
-    smooth = artifacts.get("smooth")
-    return smoothed_channel_max(stats, smooth.tensors("scales.safetensors"), family) if smooth is not None else stats
-
-
-def search_inputs(ctx, state) -> tuple[dict, torch.Tensor]:
-    """FP inputs of every point for the first n_samples windows of the quantized stream (on the device)."""
-    n = int(ctx.cfg["search_theta"]["n_samples"])
-    x = state.x_q[:n].to(ctx.device)
-    block = state.fp_block.to(ctx.device)
-    return point_inputs(block, x, ctx.block_runner), block
-
-
-def score_tokens(h: torch.Tensor) -> torch.Tensor:
-    tokens = h.flatten(0, -2)
-    if tokens.shape[0] > MAX_SCORE_TOKENS:
-        tokens = tokens[torch.linspace(0, tokens.shape[0] - 1, MAX_SCORE_TOKENS).long()]
-    return tokens

@@ -9,11 +9,7 @@ import logging
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.lowrank import LowRankConfig, lora_state, train_block
 from qllm_pipeline.stage import BlockStage, StageSpec
-
-from qllm_pipeline.weight_rounding import base_tensors, gptq_base_block
-
-from .fuse import fp_inputs, gptq_config, gptq_key, uses_gptq
-from .reassemble import quant_block
+from qllm_pipeline.weight_rounding import base_tensors, weight_rounding
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +24,7 @@ class TrainLowrank(BlockStage):
         part = super().key_config(cfg)
         if not part["train_lowrank"].get("learn_act_clip", False):  # off: the keys of runs made before it existed
             part["train_lowrank"] = {k: v for k, v in part["train_lowrank"].items() if k not in ("learn_act_clip", "act_clip_lr", "act_clip_shared")}
-        if uses_gptq(cfg):  # GPTQ rounds the base LRC refines
-            part["gptq"] = gptq_key(cfg)
-        return part
+        return {**part, **weight_rounding(cfg).key(cfg)}  # GPTQ rounds the base LRC refines
 
     def enabled(self, cfg) -> bool:
         return bool(cfg["train_lowrank"].get("enabled", True)) and cfg["quant"].get("wbits") is not None
@@ -42,13 +36,14 @@ class TrainLowrank(BlockStage):
         lowrank_config(cfg["train_lowrank"], 0)
 
     def run(self, ctx, state, writer) -> None:
-        block = quant_block(ctx, state).to(ctx.device)
-        if uses_gptq(ctx.cfg) and ctx.weight_spec.enabled:
+        block = state.quant_block().to(ctx.device)
+        rounding = weight_rounding(ctx.cfg)
+        if rounding.reads_inputs and ctx.weight_spec.enabled:
             # GPTQ first: LRC refines GPTQ's rounding on its grid (see qllm_pipeline.weight_rounding).
-            report = gptq_base_block(block, ctx.block_runner, state.x_q, ctx.device, ctx.cfg["pipeline"]["batch_size"],
-                                     gptq_config(ctx.cfg), fp=fp_inputs(state))
+            report = rounding.round_block(block, ctx.block_runner, state.x_q, ctx.device, ctx.cfg["pipeline"]["batch_size"],
+                                          ctx.cfg, fp=state.fp_stream, as_base=True)
             writer.save_tensors("base.safetensors", base_tensors(block))
-            writer.save_json("gptq.json", report)
+            writer.save_json(f"{rounding.name}.json", report)
         cfg = lowrank_config(ctx.cfg["train_lowrank"], state.index)
         stats = train_block(
             block, ctx.block_runner, state.x_q, state.targets, cfg, ctx.device, progress=ctx.progress, desc=f"lrc block {state.index}"

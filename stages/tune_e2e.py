@@ -23,12 +23,12 @@ from qllm_pipeline.e2e_tuning import Checkpoints, E2EConfig, Head, TunedParams, 
 from qllm_pipeline.errors import PipelineError
 from qllm_pipeline.fused import build_fused_block
 from qllm_pipeline.memory import release_freed_memory
+from qllm_pipeline.model_writer import write_model
 from qllm_pipeline.perplexity import blockwise_hidden
 from qllm_pipeline.plan import arch_from_config, e2e_execution, memory_budget
 from qllm_pipeline.quantizer import per_bit_width
 from qllm_pipeline.stage import FINAL, FinalStage, StageSpec
 
-from .fuse import write_model
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from qllm_pipeline.cache import ArtifactCache
 from qllm_pipeline.stages.rotate import Rotate
 from qllm_pipeline.stages.smooth import Smooth
 from qllm_pipeline.stages.collect_activations import channel_max as collect_channel_max
-from qllm_pipeline.stages.search_theta import channel_max as search_channel_max
+from qllm_pipeline.reassembly_inputs import channel_max as search_channel_max
 
 
 def stage_rows(results):

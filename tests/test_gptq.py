@@ -283,3 +283,28 @@ def test_gptq_on_a_model_block_gives_the_float64_codes(monkeypatch):
     for mine, ref in zip(got, want):
         for name in ref:
             assert torch.equal(mine[name], ref[name]), name
+
+
+def test_weight_rounding_registry():
+    """What the stages ask of a rounding: round-to-nearest adds nothing to the cache keys (the keys of runs made before
+    the registry), reads no inputs and no FP stream; GPTQ keys its settings with its arithmetic's version (fp_target
+    at 0 left out), reads the FP stream only when fp_target > 0; an unknown name is one error naming the choices."""
+    from qllm_pipeline.errors import PipelineError
+    from qllm_pipeline.weight_rounding import GPTQ_ARITHMETIC_VERSION, WEIGHT_ALGORITHMS, weight_rounding
+
+    gptq_settings = {"damp": 0.01, "block_size": 128, "act_order": True, "clip": True, "fp_target": 0.0}
+    rtn = weight_rounding({"quant": {}, "gptq": gptq_settings})
+    assert WEIGHT_ALGORITHMS == ("rtn", "gptq") and rtn.name == "rtn" and rtn.label is None
+    assert rtn.key({}) == {} and not rtn.reads_inputs and not rtn.needs_fp_stream({})
+    with pytest.raises(NotImplementedError):
+        rtn.round_block(None, None, None, "cpu", 1, {})
+    cfg = {"quant": {"weight_algorithm": "gptq"}, "gptq": gptq_settings}
+    gptq = weight_rounding(cfg)
+    assert gptq.label == "gptq" and gptq.reads_inputs and not gptq.needs_fp_stream(cfg)
+    assert gptq.key(cfg) == {"gptq": {"damp": 0.01, "block_size": 128, "act_order": True, "clip": True,
+                                      "arithmetic": GPTQ_ARITHMETIC_VERSION}}
+    assert gptq.needs_fp_stream({**cfg, "gptq": {**gptq_settings, "fp_target": 0.5}})
+    with pytest.raises(PipelineError, match=r"gptq.damp=2 must be a number in \[0, 1\)"):
+        gptq.validate({**cfg, "gptq": {**gptq_settings, "damp": 2}})
+    with pytest.raises(PipelineError, match=r"quant.weight_algorithm='awq' is not one of \['rtn', 'gptq'\]"):
+        weight_rounding({"quant": {"weight_algorithm": "awq"}})

@@ -6,6 +6,7 @@ from pathlib import Path
 from conftest import REPO
 
 PACKAGE = REPO / "qllm_pipeline"
+STAGES = REPO / "stages"
 
 
 def import_graph(package: Path) -> dict[str, set[str]]:
@@ -66,3 +67,19 @@ def test_qllm_pipeline_has_no_import_cycle():
     graph = import_graph(PACKAGE)
     assert len(graph) > 40 and graph["transforms"] >= {"hadamard", "reassembly", "transform_kinds"}
     assert cycles(graph) == []
+
+
+def test_no_stage_imports_another_stage():
+    """What several stages share lives in the library (weight_rounding's registry, model_writer, reassembly_inputs,
+    BlockState.quant_block), not in a sibling stage: the registry in stages/__init__.py is the only importer."""
+    stages = {p.stem for p in STAGES.glob("*.py")} - {"__init__"}
+    for path in sorted(STAGES.glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qllm_pipeline.stages."):
+                imported.add(node.module.split(".")[2])
+        assert not imported & stages, f"stages/{path.name} imports {sorted(imported & stages)}"
