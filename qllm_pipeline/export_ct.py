@@ -132,23 +132,12 @@ def compressed_projection(codes: torch.Tensor, scale: torch.Tensor, zero: torch.
 
 
 def _transform_buffers(transforms: list) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """Kinds and tensors (`t<i>_<field>`) of an ordered list of input transforms, as remote_modeling reads them."""
-    from .hadamard import _factor_matrices
-
+    """Kinds and tensors (`t<i>_<field>`) of an ordered list of input transforms, as remote_modeling reads them:
+    each kind gives its own (`runtime_buffers`)."""
     kinds, tensors = [], {}
     for i, t in enumerate(transforms):
         kinds.append(t.kind)
-        if t.kind == "hadamard":
-            sylvester, paley = _factor_matrices(t.size, "cpu", torch.float32)
-            tensors[f"t{i}_sylvester"] = sylvester.clone()  # the factors are cached and shared: own copies
-            if paley is not None:
-                tensors[f"t{i}_paley"] = paley.clone()
-        elif t.kind == "reassembly":
-            src, dst, coef = t._cpu()
-            tensors.update({f"t{i}_src": src, f"t{i}_dst": dst, f"t{i}_coef": coef,
-                            f"t{i}_out_channels": torch.tensor(t.out_channels)})
-        else:
-            raise ValueError(f"no run-time code for input transform kind {t.kind!r}")
+        tensors.update({f"t{i}_{field}": value for field, value in t.runtime_buffers().items()})
     return kinds, tensors
 
 

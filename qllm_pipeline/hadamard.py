@@ -202,6 +202,12 @@ class OnlineHadamard:
     def to_tensors(self) -> dict[str, Tensor]:
         return {"size": torch.tensor([self.size])}
 
+    def runtime_buffers(self) -> dict[str, Tensor]:
+        """What the shipped modeling code (remote_modeling.apply_hadamard) applies: the scaled Sylvester factor and
+        the Paley factor, if the order has one (own copies: the cached factors are shared)."""
+        sylvester, paley = _factor_matrices(self.size, "cpu", torch.float32)
+        return {"sylvester": sylvester.clone(), **({"paley": paley.clone()} if paley is not None else {})}
+
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> "OnlineHadamard":
         return cls(int(tensors["size"].reshape(-1)[0]))

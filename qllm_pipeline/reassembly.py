@@ -117,6 +117,12 @@ class ChannelReassembly:
         idx = torch.arange(int(channels))
         return cls(channels, channels, idx, idx.clone(), torch.ones(int(channels)), theta=theta)
 
+    def runtime_buffers(self) -> dict[str, Tensor]:
+        """What the shipped modeling code (remote_modeling.apply_reassembly) applies: output k = Σ coef[e] x[src[e]]
+        over the entries e with dst[e] = k (the first out_channels entries are one per output, in order)."""
+        src, dst, coef = self._cpu()
+        return {"src": src, "dst": dst, "coef": coef, "out_channels": torch.tensor(self.out_channels)}
+
     def _cpu(self) -> tuple[Tensor, Tensor, Tensor]:
         """(src, dst, coef) on the CPU, wherever this map's tensors live."""
         return self._tensors_on(torch.device("cpu"))

@@ -59,20 +59,29 @@ class InputTransforms(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, kind in enumerate(self.kinds):
-            if kind == "hadamard":
-                paley = getattr(self, f"t{i}_paley", None)
-                x = hadamard(x, getattr(self, f"t{i}_sylvester").to(x.dtype), None if paley is None else paley.to(x.dtype))
-            elif kind == "reassembly":  # output k = Σ coef[e] x[src[e]] over the entries e with dst[e] = k
-                src, dst, coef = getattr(self, f"t{i}_src"), getattr(self, f"t{i}_dst"), getattr(self, f"t{i}_coef").to(x.dtype)
-                n = int(getattr(self, f"t{i}_out_channels"))
-                take = lambda index: torch.gather(x, -1, index.expand(*x.shape[:-1], index.numel()))  # noqa: E731
-                out = take(src[:n]) * coef[:n]
-                if src.numel() > n:
-                    out = out.index_add(-1, dst[n:], take(src[n:]) * coef[n:])
-                x = out
-            else:
+            if kind not in RUNTIME_KINDS:
                 raise ValueError(f"unknown input transform {kind!r} in this checkpoint")
+            x = RUNTIME_KINDS[kind](x, {name[len(f"t{i}_"):]: buffer for name, buffer in self.named_buffers()
+                                        if name.startswith(f"t{i}_")})
         return x
+
+
+def apply_hadamard(x: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+    paley = buffers.get("paley")
+    return hadamard(x, buffers["sylvester"].to(x.dtype), None if paley is None else paley.to(x.dtype))
+
+
+def apply_reassembly(x: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Output k = Σ coef[e] x[src[e]] over the entries e with dst[e] = k (the first n entries: one per output)."""
+    src, dst, coef, n = buffers["src"], buffers["dst"], buffers["coef"].to(x.dtype), int(buffers["out_channels"])
+    take = lambda index: torch.gather(x, -1, index.expand(*x.shape[:-1], index.numel()))  # noqa: E731
+    out = take(src[:n]) * coef[:n]
+    return out.index_add(-1, dst[n:], take(src[n:]) * coef[n:]) if src.numel() > n else out
+
+
+# The kinds this file runs, by the tag the export writes (each kind's `runtime_buffers` in qllm_pipeline gives the
+# buffers its function reads).
+RUNTIME_KINDS = {"hadamard": apply_hadamard, "reassembly": apply_reassembly}
 
 
 def _quantized_attention(module, query, key, value, attention_mask, **kwargs):

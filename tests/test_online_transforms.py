@@ -194,3 +194,22 @@ def test_gptq_base_stays_on_its_grid_until_the_correction_moves_it():
     assert not all(
         torch.equal(quantize_weight(q.weight, W4), q.weight) for q in quant_linears(reference).values()
     )
+
+
+def test_every_transform_kind_runs_in_the_shipped_modeling_code():
+    """Each registered kind gives its run-time buffers (`runtime_buffers`), and the shipped file's function for its
+    tag computes what the kind computes (remote_modeling imports nothing of ours, so it keeps its own table)."""
+    from qllm_pipeline.reassembly import build_reassembly
+    from qllm_pipeline.remote_modeling import RUNTIME_KINDS
+    from qllm_pipeline.transforms import TRANSFORM_KINDS
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 24, generator=gen)
+    m = x.abs().flatten(0, 1).amax(0) + torch.tensor([9.0, 8.0] + [0.0] * 22)
+    examples = {"hadamard": OnlineHadamard(24),  # 24 = 2 · 12: a Sylvester and a Paley factor
+                "reassembly": build_reassembly(m, 4.0, x.flatten(0, 1), [torch.randn(7, 24, generator=gen)])}
+    assert set(examples) == set(TRANSFORM_KINDS) == set(RUNTIME_KINDS)
+    for kind, transform in examples.items():
+        got = RUNTIME_KINDS[kind](x, transform.runtime_buffers())
+        torch.testing.assert_close(got, transform.apply_to_activation(x), rtol=1e-5, atol=1e-5)
+    assert examples["reassembly"].out_channels == 24 and not examples["reassembly"].is_identity
