@@ -31,7 +31,7 @@ def measure(hidden: int, blocks: int, samples: int, seq_len: int, steps: int, ep
     from qllm_pipeline.lowrank import LowRankConfig, train_block
     from qllm_pipeline.qblock import make_quant_block
     from qllm_pipeline.quantizer import QuantSpec
-    from qllm_pipeline.reassembly import search_theta
+    from qllm_pipeline.theta_search import search_theta
     from qllm_pipeline.subblock import POINTS, point_inputs, point_loss_fn, point_weights
 
     import psutil

@@ -18,7 +18,7 @@ from .errors import PipelineError
 from .export_ct import MODEL_FORMATS
 from .lowrank import AUTOCAST_CHOICES
 from .model_loading import DTYPES, LOAD_MODES
-from .reassembly import GRID_SPACINGS
+from .theta_search import GRID_SPACINGS
 from .weight_rounding import WEIGHT_ALGORITHMS
 
 INT, FLOAT, BOOL, STR, LIST, DICT = "int", "number", "true or false", "a string", "a list", "a mapping"

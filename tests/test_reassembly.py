@@ -16,9 +16,8 @@ from qllm_pipeline.reassembly import (
     copies_per_channel,
     disassemble,
     merge_channels,
-    search_theta,
-    theta_grid,
 )
+from qllm_pipeline.theta_search import search_theta, theta_grid
 
 W4 = QuantSpec(bits=4)
 A4 = QuantSpec(bits=4)

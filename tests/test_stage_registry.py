@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from qllm_pipeline.data import calibration_starts, calibration_windows, heldout_windows
-from qllm_pipeline.reassembly import reference_steps, theta_grid
+from qllm_pipeline.theta_search import reference_steps, theta_grid
 from qllm_pipeline.runner import validate_config
 from qllm_pipeline.stage import BLOCK, FINAL, ONCE, BlockStage, FinalStage, OnceStage, StageSpec, registry
 from qllm_pipeline.stages import STAGES
