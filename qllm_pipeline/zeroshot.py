@@ -12,17 +12,12 @@ a minute of retries: the hub is probed once with a short timeout and, if it cann
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
-import logging
 import math
 import os
 import random
 import re
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +25,14 @@ import torch
 from torch import nn
 
 from .errors import PipelineError
+from .lm_eval_compat import (env_offline, hub_offline_mode, hub_reachable, looks_like_hub_failure, no_git_hash, no_retie,
+                             on_device, quiet_logging)
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 SMOKE_TASK = "qllm_smoke"
 # The paper's zero-shot list.
 DEFAULT_TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq"]
 
-_TRUE = {"1", "ON", "YES", "TRUE"}
-_HUB_PROBE_TIMEOUT_S = 3.0
-_QUIET_LOGGERS = ("lm_eval", "datasets", "huggingface_hub", "transformers", "accelerate")
 
 
 # --------------------------------------------------------------------------------------------- local task data
@@ -77,59 +71,6 @@ def _is_local(tm, name: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- hub / offline
-def _env_offline() -> str | None:
-    """The name of the offline-mode variable that is set, if any."""
-    return next((k for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-                 if os.environ.get(k, "").upper() in _TRUE), None)
-
-
-def _hub_reachable(timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
-    """One HEAD request to the hub endpoint (honours HTTP(S)_PROXY). Any HTTP answer, even an error code, counts."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return True
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _hub_offline_mode(enabled: bool) -> Iterator[None]:
-    """Make ``datasets``/``huggingface_hub`` behave as with HF_HUB_OFFLINE=1 (cache only, fail at once) for the block.
-
-    Both libraries read the variable when they are imported, so setting it later (or finding the hub unreachable)
-    must patch their module-level flags; the previous values come back afterwards.
-    """
-    if not enabled:
-        yield
-        return
-    import datasets.config
-    import huggingface_hub.constants
-
-    saved = [(mod, name, getattr(mod, name)) for mod, name in (
-        (datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"), (huggingface_hub.constants, "HF_HUB_OFFLINE"),
-    ) if hasattr(mod, name)]
-    try:
-        for mod, name, _ in saved:
-            setattr(mod, name, True)
-        yield
-    finally:
-        for mod, name, value in saved:
-            setattr(mod, name, value)
-
-
-def _looks_like_hub_failure(exc: BaseException) -> bool:
-    names = {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError", "ConnectError", "ConnectTimeout",
-             "ReadTimeout", "HfHubHTTPError", "RepositoryNotFoundError", "GatedRepoError"}
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (ConnectionError, TimeoutError)) or any(c.__name__ in names for c in type(exc).__mro__):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _one_line(exc: BaseException) -> str:
@@ -137,17 +78,6 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-# --------------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def _quiet_logging() -> Iterator[None]:
-    saved = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
-    try:
-        for name in _QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
-        yield
-    finally:
-        for name, level in saved.items():
-            logging.getLogger(name).setLevel(level)
 
 
 def _seed_all(seed: int) -> None:
@@ -234,19 +164,19 @@ def _load_tasks(names: list[str]) -> tuple[Any, list, list[str]]:
     hub_names = [n for n in names if not _is_local(tm, n)]
     why = ""
     if hub_names:
-        if variable := _env_offline():
+        if variable := env_offline():
             why = f"{variable} is set"
-        elif not _hub_reachable():
+        elif not hub_reachable():
             why = f"no connection to {os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}"
     offline = bool(why)
 
     objects, leaves = [], []
-    with _hub_offline_mode(offline):
+    with hub_offline_mode(offline):
         for name in names:
             try:
                 loaded = tm.load([name])
             except Exception as e:  # noqa: BLE001 - every failure becomes one user-facing line
-                if name in hub_names and (offline or _looks_like_hub_failure(e)):
+                if name in hub_names and (offline or looks_like_hub_failure(e)):
                     raise PipelineError(
                         f"lm-eval task {name!r} needs its dataset from the Hugging Face hub, which is unreachable"
                         f" ({why or _one_line(e)}), and it is not in the local cache; run with hub access or use "
@@ -259,58 +189,6 @@ def _load_tasks(names: list[str]) -> tuple[Any, list, list[str]]:
                 objects.extend(loaded["tasks"].values())
             leaves.extend(t for t in loaded["tasks"] if t not in leaves)
     return tm, objects, leaves
-
-
-@contextlib.contextmanager
-def _on_device(model: nn.Module, device) -> Iterator[None]:
-    """HFLM ignores `device` for a pre-built model (it uses model.device), so place the whole model there ourselves
-    for the evaluation and put it back where it was (the pipeline keeps it on the CPU) afterwards."""
-    target = torch.device(device) if device is not None else None
-    params = list(model.parameters()) + list(model.buffers())
-    original = params[0].device if params else None
-    move = target is not None and any(p.device != target for p in params)
-    was_training = model.training
-    if move:
-        model.to(target)
-    try:
-        yield
-    finally:
-        if move:
-            model.to(original)
-        model.train(was_training)
-
-
-@contextlib.contextmanager
-def _no_retie(model: nn.Module) -> Iterator[None]:
-    """HFLM calls model.tie_weights(), which re-ties lm_head to embed_tokens whenever the config says so; a rotated or
-    quantized head must stay exactly as it is, so the call is a no-op while HFLM is built."""
-    had = "tie_weights" in model.__dict__
-    previous = model.__dict__.get("tie_weights")
-    model.tie_weights = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        if had:
-            model.tie_weights = previous
-        else:
-            del model.tie_weights
-
-
-@contextlib.contextmanager
-def _no_git_hash() -> Iterator[None]:
-    """simple_evaluate records `git describe` of the cwd in its output (unused here); skip the subprocess and the
-    "fatal: not a git repository" it prints outside a checkout."""
-    import lm_eval.evaluator as evaluator
-
-    previous = getattr(evaluator, "get_git_commit_hash", None)
-    if previous is None:
-        yield
-        return
-    evaluator.get_git_commit_hash = lambda: None
-    try:
-        yield
-    finally:
-        evaluator.get_git_commit_hash = previous
 
 
 def _metric(row: dict, name: str) -> float | None:
@@ -343,10 +221,10 @@ def run_zeroshot(
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    with _quiet_logging():
+    with quiet_logging():
         _seed_all(seed)
         tm, objects, leaves = _load_tasks(names)
-        with _on_device(model, device), _no_retie(model), _no_git_hash():
+        with on_device(model, device), no_retie(model), no_git_hash():
             lm = HFLM(pretrained=model, backend="causal", tokenizer=tokenizer, batch_size=batch_size,
                       device=str(device) if device is not None else None)
             out = lm_eval.simple_evaluate(
