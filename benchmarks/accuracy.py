@@ -99,6 +99,8 @@ def row_from(run: dict, tag: str = "") -> dict:
         "dataset": dataset,
         "ppl": ppl[label],
         "fp": ppl["fp"],
+        # the 95 % paired-bootstrap interval of ppl / fp over the evaluation windows (qllm_pipeline/intervals.py)
+        **dict(zip(("ci_low", "ci_high"), results.get("ppl_ci", {}).get(dataset, {}).get(label, ()))),
         "rtn": ppl["rtn"],
         "dev_ratio": dev,
         "wall_s": round(results["meta"]["wall_seconds"], 1),
@@ -129,7 +131,8 @@ def merge(path: Path, rows: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], command: str) -> str:
     lines = ["# Accuracy: perplexity on the evaluation windows (wiki_sample, 32 × 512 tokens)", "",
-             f"Last command: `{command}`. Cells are ppl (× FP). Attention inputs stay 16-bit unless the method says "
+             f"Last command: `{command}`. Cells are ppl (× FP, and its 95 % paired-bootstrap interval over the windows where the "
+             "row has one). Attention inputs stay 16-bit unless the method says "
              "`attn A<n>`. One table per model."]
     for model in dict.fromkeys(model_of(r) for r in rows):
         lines += ["", f"## {model}", "", *model_table([r for r in rows if model_of(r) == model])]
@@ -150,6 +153,13 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ppl_cell(row: dict) -> str:
+    """ppl (× FP), with the ratio's 95 % interval when the row has one."""
+    ratio = row["ppl"] / row["fp"]
+    interval = f", {row['ci_low']:.2f}–{row['ci_high']:.2f}" if "ci_low" in row else ""
+    return f"{row['ppl']:.2f} ({ratio:.2f}×{interval})"
+
+
 def model_table(rows: list[dict]) -> list[str]:
     """One model's rows: a column per bit width, the FP row first."""
     quants = [q for q in ("w4a4", "w4a8", "w6a6", "w8a8") if any(r["quant"] == q for r in rows)]
@@ -160,8 +170,7 @@ def model_table(rows: list[dict]) -> list[str]:
     lines = ["| tool | method | " + " | ".join(quants) + " |", "|---|---|" + "---:|" * len(quants),
              "| - | fp | " + " | ".join(f"{fp[q]:.2f} (1.00×)" for q in quants) + " |"]
     for tool, method in names:
-        cells = [f"{cell[tool, method, q]['ppl']:.2f} ({cell[tool, method, q]['ppl'] / cell[tool, method, q]['fp']:.2f}×)"
-                 if (tool, method, q) in cell else "-" for q in quants]
+        cells = [ppl_cell(cell[tool, method, q]) if (tool, method, q) in cell else "-" for q in quants]
         mark = " †" if any(earlier_quantizer(cell[tool, method, q]) for q in quants if (tool, method, q) in cell) else ""
         lines.append(f"| {tool} | {method}{mark} | " + " | ".join(cells) + " |")
     return lines

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -55,20 +56,39 @@ def blockwise_perplexity(
     desc: str = "perplexity",
 ) -> dict[str, float]:
     """`variants` maps a name to a function giving the decoder block i to use for that variant."""
+    return {name: nll.ppl for name, nll in blockwise_nll(model, windows, variants, device, batch_size, progress, desc).items()}
+
+
+@dataclass(frozen=True)
+class WindowNLL:
+    """A variant's perplexity on the windows, and each window's summed next-token NLL (for paired intervals)."""
+
+    ppl: float
+    window_nll: list[float]
+    tokens_per_window: int
+
+
+def blockwise_nll(model: nn.Module, windows: torch.Tensor, variants: dict[str, Callable[[int], nn.Module]],
+                  device: torch.device, batch_size: int = 8, progress: bool = True,
+                  desc: str = "perplexity") -> dict[str, WindowNLL]:
+    """:func:`blockwise_perplexity` with each window's NLL beside the perplexity."""
     streams = blockwise_hidden(model, windows, variants, device, batch_size, progress, desc)
-    return {name: math.exp(_mean_nll(model, hidden, windows, device, batch_size)) for name, hidden in streams.items()}
+    return {name: _nll(model, hidden, windows, device, batch_size) for name, hidden in streams.items()}
 
 
-def _mean_nll(model: nn.Module, hidden: torch.Tensor, windows: torch.Tensor, device, batch_size: int) -> float:
+def _nll(model: nn.Module, hidden: torch.Tensor, windows: torch.Tensor, device, batch_size: int) -> WindowNLL:
     norm, head = final_norm(model).to(device), model.get_output_embeddings().to(device)
-    total, count = 0.0, 0
+    total, count, per_window = 0.0, 0, []
     with torch.no_grad():
         for start in range(0, hidden.shape[0], batch_size):
             h = hidden[start : start + batch_size].to(device)
             ids = windows[start : start + batch_size].to(device)
-            logits = head(norm(h)).float()
-            nll = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-            total += nll.item()
+            logits, targets = head(norm(h)).float()[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+            # The perplexity sums the batch in one reduction, as it always has (its digits stay the same); the
+            # per-window sums are for the intervals.
+            total += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            losses = nn.functional.cross_entropy(logits, targets, reduction="none").view(ids.shape[0], -1)
+            per_window += losses.double().sum(1).tolist()
             count += ids[:, 1:].numel()
     norm.to("cpu"), head.to("cpu")
-    return total / count
+    return WindowNLL(math.exp(total / count), per_window, windows.shape[1] - 1)

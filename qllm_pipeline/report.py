@@ -5,17 +5,20 @@ import json
 from pathlib import Path
 
 
-def ppl_table(ppl: dict[str, dict[str, float]]) -> list[str]:
-    datasets = list(ppl)
+def ppl_table(ppl: dict[str, dict[str, float]], ci: dict[str, dict[str, list[float]]] | None = None) -> list[str]:
+    """Perplexity and its ratio to FP per variant and dataset, with the ratio's 95 % paired-bootstrap interval over
+    the windows when the rows carry one."""
+    datasets, ci = list(ppl), ci or {}
     variants = list(dict.fromkeys(v for d in datasets for v in ppl[d]))
-    head = "| model | " + " | ".join(f"{d} ppl | × FP" for d in datasets) + " |"
-    lines = [head, "|---|" + "---:|---:|" * len(datasets)]
+    head = "| model | " + " | ".join(f"{d} ppl | × FP | × FP, 95 % CI" for d in datasets) + " |"
+    lines = [head, "|---|" + "---:|---:|---:|" * len(datasets)]
     for v in variants:
         cells = []
         for d in datasets:
-            value, fp = ppl[d].get(v), ppl[d].get("fp")
+            value, fp, interval = ppl[d].get(v), ppl[d].get("fp"), ci.get(d, {}).get(v)
             cells.append("-" if value is None else f"{value:.3f}")
             cells.append("-" if value is None or not fp else f"{value / fp:.2f}")
+            cells.append("-" if interval is None else f"{interval[0]:.2f} – {interval[1]:.2f}")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return lines
 
@@ -43,7 +46,8 @@ def write_results(run_dir: Path, results: dict) -> str:
     meta = results.get("meta", {})
     md = [f"# qllm-pipeline results: {meta.get('model', '?')} {meta.get('quant', '?')}", ""]
     if results.get("ppl"):
-        md += ["## Perplexity", "", *ppl_table(results["ppl"]), ""]
+        md += ["## Perplexity", "", *ppl_table(results["ppl"], results.get("ppl_ci")), "",
+               "The interval: a paired bootstrap over the evaluation windows (qllm_pipeline/intervals.py).", ""]
     if results.get("zeroshot"):
         md += ["## Zero-shot accuracy (lm-eval)", "", *zeroshot_table(results["zeroshot"]), ""]
     md += ["## Stages", "", *stage_lines(results["stages"]), ""]

@@ -13,7 +13,8 @@ from qllm_pipeline.data import (HELDOUT, TOKENS_DIR, calibration_starts, evaluat
                                 start_with, tokenize, window_bos)
 from qllm_pipeline.fused import build_fused_block
 from qllm_pipeline.identity import tensor_digest
-from qllm_pipeline.perplexity import blockwise_perplexity
+from qllm_pipeline.intervals import ratio_interval
+from qllm_pipeline.perplexity import blockwise_nll
 from qllm_pipeline.qblock import load_reassemblies, make_quant_block
 from qllm_pipeline.stage import FINAL, FinalStage, StageSpec
 from qllm_pipeline.streaming import swapped_layers
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 class Evaluate(FinalStage):
     # Every row is keyed by the digest of the evaluation tokens and the model's identity (see `evaluate`), not by names.
-    spec = StageSpec("evaluate", version=2, config_keys=(), kind=FINAL)
+    # version 3: each row also stores its windows' NLLs (the paired intervals need them)
+    spec = StageSpec("evaluate", version=3, config_keys=(), kind=FINAL)
 
     def run(self, ctx, runner) -> dict:
         return evaluate(ctx, runner, runner.artifacts)
@@ -73,6 +75,7 @@ def evaluate(ctx, runner, artifacts) -> dict:
     cfg = ctx.cfg["eval"]
     plan = variant_plan(ctx, runner, artifacts)
     table: dict[str, dict[str, float]] = {}
+    intervals: dict[str, dict[str, list[float]]] = {}
     for dataset in cfg["datasets"]:
         windows = _windows(ctx, dataset, cfg)
         # Keyed by the tokens evaluated and the model, so a row is never reused for another text or model.
@@ -87,35 +90,48 @@ def evaluate(ctx, runner, artifacts) -> dict:
                 todo = [name for name in plan if name not in results]
                 if todo:
                     results.update(_compute_rows(ctx, runner, plan, todo, keys, dataset, windows, cfg))
-        table[dataset] = {name: results[name] for name in plan}
-    out = {"ppl": table}
+        table[dataset] = {name: results[name]["ppl"] for name in plan}
+        intervals[dataset] = ratio_intervals({name: results[name] for name in plan})
+    out = {"ppl": table, "ppl_ci": intervals}
     if cfg.get("tasks"):
         out["zeroshot"] = zeroshot(ctx, runner, plan, cfg)
     return out
 
 
-def _cached_rows(ctx, runner, keys: dict[str, str]) -> dict[str, float]:
+def ratio_intervals(rows: dict[str, dict]) -> dict[str, list[float]]:
+    """Each variant's 95 % paired-bootstrap interval of its ratio to FP, over the windows (FP itself has none)."""
+    fp = rows.get("fp")
+    if fp is None or len(fp["window_nll"]) < 2:
+        return {}
+    return {name: list(ratio_interval(row["window_nll"], fp["window_nll"], row["tokens_per_window"]))
+            for name, row in rows.items() if name != "fp"}
+
+
+def _cached_rows(ctx, runner, keys: dict[str, str]) -> dict[str, dict]:
+    """name -> the stored row ({"ppl", "window_nll", "tokens_per_window", ...}) for the rows in the cache."""
     if runner.is_forced("evaluate"):
         return {}
     found = {name: ctx.cache.get("evaluate", key) for name, key in keys.items()}
-    rows = {name: artifact.json("ppl.json")["ppl"] for name, artifact in found.items() if artifact is not None}
+    rows = {name: artifact.json("ppl.json") for name, artifact in found.items() if artifact is not None}
     runner.records["evaluate"].cached += len(rows)
     return rows
 
 
-def _compute_rows(ctx, runner, plan, todo, keys, dataset, windows, cfg) -> dict[str, float]:
+def _compute_rows(ctx, runner, plan, todo, keys, dataset, windows, cfg) -> dict[str, dict]:
     """Perplexity of the `todo` variants (their locks held by the caller), each stored as its own artifact."""
     log.info("perplexity on %s: %d windows × %d tokens, variants %s", dataset, *windows.shape, todo)
     computed = {}
     for model in {id(plan[n][2]): plan[n][2] for n in todo}.values():  # variants sharing a model stream together
         variants = {n: plan[n][1] for n in todo if plan[n][2] is model}
-        computed.update(blockwise_perplexity(model, windows, variants, ctx.device, cfg["batch_size"], ctx.progress, desc=f"ppl {dataset}"))
-    for name, ppl in computed.items():
-        record = {"ppl": ppl, "variant": name, "dataset": dataset, "windows": list(windows.shape)}
+        computed.update(blockwise_nll(model, windows, variants, ctx.device, cfg["batch_size"], ctx.progress, desc=f"ppl {dataset}"))
+    rows = {}
+    for name, nll in computed.items():
+        record = rows[name] = {"ppl": nll.ppl, "window_nll": nll.window_nll, "tokens_per_window": nll.tokens_per_window,
+                               "variant": name, "dataset": dataset, "windows": list(windows.shape)}
         ctx.cache.put("evaluate", keys[name], lambda w, r=record: w.save_json("ppl.json", r),
                       replace=runner.is_forced("evaluate"), lock=False)  # the caller holds the rows' locks
         runner.records["evaluate"].computed += 1
-    return computed
+    return rows
 
 
 def zeroshot(ctx, runner, plan: dict, cfg: dict) -> dict:

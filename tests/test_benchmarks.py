@@ -25,6 +25,7 @@ def test_accuracy_benchmark_tiny(tiny_model_dir, tmp_path):
     ]
     assert all(r["tool"] == "qllm-pipeline" and r["ppl"] > 0 and r["fp"] == ours[0]["fp"] for r in ours)
     assert {r["model"] for r in ours} == {"tiny"}
+    assert all(r["ci_low"] <= r["ppl"] / r["fp"] <= r["ci_high"] for r in ours)  # the interval of each ratio
     assert len({r["ppl"] for r in ours}) == len(ours)  # every run produced its own model
     # every run computed its own stages (a fresh cache); the rotation is computed once and then shared
     assert {"smooth", "fuse", "evaluate"} <= set(ours[0]["stages"])
