@@ -32,6 +32,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
 from _cli import code_commit  # noqa: E402
 
+from qllm_pipeline.intervals import difference_interval, verdict  # noqa: E402
 from qllm_pipeline.quantizer import ACTIVATION_QUANTIZER_VERSION  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,6 +102,7 @@ def row_from(run: dict, tag: str = "") -> dict:
         "fp": ppl["fp"],
         # the 95 % paired-bootstrap interval of ppl / fp over the evaluation windows (qllm_pipeline/intervals.py)
         **dict(zip(("ci_low", "ci_high"), results.get("ppl_ci", {}).get(dataset, {}).get(label, ()))),
+        **({"window_nll": results["window_nll"][dataset][label]} if "window_nll" in results else {}),
         "rtn": ppl["rtn"],
         "dev_ratio": dev,
         "wall_s": round(results["meta"]["wall_seconds"], 1),
@@ -160,6 +162,18 @@ def ppl_cell(row: dict) -> str:
     return f"{row['ppl']:.2f} ({ratio:.2f}×{interval})"
 
 
+def against_best_peer(row: dict, rows: list[dict]) -> str:
+    """Our row against the other tool's best row at its bit width, paired on the evaluation windows: "lead",
+    "behind" or "tie" by the 95 % interval of the perplexity difference (a lead inside it is a tie)."""
+    peers = [r for r in rows if r.get("tool", TOOL) != TOOL and r["quant"] == row["quant"] and r.get("ppl")
+             and len(r.get("window_nll", [])) == len(row.get("window_nll", [])) > 1]
+    if not peers:
+        return "-"
+    best = min(peers, key=lambda r: r["ppl"])
+    low, high = difference_interval(row["window_nll"], best["window_nll"], best.get("tokens_per_window", 511))
+    return f"{verdict(low, high)} vs {best['method']} ({low:+.2f} to {high:+.2f})"
+
+
 def model_table(rows: list[dict]) -> list[str]:
     """One model's rows: a column per bit width, the FP row first."""
     quants = [q for q in ("w4a4", "w4a8", "w6a6", "w8a8") if any(r["quant"] == q for r in rows)]
@@ -173,6 +187,12 @@ def model_table(rows: list[dict]) -> list[str]:
         cells = [ppl_cell(cell[tool, method, q]) if (tool, method, q) in cell else "-" for q in quants]
         mark = " †" if any(earlier_quantizer(cell[tool, method, q]) for q in quants if (tool, method, q) in cell) else ""
         lines.append(f"| {tool} | {method}{mark} | " + " | ".join(cells) + " |")
+    paired = [(r, against_best_peer(r, rows)) for r in rows if r.get("tool", TOOL) == TOOL]
+    paired = [(r, v) for r, v in paired if v != "-"]
+    if paired:
+        lines += ["", "Against the best peer row, paired on the windows (95 % interval of ppl ours − theirs):", "",
+                  "| method | quant | verdict |", "|---|---|---|",
+                  *[f"| {r['method']} | {r['quant']} | {v} |" for r, v in paired]]
     return lines
 
 

@@ -410,7 +410,7 @@ def run_one(pristine, tokenizer, recipe: str, quant: str, calib, evals, settings
     act_check = {"windows": k, "ppl_quantized": ppl_of(nlls[:k]), "ppl_weights_only": weights_only_ppl(model, evals[:k])}
     if act_check["ppl_quantized"] == act_check["ppl_weights_only"]:
         raise RuntimeError("activation quantization is not active: W+A and weights-only perplexities are equal")
-    return {"ppl": ppl_of(nlls), "seconds": round(seconds, 1), "eval_seconds": round(eval_seconds, 1), "act_check": act_check,
+    return {"ppl": ppl_of(nlls), "nlls": nlls, "seconds": round(seconds, 1), "eval_seconds": round(eval_seconds, 1), "act_check": act_check,
             "quantized_modules": n_quant}
 
 
@@ -426,6 +426,7 @@ def run(args, command: str) -> dict:
     import compressed_tensors
     import llmcompressor
     import transformers
+    from qllm_pipeline.intervals import ratio_interval
     from qllm_pipeline.data import calibration_windows, evaluation_windows, load_corpus, start_with, tokenize, window_bos
     from qllm_pipeline.model_loading import ModelSource, load_config, load_model, load_tokenizer
 
@@ -459,7 +460,8 @@ def run(args, command: str) -> dict:
                                           settings["eval_windows"]), bos)
     settings["eval_windows"] = int(evals.shape[0])
     log(f"calibration {tuple(calib.shape)}, evaluation {tuple(evals.shape)}; FP evaluation")
-    fp = ppl_of(window_nlls(pristine, evals, desc="eval fp"))
+    fp_nlls = window_nlls(pristine, evals, desc="eval fp")
+    fp = ppl_of(fp_nlls)
     log(f"FP ppl {fp:.3f}")
     fp_blockwise = None
     if args.fp_check:
@@ -475,6 +477,7 @@ def run(args, command: str) -> dict:
         "versions": {"llmcompressor": llmcompressor.__version__, "compressed-tensors": compressed_tensors.__version__,
                      "transformers": transformers.__version__, "torch": torch.__version__},
         "settings": settings, "quants": args.quants, "recipes": args.recipes, "fp": fp, "fp_blockwise": fp_blockwise,
+        "fp_window_nll": [n for n, _ in fp_nlls],
         "recipe_text": {m: RECIPE_TEXT[m] for m in args.recipes}, "total_wall_s": None, "rows": [],
     }
     write_reports(args.out, result)
@@ -490,7 +493,10 @@ def run(args, command: str) -> dict:
             row.update({"status": "failed", "error": one_line(exc), "ppl": None, "fp": fp, "ratio": None, "seconds": None})
             log(f"run {i}/{len(runs)}: {recipe} {quant} FAILED: {row['error']}")
         else:
-            row.update({"status": "ok", "ppl": out["ppl"], "fp": fp, "ratio": out["ppl"] / fp, "seconds": out["seconds"],
+            nll = [n for n, _ in out["nlls"]]
+            low, high = ratio_interval(nll, result["fp_window_nll"], settings["eval_seq_len"] - 1)
+            row.update({"status": "ok", "ppl": out["ppl"], "fp": fp, "ratio": out["ppl"] / fp, "ci_low": low,
+                        "ci_high": high, "window_nll": nll, "seconds": out["seconds"],
                         "eval_seconds": out["eval_seconds"], "act_check": out["act_check"]})
             chk = out["act_check"]
             log(f"run {i}/{len(runs)}: {recipe} {quant}: ppl {out['ppl']:.3f} ({row['ratio']:.2f}× FP), oneshot {out['seconds']:.1f} s, "

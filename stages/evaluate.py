@@ -76,6 +76,7 @@ def evaluate(ctx, runner, artifacts) -> dict:
     plan = variant_plan(ctx, runner, artifacts)
     table: dict[str, dict[str, float]] = {}
     intervals: dict[str, dict[str, list[float]]] = {}
+    window_nll: dict[str, dict[str, list[float]]] = {}
     for dataset in cfg["datasets"]:
         windows = _windows(ctx, dataset, cfg)
         # Keyed by the tokens evaluated and the model, so a row is never reused for another text or model.
@@ -92,7 +93,9 @@ def evaluate(ctx, runner, artifacts) -> dict:
                     results.update(_compute_rows(ctx, runner, plan, todo, keys, dataset, windows, cfg))
         table[dataset] = {name: results[name]["ppl"] for name in plan}
         intervals[dataset] = ratio_intervals({name: results[name] for name in plan})
-    out = {"ppl": table, "ppl_ci": intervals}
+        window_nll[dataset] = {name: results[name]["window_nll"] for name in plan}
+    # the windows' NLLs go out too: a row compared with another tool's on the same windows is paired through them
+    out = {"ppl": table, "ppl_ci": intervals, "window_nll": window_nll}
     if cfg.get("tasks"):
         out["zeroshot"] = zeroshot(ctx, runner, plan, cfg)
     return out

@@ -53,3 +53,26 @@ def test_results_carry_the_interval_of_each_ratio_to_fp(tiny_model_dir, tmp_path
     again = tmp_path / "again"
     assert run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache", again), "method=qllm"]).returncode == 0
     assert read_results(again)["ppl_ci"] == results["ppl_ci"]
+
+
+def test_accuracy_table_calls_a_lead_only_outside_the_interval():
+    """benchmarks/accuracy.py pairs our row with the best peer row of its bit width on the windows' NLLs."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("accuracy_under_test", REPO / "benchmarks" / "accuracy.py")
+    accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
+    gen = torch.Generator().manual_seed(2)
+    base = (torch.rand(32, generator=gen) * 3 + 2) * T
+    peer = {"tool": "llm-compressor", "method": "quip_gptq", "quant": "w4a4", "fp": 10.0, "ppl": 20.0,
+            "window_nll": base.tolist()}
+    worse_peer = {**peer, "method": "gptq", "ppl": 90.0, "window_nll": (base * 1.5).tolist()}
+    ours_lead = {"tool": "qllm-pipeline", "method": "best", "quant": "w4a4", "fp": 10.0, "ppl": 19.0,
+                 "window_nll": (base * 0.97).tolist()}
+    ours_tie = {**ours_lead, "method": "other", "window_nll": (base * (1 + torch.randn(32, generator=gen) * 0.02)).tolist()}
+    md = accuracy.markdown([peer, worse_peer, ours_lead, ours_tie], "cmd")
+    assert "| best | w4a4 | lead vs quip_gptq (" in md  # against the best peer row, not the worse one
+    assert "| other | w4a4 | tie vs quip_gptq (" in md
+    assert accuracy.against_best_peer({**ours_lead, "window_nll": []}, [peer]) == "-"  # no windows: no verdict
