@@ -227,6 +227,8 @@ def run(cfg: DictConfig) -> dict:
     runner = Runner(ctx, STAGES)
     results = runner.run()
     results["stages"] = runner.stage_table()
+    if ctx.checkpoint is not None:
+        results["checkpoint"] = ctx.checkpoint
     results["meta"] = {
         "model": source.name,
         "quant": c["quant"]["name"],

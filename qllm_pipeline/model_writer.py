@@ -48,5 +48,7 @@ def write_model(ctx, runner) -> None:
     if not link.exists():
         link.symlink_to(model_dir.path, target_is_directory=True)
     sizes = model_dir.json("sizes.json")
+    ctx.checkpoint = {"format": fmt, "path": str(model_dir.path), "checkpoint_bytes": sizes["file_bytes"],
+                      "fp16_bytes": sizes["fp16_bytes"]}
     log.info("quantized model (%s): %s (%.1f MB; the same model in FP16: %.1f MB)", fmt, model_dir.path, sizes["file_bytes"] / 1e6,
              sizes["fp16_bytes"] / 1e6)

@@ -50,6 +50,10 @@ def write_results(run_dir: Path, results: dict) -> str:
                "The interval: a paired bootstrap over the evaluation windows (qllm_pipeline/intervals.py).", ""]
     if results.get("zeroshot"):
         md += ["## Zero-shot accuracy (lm-eval)", "", *zeroshot_table(results["zeroshot"]), ""]
+    if results.get("checkpoint"):
+        c = results["checkpoint"]
+        md += [f"Checkpoint ({c['format']}): {c['checkpoint_bytes'] / 1e6:.1f} MB on disk, "
+               f"{c['checkpoint_bytes'] / c['fp16_bytes']:.2f}× the same model in FP16 ({c['fp16_bytes'] / 1e6:.1f} MB).", ""]
     md += ["## Stages", "", *stage_lines(results["stages"]), ""]
     md += [f"Total wall time: {meta.get('wall_seconds', 0):.1f} s; peak RSS {meta.get('peak_rss_mib', 0):.0f} MiB; device {meta.get('device', '?')}.", ""]
     text = "\n".join(md)

@@ -76,6 +76,7 @@ class RunContext:
     fp_model: nn.Module | None = None  # the model as loaded: the FP and RTN reference rows are computed on it
     model_id: str = ""  # digest of the model's identity (weight files or hub commit, dtype): qllm_pipeline.identity
     memory_budget: dict | None = None  # device and host bytes the run may use, as checked before loading (qllm_pipeline.plan)
+    checkpoint: dict | None = None  # the written model: format, path, bytes on disk, FP16 bytes (model_writer)
 
     def __post_init__(self):
         if self.fp_model is None:

@@ -62,6 +62,11 @@ def test_checkpoint_reloads_with_stock_transformers(method, tiny_model_dir, tmp_
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
     assert config["config_groups"]["group_0"]["input_activations"]["strategy"] == "token"
     assert not (model_dir / "qllm_quant.json").exists()
+    # results.json gives the checkpoint's size on disk (its weight files) beside the FP16 size
+    checkpoint = read_results(run)["checkpoint"]
+    assert checkpoint["checkpoint_bytes"] == sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    assert checkpoint["format"] == "compressed-tensors" and checkpoint["fp16_bytes"] > 0
+    assert f"{checkpoint['checkpoint_bytes'] / checkpoint['fp16_bytes']:.2f}× the same model in FP16" in (run / "results.md").read_text()
 
     assert not (model_dir / "modeling_qllm.py").exists()
     reloaded = reload(model_dir, eval_windows, tmp_path)
