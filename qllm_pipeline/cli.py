@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from .attention import attention_spec
-from .cache import ArtifactCache, artifact_key, is_disk_full
+from .cache import ArtifactCache, is_disk_full
 from .errors import PipelineError
 from .export import specs_from_quant_cfg
 from .identity import model_key
