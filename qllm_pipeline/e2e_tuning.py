@@ -20,7 +20,7 @@ worse on the windows it sees; when no epoch improves on the untuned model, nothi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch

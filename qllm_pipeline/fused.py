@@ -16,7 +16,7 @@ from torch import nn
 
 from .arch import attention, block_family
 from .attention import QK_HADAMARD_ATTR
-from .blocks import get_submodule, quant_linears, quantize_block_linears
+from .blocks import quant_linears, quantize_block_linears
 from .quantizer import QuantSpec
 from .transforms import transforms_from_tensors, transforms_to_tensors
 
