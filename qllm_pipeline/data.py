@@ -29,7 +29,8 @@ from .identity import text_digest
 log = logging.getLogger(__name__)
 
 WIKI_FIXTURE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-EVAL_EVERY = 5  # every fifth article of the offline corpus is held out for evaluation
+LEE_FIXTURE = "lee_background.cor"
+EVAL_EVERY = 5  # every fifth article (story) of an offline corpus is held out for evaluation
 TOKENS_DIR = ".tokens"  # token ids kept in the artifact cache (hidden: not a stage's artifacts)
 
 
@@ -52,15 +53,19 @@ def corpus_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qllm_pipeline" / "corpora"
 
 
-def _wiki_fixture() -> tuple[Path, str]:
-    """The fixture's path and gensim's version, found without importing gensim (1 s) when the parse is cached."""
+def _gensim_fixture(name: str, corpus: str) -> tuple[Path, str]:
+    """A text gensim ships in its test data, and gensim's version, found without importing gensim (1 s)."""
     spec = importlib.util.find_spec("gensim")
     if spec is None or spec.origin is None:
-        raise PipelineError("data=wiki_sample needs the PyPI package gensim (it ships the text): pip install gensim")
-    path = Path(spec.origin).parent / "test" / "test_data" / WIKI_FIXTURE
+        raise PipelineError(f"data={corpus} needs the PyPI package gensim (it ships the text): pip install gensim")
+    path = Path(spec.origin).parent / "test" / "test_data" / name
     if not path.exists():
-        raise PipelineError(f"gensim does not ship {WIKI_FIXTURE} any more; reinstall with pip install 'gensim>=4.3,<5'")
+        raise PipelineError(f"gensim does not ship {name} any more; reinstall with pip install 'gensim>=4.3,<5'")
     return path, importlib.metadata.version("gensim")
+
+
+def _wiki_fixture() -> tuple[Path, str]:
+    return _gensim_fixture(WIKI_FIXTURE, "wiki_sample")
 
 
 def _parse_wiki(path: Path) -> list[str]:
@@ -102,9 +107,26 @@ def _cached_articles(path: Path, parser_id: str, parse) -> list[str]:
 def _wiki_sample() -> Corpus:
     path, gensim_version = _wiki_fixture()
     articles = _cached_articles(path, f"wiki parse v{PARSE_VERSION}, gensim {gensim_version}", _parse_wiki)
-    calib = [a for i, a in enumerate(articles) if i % EVAL_EVERY != EVAL_EVERY - 1]
-    evals = [a for i, a in enumerate(articles) if i % EVAL_EVERY == EVAL_EVERY - 1]
+    calib, evals = split_documents(articles)
     return Corpus("wiki_sample", "\n\n".join(calib), "\n\n".join(evals), f"gensim test fixture {WIKI_FIXTURE}")
+
+
+def split_documents(documents: list[str], every: int = EVAL_EVERY) -> tuple[list[str], list[str]]:
+    """Every `every`-th document held out for evaluation, the rest for calibration: split by document, so no
+    document lends text to both sides."""
+    calib = [d for i, d in enumerate(documents) if i % every != every - 1]
+    return calib, [d for i, d in enumerate(documents) if i % every == every - 1]
+
+
+@functools.lru_cache(maxsize=1)
+def _lee_news() -> Corpus:
+    """The Lee news corpus gensim ships (300 lines: 293 distinct Australian news stories of 2001): another register
+    than Wikipedia, for evaluating on text no setting was chosen on."""
+    path, _ = _gensim_fixture(LEE_FIXTURE, "lee_news")
+    lines = (line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines())
+    stories = list(dict.fromkeys(line for line in lines if line))  # 7 lines repeat a story: each kept once, on one side
+    calib, evals = split_documents(stories)
+    return Corpus("lee_news", "\n\n".join(calib), "\n\n".join(evals), f"gensim test fixture {LEE_FIXTURE}")
 
 
 def _hub(name: str, loader):
@@ -152,7 +174,8 @@ def _text_files(calib_path: str | None = None, eval_path: str | None = None, **_
     return Corpus("text_files", texts[0], texts[1], f"files {calib_path}, {eval_path}")
 
 
-CORPORA = {"wiki_sample": _wiki_sample, "wikitext2": _wikitext2, "c4": _c4, "text_files": _text_files}
+CORPORA = {"wiki_sample": _wiki_sample, "lee_news": _lee_news, "wikitext2": _wikitext2, "c4": _c4,
+           "text_files": _text_files}
 
 
 def load_corpus(name: str, options: dict | None = None) -> Corpus:

@@ -33,7 +33,7 @@ BAD = [
     ("pipeline.cache_dir=/proc/qllm_cache", "pipeline.cache_dir=/proc/qllm_cache is not writable (No such file or "
      "directory); choose a directory you can write"),
     ("eval.datasets=[wikitext3]", "unknown eval.datasets entry 'wikitext3'; choose from ['c4', 'calib_heldout', "
-     "'text_files', 'wiki_sample', 'wikitext2']"),
+     "'lee_news', 'text_files', 'wiki_sample', 'wikitext2']"),
     ("eval.datasets=[] eval.tasks=[]", "eval.datasets and eval.tasks are both empty: nothing to evaluate; list a dataset, "
      "e.g. eval.datasets=[wiki_sample]"),
     ("eval.max_windows=0", "eval.max_windows=0 is out of range: a positive integer, or null for the whole text"),
