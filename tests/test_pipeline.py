@@ -5,8 +5,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from conftest import REPO, read_results, run_cli, tiny_overrides
 
 RTN = "pipeline.stages=[calibrate,collect_activations,fuse,evaluate]"
