@@ -52,8 +52,8 @@ Usage:
     .venv-peers/bin/python benchmarks/peers.py --merge benchmarks/results/accuracy.json   # run, then upsert the rows
     python benchmarks/peers.py --merge-only --merge some.json       # upsert <out>/peers.json's rows, no run (no llmcompressor needed)
 
-Another model: `--model gemma3_270m --model-path DIR`, where DIR holds the model saved with `save_pretrained` by the
-main install (transformers 5.17, which llmcompressor pins, misloads Gemma-3 270M's GGUF: perplexity 147 for 14.7);
+Another model: `--model gemma3_270m --model-path DIR`, where DIR holds the model saved by the main install
+(`python benchmarks/save_model.py gemma3_270m DIR`) (transformers 5.17, which llmcompressor pins, misloads Gemma-3 270M's GGUF: perplexity 147 for 14.7);
 it is loaded whole, the windows start with BOS as the pipeline's do for Gemma, and the reports are
 <out>/peers-<model>.json/.md. Rows carry "model" (rows without one are SmolLM2's).
 

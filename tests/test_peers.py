@@ -120,3 +120,13 @@ def test_rows_of_another_model_are_kept_apart(tmp_path):
     data, replaced, added = peers.upsert_rows(data, [newer])
     assert (replaced, added) == (1, 0) and data["rows"] == [smol, newer]
     assert peers.report_stem("smollm2_135m") == "peers" and peers.report_stem("gemma3_270m") == "peers-gemma3_270m"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["nope", "out"], "error: unknown model 'nope'; choose a conf/model entry"),
+    (["gemma3_270m"], "error: the following arguments are required: out"),
+])
+def test_save_model_bad_input_is_one_error_line(args, line, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "save_model.py"), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line]
