@@ -62,7 +62,7 @@ def runtime_parts(cfg: dict) -> list[str]:
         out.append("QLLM channel reassembly (gathers and merges input channels at run time)")
     if "rotate" in stages:
         rot = cfg.get("rotate", {})
-        online = [k for k in ("online_down", "online_o", "online_qk") if rot.get(k)]
+        online = [k for k in ("online_down", "online_o", "online_qk", "online_inputs") if rot.get(k)]
         if online:
             out.append("online Hadamard rotations (" + ", ".join(f"rotate.{k}" for k in online) + ")")
     if quant.get("abits") is not None and activation_clip_ratio(quant) != 1.0:

@@ -113,7 +113,7 @@ SCHEMA: dict[str, dict[str, Field] | None] = {
     "calibrate": {"n_samples": _int(1), "seq_len": _int(2, hint="an integer >= 2 (a window predicts its next tokens)"),
                   "seed": _int()},
     "rotate": {"seed": _int(), "residual": BOOL_FIELD, "value_heads": BOOL_FIELD, "online_down": BOOL_FIELD,
-               "online_o": BOOL_FIELD, "online_qk": BOOL_FIELD},
+               "online_o": BOOL_FIELD, "online_qk": BOOL_FIELD, "online_inputs": BOOL_FIELD},
     "smooth": {"alpha": _num(0, 1)},
     "search_theta": {
         "enabled": BOOL_FIELD, "points": Field(LIST), "theta": Field(DICT, null=True),  # checked by the stage

@@ -7,7 +7,10 @@ before the blocks. Each part is switchable:
 * `rotate.online_down` (R4): an online Hadamard on the down_proj input, applied at run time before the activation
   quantizer (its transpose folded into down_proj); costs ~25 % of down_proj's multiply-adds on SmolLM2;
 * `rotate.online_o`: an online full-width Hadamard on the o_proj input (the attention output, across heads);
-* `rotate.online_qk`: an online per-head Hadamard on Q and K before the attention-input quantizer (`quant.attn_bits`).
+* `rotate.online_qk`: an online per-head Hadamard on Q and K before the attention-input quantizer (`quant.attn_bits`);
+* `rotate.online_inputs`: an online full-width Hadamard on the inputs of the residual stream's readers (q/k/v and
+  gate/up), its transpose folded into their weights: what R1 does to those inputs, exact for every family, where R1
+  cannot fold (Gemma's norms on the attention and MLP outputs); it costs one hidden-size Hadamard per reader.
 
 Stored: rotation.safetensors (Q, float32; the other parts are deterministic). `apply` swaps the run's model for a
 rotated view (qllm_pipeline.rotation.rotated_view: the skeleton rotated once, each block rotated when a stage asks for
@@ -25,11 +28,17 @@ from qllm_pipeline.rotation import random_hadamard, rotated_view
 from qllm_pipeline.stage import ONCE, OnceStage, StageSpec
 
 log = logging.getLogger(__name__)
-PARTS = ("residual", "value_heads", "online_down", "online_o", "online_qk")
+PARTS = ("residual", "value_heads", "online_down", "online_o", "online_qk", "online_inputs")
 
 
 class Rotate(OnceStage):
     spec = StageSpec("rotate", version=2, config_keys=("rotate",), upstream=("calibrate",), kind=ONCE, label="rotation")
+
+    def key_config(self, cfg: dict) -> dict:
+        part = super().key_config(cfg)
+        if not part["rotate"].get("online_inputs", False):  # off: the keys of runs made before it existed
+            part["rotate"] = {k: v for k, v in part["rotate"].items() if k != "online_inputs"}
+        return part
 
     def validate(self, cfg: dict) -> None:
         rot = cfg["rotate"]
@@ -38,8 +47,9 @@ class Rotate(OnceStage):
         for part in PARTS:
             if not isinstance(rot.get(part), bool):
                 raise PipelineError(f"rotate.{part}={rot.get(part)!r} must be true or false")
-        if not any(rot[p] for p in PARTS):
-            raise PipelineError("rotate: every part is off (rotate.residual/value_heads/online_down/online_o/online_qk); "
+        if not any(rot.get(p) for p in PARTS):
+            raise PipelineError("rotate: every part is off (rotate.residual/value_heads/online_down/online_o/online_qk/"
+                                "online_inputs); "
                                 "turn one on or drop the rotate stage")
 
     def preflight(self, cfg: dict, model_config) -> None:
@@ -49,12 +59,14 @@ class Rotate(OnceStage):
             raise PipelineError(
                 f"rotate.residual=true is not exact for {family.model_type} models: the residual rotation cannot pass "
                 f"through the norms on their attention and MLP outputs ({', '.join(family.post_norms)}); set "
-                "rotate.residual=false (the per-head and online rotations stay exact)")
+                "rotate.residual=false (the per-head and online rotations stay exact; rotate.online_inputs=true rotates the "
+                "inputs R1 would, online)")
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
         sizes = {"online_down": model_config.intermediate_size, "online_o": model_config.num_attention_heads * head_dim,
+                 "online_inputs": model_config.hidden_size,
                  "value_heads": head_dim, "online_qk": head_dim}
         for part, size in sizes.items():
-            if rot[part] and hadamard_factors(size) is None:
+            if rot.get(part) and hadamard_factors(size) is None:
                 raise PipelineError(
                     f"rotate.{part}=true needs a Hadamard matrix of order {size}, which is not built here "
                     f"(orders 2^k·m with m = 1 or a Paley order); set rotate.{part}=false"
@@ -69,8 +81,10 @@ class Rotate(OnceStage):
     def apply(self, ctx, artifact) -> None:
         rot = ctx.cfg["rotate"]
         family = family_of(ctx.fp_model)
-        online = tuple(path for part, path in (("online_down", family.point("down").linears[0]),
-                                               ("online_o", family.attention_output)) if rot[part])
+        readers = tuple(path for point in family.points if point.norm is not None for path in point.linears)
+        online = tuple(path for part, paths in (("online_down", (family.point("down").linears[0],)),
+                                                ("online_o", (family.attention_output,)),
+                                                ("online_inputs", readers)) if rot.get(part, False) for path in paths)
         ctx.model = rotated_view(ctx.fp_model, artifact.tensors("rotation.safetensors")["Q"] if rot["residual"] else None,
                                  value_heads=rot["value_heads"], online=online, online_qk=rot["online_qk"])
-        log.info("rotated: %s", ", ".join(p for p in PARTS if rot[p]))
+        log.info("rotated: %s", ", ".join(p for p in PARTS if rot.get(p)))

@@ -28,7 +28,8 @@ def _artifact(tmp_path, name, produce):
 
 def test_rotate_stage_swaps_in_an_equivalent_rotated_model(tmp_path):
     model = tiny_model(layers=2)
-    parts = {"residual": True, "value_heads": True, "online_down": True, "online_o": True, "online_qk": True}
+    parts = {"residual": True, "value_heads": True, "online_down": True, "online_o": True, "online_qk": True,
+             "online_inputs": True}
     ctx = SimpleNamespace(fp_model=model, model=model, cfg={"rotate": {"seed": 3, **parts}})
     rotate = Rotate()
     artifact = _artifact(tmp_path, "rotate", lambda w: rotate.run(ctx, w))

@@ -28,7 +28,9 @@ CLASS = {"llama3": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2":
 # Gemma's residual rotation is refused (test below); its per-head and online rotations run.
 SETTINGS = {"gemma3_text": ["rotate.residual=false"]}
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
-EXACT_IN_FP = ["rotation", "quarot", "smoothquant"]  # function-preserving transforms (weights at 16 bits)
+# function-preserving transforms (weights at 16 bits): method and extra settings
+EXACT_IN_FP = {"rotation": ["method=rotation"], "rotation_online_inputs": ["method=rotation", "rotate.online_inputs=true"],
+               "quarot": ["method=quarot"], "smoothquant": ["method=smoothquant"]}
 BLOCKS = 2
 
 
@@ -151,9 +153,9 @@ def test_rotations_are_exact_in_full_precision(family, tiny_family_dir, tmp_path
     """Weights and activations at 16 bits: every function-preserving transform keeps the FP perplexity (to float
     rounding, plus the 16-bit grid's), while the same run at W4A4 moves it (the check can fail)."""
     model_dir = tiny_family_dir(family)
-    for method in EXACT_IN_FP:
+    for method, settings in EXACT_IN_FP.items():
         run = tmp_path / method
-        proc = run_cli([*overrides(family, model_dir, tmp_path / "cache", run), f"method={method}", "quant.wbits=16",
+        proc = run_cli([*overrides(family, model_dir, tmp_path / "cache", run), *settings, "quant.wbits=16",
                         "quant.abits=16", "fuse.format=qllm-packed"])
         assert proc.returncode == 0, f"{method}: {proc.stderr[-3000:]}"
         rows = read_results(run)["ppl"]["wiki_sample"]
@@ -166,7 +168,8 @@ def test_rotations_are_exact_in_full_precision(family, tiny_family_dir, tmp_path
 
 GEMMA_RESIDUAL = ("error: rotate.residual=true is not exact for gemma3_text models: the residual rotation cannot pass "
                   "through the norms on their attention and MLP outputs (post_attention_layernorm, "
-                  "post_feedforward_layernorm); set rotate.residual=false (the per-head and online rotations stay exact)")
+                  "post_feedforward_layernorm); set rotate.residual=false (the per-head and online rotations stay exact; "
+                  "rotate.online_inputs=true rotates the inputs R1 would, online)")
 
 
 @pytest.mark.parametrize("method", ["rotation", "quarot", "rotation_lrc_gptq"])
@@ -341,3 +344,22 @@ def read_model_conf(model: str) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{model}.yaml"))
+
+
+def test_gemma_online_input_rotation_exports_and_reloads(tiny_family_dir, family_windows, tmp_path):
+    """R1's stand-in on Gemma (an online Hadamard at every q/k/v and gate/up input) ships in the modeling code and
+    reloads to the pipeline's perplexity; it changes the result (the inputs really are rotated)."""
+    model_dir, (_, windows_path) = tiny_family_dir("gemma3_text"), family_windows("gemma3_text")
+    rows = {}
+    for name, extra in (("plain", []), ("online_inputs", ["rotate.online_inputs=true"])):
+        run = tmp_path / name
+        proc = run_cli([*overrides("gemma3_text", model_dir, tmp_path / "cache", run), "method=quarot",
+                        "fuse.format=compressed-tensors", *extra])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[name] = read_results(run)["ppl"]["wiki_sample"]["rotation+gptq"]
+    config = json.loads((tmp_path / "online_inputs" / "quantized_model" / "config.json").read_text())
+    q_proj = config["qllm_runtime"]["layers"][0]["projections"]["self_attn.q_proj"]
+    assert q_proj["kinds"][0] == "hadamard"
+    assert rows["online_inputs"] != rows["plain"]
+    reloaded = reload_all([tmp_path / "online_inputs" / "quantized_model"], windows_path, tmp_path)[0]
+    assert reloaded["ppl"] == pytest.approx(rows["online_inputs"], rel=1e-5)
