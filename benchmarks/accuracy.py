@@ -68,7 +68,7 @@ def sweep(args, quant: str, methods: list[str], extra: list[str], cache: Path, s
         results = json.loads(results_file.read_text())
         choice = dict(o.split("=", 1) for o in results["meta"]["overrides"] if o.split("=", 1)[0] == "method")
         runs.append({"quant": quant, "method": choice["method"], "extra": extra, "results": results,
-                     "model": "tiny" if args.tiny else args.model})
+                     "model": "tiny" if args.tiny else args.model, "overrides": [] if args.tiny else list(args.overrides)})
     return runs
 
 
@@ -94,7 +94,7 @@ def row_from(run: dict, tag: str = "") -> dict:
         "tool": TOOL,
         "model": run["model"],
         "method": label + (f" [{tag}]" if tag else "") + (f" (attn A{attn})" if attn else ""),
-        "config": " ".join([f"method={run['method']}", *run["extra"]]),
+        "config": " ".join([f"method={run['method']}", *run.get("overrides", []), *run["extra"]]),
         "quant": run["quant"],
         "attn_bits": attn,
         "dataset": dataset,
