@@ -276,8 +276,10 @@ class ArtifactCache:
                 if lock.is_locked:
                     lock.release()
 
-    def produce(self, stage: str, key: str, compute: Callable[[ArtifactWriter], Any], force: bool = False) -> tuple[Artifact, bool]:
-        """The artifact for `key`, computed under its lock if absent (or if `force`); returns (artifact, computed)."""
+    def produce(self, stage: str, key: str, compute: Callable[[ArtifactWriter], Any], force: bool = False,
+                collective: bool = True) -> tuple[Artifact, bool]:
+        """The artifact for `key`, computed under its lock if absent (or if `force`); returns (artifact, computed).
+        `collective` matters only to a data-parallel job's cache (qllm_pipeline.distributed.SharedCache)."""
         if not force and (found := self.get(stage, key)) is not None:
             return found, False
         with self.lock(stage, key):

@@ -17,6 +17,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from .attention import attention_spec
 from .cache import ArtifactCache, is_disk_full
+from .distributed import SharedCache, env_world, init_from_env
 from .errors import PipelineError
 from .export import specs_from_quant_cfg
 from .identity import model_key
@@ -41,7 +42,8 @@ CONF_DIR = _conf_dir()
 
 
 def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    if env_world().is_writer:  # one line for the job, not one per rank
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -73,6 +75,12 @@ def quant_specs(quant: dict):
 
 
 def pick_device(name: str) -> torch.device:
+    place = env_world()
+    if place.active and name in ("auto", "cuda") and torch.cuda.is_available():
+        if place.local_rank >= torch.cuda.device_count():
+            raise PipelineError(f"torchrun started local rank {place.local_rank} but this node has "
+                                f"{torch.cuda.device_count()} CUDA device(s); use --nproc_per_node <= the GPUs per node")
+        return torch.device("cuda", place.local_rank)  # one rank per GPU
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -146,6 +154,7 @@ def check_before_loading(c: dict) -> Checked:
         if STAGES[name].enabled(c):
             STAGES[name].preflight(c, config)  # e.g. Hadamard sizes
     budget = check_memory(c, source, config, device)
+    check_ranks(c)
     cache = ArtifactCache(c["pipeline"]["cache_dir"])  # refuses an unwritable directory
     model_id = model_key(source, cache.root / ".file_digests")
     return Checked(source, specs, device, config, cache, model_id, budget)
@@ -165,6 +174,16 @@ def check_memory(c: dict, source: ModelSource, config, device: torch.device) -> 
     elif plan["host_peak_bytes"] > budget["host"] or (budget["device"] or plan["device_peak_bytes"]) < plan["device_peak_bytes"]:
         log.warning("the memory plan does not fit (pipeline.memory_check=false: running anyway)")
     return budget
+
+
+def check_ranks(c: dict) -> None:
+    """Under torchrun, every rank must own at least one batch of calibration windows."""
+    place = env_world()
+    batches = -(-int(c["calibrate"]["n_samples"]) // int(c["pipeline"]["batch_size"]))
+    if place.size > batches:
+        raise PipelineError(f"{place.size} ranks but calibrate.n_samples={c['calibrate']['n_samples']} with "
+                            f"pipeline.batch_size={c['pipeline']['batch_size']} makes {batches} batch(es) of windows; "
+                            "each rank needs one: start fewer ranks, or raise calibrate.n_samples or lower the batch size")
 
 
 def check_datasets(c: dict) -> None:
@@ -202,13 +221,21 @@ def run(cfg: DictConfig) -> dict:
     model_id = checked.model_id
     from qllm_pipeline.stages import STAGES
 
+    world = init_from_env(device)
+    if world.active:
+        cache = SharedCache(cache.root, world)
+        if not world.is_writer:  # rank 0 reports for the job
+            logging.getLogger("qllm_pipeline").setLevel(logging.WARNING)
+        log.info("data parallel: %d ranks (%s)", world.size, torch.distributed.get_backend())
     model = load_model(source, model_id)
     tokenizer = load_tokenizer(source, model_id)
     # What exists now (modules, the model's skeleton) lives for the run: keep it out of the cycle collector, so the
     # per-block collections (Runner.walk_blocks) take milliseconds instead of half a second.
     gc.collect()
     gc.freeze()
-    tracker = make_tracker(c["logger"], c, str(run_dir), group=_sweep_group(), name=run_dir.name)
+    # One W&B run per job: rank 0 logs.
+    tracker = make_tracker(c["logger"] if world.is_writer else {"kind": "none"}, c, str(run_dir), group=_sweep_group(),
+                           name=run_dir.name)
     ctx = RunContext(
         cfg=c,
         model=model,
@@ -221,8 +248,9 @@ def run(cfg: DictConfig) -> dict:
         act_spec=act_spec,
         attn_spec=attn_spec,
         tracker=tracker,
-        progress=bool(c["pipeline"]["progress"]),
+        progress=bool(c["pipeline"]["progress"]) and world.is_writer,
         memory_budget=checked.budget,
+        world=world,
     )
     runner = Runner(ctx, STAGES)
     results = runner.run()
@@ -237,7 +265,10 @@ def run(cfg: DictConfig) -> dict:
         "peak_rss_mib": peak_rss_mib(),
         "keys": ctx.keys,
         "overrides": list(HydraConfig.get().overrides.task),
+        "ranks": world.size,
     }
+    if not world.is_writer:
+        return results
     text = write_results(run_dir, results)
     from .run_report import write_plots  # matplotlib: imported only once a run has results
 
@@ -274,4 +305,14 @@ def hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point (`python -m qllm_pipeline`, `qllm-pipeline`)."""
     check_group_overrides(sys.argv[1:])
+    place = env_world()
+    if not place.is_writer:
+        # Rank 0 owns the run directory; the others' Hydra output goes to a folder of their own, removed at exit.
+        import atexit
+        import shutil
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix=f"qllm-rank{place.rank}-")
+        atexit.register(shutil.rmtree, scratch, True)
+        sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
     hydra_main()

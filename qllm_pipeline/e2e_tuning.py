@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .arch import Family, block_family
 from .blocks import get_submodule, quant_linears
+from .distributed import Ownership, world
 from .lowrank import ACT_CLIP_MIN
 from .quantizer import QuantSpec
 
@@ -97,6 +98,10 @@ class TunedParams:
                 by_field[key.rsplit(".", 1)[1]].append(value)
         lrs = {"scale_delta": self.cfg.scale_lr, "act_clip": self.cfg.act_clip_lr, "weight": self.cfg.norm_lr}
         return [{"params": params, "lr": lrs[field]} for field, params in by_field.items() if params]
+
+    def leaves(self) -> list[torch.Tensor]:
+        """Every tuned value, in one fixed order (the order the ranks of a data-parallel job sum gradients in)."""
+        return [p for group in self.param_groups() for p in group["params"]]
 
     def clips(self) -> list[torch.Tensor]:
         return [v for values in self.blocks for k, v in values.items() if k.endswith(".act_clip")]
@@ -239,6 +244,9 @@ def tune(executor: Executor, params: TunedParams, windows: torch.Tensor, teacher
     `params` end at the best of those states. Returns the KLs measured, the mean training KL of each epoch, the best
     epoch (0: the untuned model) and the number of steps."""
     checkpoints = checkpoints or Checkpoints()
+    # Under torchrun every rank holds all windows and the same state; each computes the windows of its shard of
+    # every step and the gradients are summed: the same updates as one process.
+    owned = Ownership.of(world(), world().shard(windows.shape[0], cfg.batch_size), windows.shape[0])
     optimizer = torch.optim.AdamW(params.param_groups(), weight_decay=0.0)
     batches = math.ceil(windows.shape[0] / cfg.batch_size)
     steps = cfg.epochs * batches
@@ -263,7 +271,7 @@ def tune(executor: Executor, params: TunedParams, windows: torch.Tensor, teacher
             losses = []
             for idx in order.split(cfg.batch_size):
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(executor.kl_and_grads(windows[idx], teacher[idx]))
+                losses.append(_step_grads(executor, params, windows, teacher, idx, owned))
                 optimizer.step()
                 schedule.step()
                 with torch.no_grad():
@@ -286,8 +294,29 @@ def tune(executor: Executor, params: TunedParams, windows: torch.Tensor, teacher
     return stats
 
 
+def _step_grads(executor: Executor, params: TunedParams, windows: torch.Tensor, teacher: torch.Tensor,
+                idx: torch.Tensor, owned: Ownership) -> float:
+    """One step's KL, its gradients in the leaves: this rank's windows of the step, weighted by their share of it,
+    summed over the ranks (one process: the whole step)."""
+    mine = owned.local(idx) + owned.start  # windows are held whole here: back to the job's indices
+    loss = 0.0
+    if len(mine):
+        loss = executor.kl_and_grads(windows[mine], teacher[mine])
+        if len(mine) < len(idx):
+            share = len(mine) / len(idx)
+            loss *= share
+            with torch.no_grad():
+                for leaf in params.leaves():
+                    if leaf.grad is not None:
+                        leaf.grad.mul_(share)
+    owned.sum_grads_(params.leaves())
+    return owned.sum(loss)
+
+
 def measure(executor: Executor, windows: torch.Tensor, teacher: torch.Tensor, batch_size: int) -> float:
-    """The mean KL over the windows' batches, no update."""
+    """The mean KL over the windows' batches, no update (under torchrun, each rank's batches, gathered in order)."""
+    part = world().shard(windows.shape[0], batch_size)
     kls = [executor.kl(windows[start : start + batch_size], teacher[start : start + batch_size])
-           for start in range(0, windows.shape[0], batch_size)]
+           for start in range(part.start, part.stop, batch_size)]
+    kls = [kl for rank_kls in world().gather_objects(kls) for kl in rank_kls]
     return sum(kls) / len(kls)

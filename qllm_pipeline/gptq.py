@@ -30,13 +30,14 @@ __all__ = ["HessianAccumulator", "InverseFactor", "fp_target_weight", "gptq_weig
 
 
 class HessianAccumulator:
-    """Running H = 2/N Σ x xᵀ over the rows of inputs [..., in], summed in `dtype` (by default float32, or float64
-    when the inputs are float64). Each batch's product is computed in float32 (float64 for float64 inputs) and added
-    to the sum, so adding data in batches gives the same H as adding it at once up to the sum's rounding. A float32 sum is as accurate as
-    the float32 products it adds (each already sums a batch's thousands of tokens) and holds LLaMA-2-70B's largest
-    Hessian (down_proj, 28672²) in 3 GiB instead of 6. The sum lives on the device of the first batch.
+    """Running H = 2/N Σ x xᵀ over the rows of inputs [..., in]. Each batch's product is computed in float32 (float64
+    for float64 inputs) and added to a float64 sum; the scaled H is handed out in `dtype` (by default float32, or
+    float64 when the inputs are float64). Float64 sums of float32 products are exact for any realistic spread of
+    magnitudes, so H does not depend on how the batches are grouped: one process, or the ranks of a data-parallel job
+    each summing its own windows (`all_reduce`), give the same bits. The sum lives on the device of the first batch
+    (LLaMA-2-70B's largest, down_proj's 28672², is 6.6 GB while summing; the factorization's working set is larger).
 
-    `hessian()` (and `cross()`) scale the sum in place once and return it: no second C × C copy.
+    `hessian()` (and `cross()`) scale the sum once and return the result (the same tensor on every call).
     """
 
     def __init__(self, in_features: int, dtype: torch.dtype | None = None):
@@ -63,25 +64,37 @@ class HessianAccumulator:
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         if self._sum is None:
             self.dtype = self.dtype or compute
-            self._sum = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=x.device)
+            self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=x.device)
         rows = x.detach().reshape(-1, self.in_features).to(device=self._sum.device, dtype=compute)
-        self._sum += (rows.T @ rows).to(self.dtype)
+        self._sum += rows.T @ rows
         if x_fp is not None:
             if self._cross is None:
                 self._cross = torch.zeros_like(self._sum)
             fp_rows = x_fp.detach().reshape(-1, self.in_features).to(device=self._sum.device, dtype=compute)
-            self._cross += (rows.T @ fp_rows).to(self.dtype)
+            self._cross += rows.T @ fp_rows
         self._n += rows.shape[0]
 
     @property
     def n_samples(self) -> int:
         return self._n
 
+    def all_reduce(self, world) -> None:
+        """Sum the accumulators of a data-parallel job's ranks, each of which added its own windows (every rank ends
+        with the job's H; qllm_pipeline.distributed)."""
+        if not world.active:
+            return
+        if self._scaled:
+            raise ValueError("HessianAccumulator.all_reduce after hessian(): reduce the sums before scaling them")
+        world.all_reduce_(self._sum)
+        if self._cross is not None:
+            world.all_reduce_(self._cross)
+        self._n = int(world.all_reduce_(torch.tensor([float(self._n)], dtype=torch.float64)).item())
+
     def _scale(self) -> None:
         if not self._scaled:
-            self._sum.mul_(2.0 / self._n)
+            self._sum = self._sum.mul_(2.0 / self._n).to(self.dtype)
             if self._cross is not None:
-                self._cross.mul_(2.0 / self._n)
+                self._cross = self._cross.mul_(2.0 / self._n).to(self.dtype)
             self._scaled = True
 
     def hessian(self) -> torch.Tensor:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .arch import block_family
 from .blocks import get_submodule, quant_linears
+from .distributed import Ownership, world
 
 AUTOCAST_CHOICES = ("auto", "none", "bf16", "fp16")
 ACT_CLIP_MIN = 0.5  # a learned activation clip ratio stays in [0.5, 1]
@@ -238,6 +239,9 @@ def block_mse(block, run_block, inputs, targets, device, batch_size: int, comput
         y = _batch(targets, sl, device, None)
         total += (out.float() - y.float()).pow(2).sum(dtype=torch.float64).item()
         count += out.numel()
+    if world().active:  # a data-parallel job's ranks each hold some of the samples
+        summed = world().all_reduce_(torch.tensor([total, float(count)], dtype=torch.float64))
+        total, count = float(summed[0]), int(summed[1])
     return total / max(count, 1)
 
 
@@ -261,11 +265,16 @@ def train_block(
     epoch with a torch.Generator seeded with cfg.seed; the last batch of an epoch may be smaller.
     Returns loss_before / loss_after (MSE over all samples, eval mode, no grad, no autocast: the block as it will be
     used) and epoch_losses (mean training loss of each epoch, as seen by the optimiser, under autocast).
+
+    Under torchrun each rank passes the samples it holds; the steps are the job's (one shuffle of all samples), each
+    rank computes its share of a step's loss and the gradients are summed (`distributed.Ownership`): the same updates
+    as one process.
     """
     device = torch.device(device)
     if inputs.shape != targets.shape:
         raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must have the same shape")
-    n = inputs.shape[0]
+    owned = Ownership(world(), inputs.shape[0])
+    n = owned.total
     if n == 0:
         raise ValueError("train_block needs at least one sample")
     qlinears = _require_quant_linears(block)
@@ -309,18 +318,25 @@ def train_block(
                 loss_sum = 0.0
                 for start in range(0, n, batch_size):
                     idx = order[start : start + batch_size]
-                    x = _batch(inputs, idx, device, compute_dtype)
-                    y = _batch(targets, idx, device, None)
+                    mine = owned.local(idx)
                     optimizer.zero_grad(set_to_none=True)
-                    with _autocast_ctx(device, amp_dtype):
-                        out = _output_tensor(run_block(block, x))
-                    loss = nn.functional.mse_loss(out.float(), y.float())
-                    value = loss.item()
+                    value = 0.0
+                    if len(mine):
+                        x = _batch(inputs, mine, device, compute_dtype)
+                        y = _batch(targets, mine, device, None)
+                        with _autocast_ctx(device, amp_dtype):
+                            out = _output_tensor(run_block(block, x))
+                        loss = nn.functional.mse_loss(out.float(), y.float())
+                        if len(mine) < len(idx):  # this rank's share of the step's mean
+                            loss = loss * (len(mine) / len(idx))
+                        value = loss.item()
+                        scaler.scale(loss).backward()
+                    value = owned.sum(value)
                     if not math.isfinite(value):
                         raise FloatingPointError(
                             f"{desc}: low-rank training loss became {value}; lower train_lowrank.lr or use autocast=none"
                         )
-                    scaler.scale(loss).backward()
+                    owned.sum_grads_(params)
                     scaler.step(optimizer)
                     scaler.update()
                     scheduler.step()

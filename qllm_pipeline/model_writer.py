@@ -41,7 +41,7 @@ def write_model(ctx, runner) -> None:
             sizes = save_quantized_model(ctx.model, ctx.tokenizer, blocks, ctx.cfg["quant"], writer.tmp, sharded=sharded)
         writer.save_json("sizes.json", sizes)
 
-    model_dir, _ = ctx.cache.produce("model", key, write)
+    model_dir, _ = ctx.cache.produce("model", key, write, collective=False)  # under torchrun: rank 0 alone writes it
     link = ctx.run_dir / "quantized_model"
     if link.is_symlink():  # a re-used run directory: point at this run's model
         link.unlink()

@@ -61,11 +61,25 @@ def blockwise_perplexity(
 
 @dataclass(frozen=True)
 class WindowNLL:
-    """A variant's perplexity on the windows, and each window's summed next-token NLL (for paired intervals)."""
+    """A variant's perplexity on the windows, each window's summed next-token NLL (for paired intervals), and each
+    batch's NLL sum (the perplexity's own sum; parts computed apart combine to the same digits)."""
 
-    ppl: float
     window_nll: list[float]
     tokens_per_window: int
+    batch_nll: list[float]
+
+    @property
+    def ppl(self) -> float:
+        total = 0.0
+        for value in self.batch_nll:  # summed batch by batch, in window order, as it always was
+            total += value
+        return math.exp(total / (len(self.window_nll) * self.tokens_per_window))
+
+    @staticmethod
+    def combine(parts: list["WindowNLL"]) -> "WindowNLL":
+        """The windows of `parts` (consecutive runs of windows, in order) as one evaluation."""
+        return WindowNLL([w for p in parts for w in p.window_nll], parts[0].tokens_per_window,
+                         [b for p in parts for b in p.batch_nll])
 
 
 def blockwise_nll(model: nn.Module, windows: torch.Tensor, variants: dict[str, Callable[[int], nn.Module]],
@@ -78,7 +92,7 @@ def blockwise_nll(model: nn.Module, windows: torch.Tensor, variants: dict[str, C
 
 def _nll(model: nn.Module, hidden: torch.Tensor, windows: torch.Tensor, device, batch_size: int) -> WindowNLL:
     norm, head = final_norm(model).to(device), model.get_output_embeddings().to(device)
-    total, count, per_window = 0.0, 0, []
+    per_batch, per_window = [], []
     with torch.no_grad():
         for start in range(0, hidden.shape[0], batch_size):
             h = hidden[start : start + batch_size].to(device)
@@ -86,9 +100,8 @@ def _nll(model: nn.Module, hidden: torch.Tensor, windows: torch.Tensor, device, 
             logits, targets = head(norm(h)).float()[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
             # The perplexity sums the batch in one reduction, as it always has (its digits stay the same); the
             # per-window sums are for the intervals.
-            total += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            per_batch.append(nn.functional.cross_entropy(logits, targets, reduction="sum").item())
             losses = nn.functional.cross_entropy(logits, targets, reduction="none").view(ids.shape[0], -1)
             per_window += losses.double().sum(1).tolist()
-            count += ids[:, 1:].numel()
     norm.to("cpu"), head.to("cpu")
-    return WindowNLL(math.exp(total / count), per_window, windows.shape[1] - 1)
+    return WindowNLL(per_window, windows.shape[1] - 1, per_batch)

@@ -19,9 +19,10 @@ def channel_max(artifacts, family) -> dict[str, torch.Tensor]:
 
 
 def search_inputs(ctx, state) -> tuple[dict, torch.Tensor]:
-    """FP inputs of every point for the first n_samples windows of the quantized stream (on the device)."""
+    """FP inputs of every point for the first n_samples windows of the quantized stream (on the device); under
+    torchrun the ranks holding them share them, and every rank scores the same windows."""
     n = int(ctx.cfg["search_theta"]["n_samples"])
-    x = state.x_q[:n].to(ctx.device)
+    x = ctx.world.gather_windows(state.x_q, ctx.n_windows, ctx.cfg["pipeline"]["batch_size"], n).to(ctx.device)
     block = state.fp_block.to(ctx.device)
     return point_inputs(block, x, ctx.block_runner), block
 

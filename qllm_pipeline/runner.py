@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .blocks import BlockRunner, decoder_layers
 from .cache import Artifact, ArtifactCache, artifact_key
+from .distributed import World
 from .errors import PipelineError
 from .fused import build_fused_block
 from .memory import PeakRSS, release_freed_memory
@@ -77,6 +78,8 @@ class RunContext:
     model_id: str = ""  # digest of the model's identity (weight files or hub commit, dtype): qllm_pipeline.identity
     memory_budget: dict | None = None  # device and host bytes the run may use, as checked before loading (qllm_pipeline.plan)
     checkpoint: dict | None = None  # the written model: format, path, bytes on disk, FP16 bytes (model_writer)
+    world: World = field(default_factory=World)  # the torchrun job this process is a rank of (a world of one without)
+    n_windows: int = 0  # calibration windows of the whole job (this rank's streams hold its shard of them)
 
     def __post_init__(self):
         if self.fp_model is None:
@@ -221,6 +224,8 @@ class Runner:
         calib_key = ctx.keys["calibration_windows"]  # blocks depend on the windows drawn, not on how they were named
         windows = ctx.cache.get("calibrate", ctx.keys["calibrate"]).tensors("windows.safetensors")["input_ids"]
         ctx.block_runner = BlockRunner(ctx.model, windows.shape[1], ctx.device, next(ctx.model.parameters()).dtype)
+        ctx.n_windows = windows.shape[0]
+        windows = windows[ctx.world.shard(ctx.n_windows, ctx.cfg["pipeline"]["batch_size"])]  # this rank's streams
 
         final_key, artifacts = self.walk_blocks(calib_key, windows, chain_key)
         self.artifacts = artifacts
@@ -265,6 +270,7 @@ class Runner:
                 if name in enabled:
                     block_keys.setdefault(name, []).append(keys[name])
             todo = [n for n in enabled if self.is_forced(n) or ctx.cache.get(n, keys[n]) is None]
+            todo = ctx.world.broadcast_object(todo)  # rank 0's view: every rank takes the same path
             if not todo:
                 for n in self.block_stages:
                     per_stage[n].append(ctx.cache.get(n, keys[n]) if n in enabled else None)

@@ -21,10 +21,13 @@ from torch import nn
 from .arch import block_family
 from .blocks import quant_linears
 from .errors import PipelineError
+from .distributed import world
 from .gptq import HessianAccumulator, fp_target_weight, gptq_weight_codes, inverse_factor
 from .quantizer import weight_codes, weight_codes_with_params
 
-GPTQ_ARITHMETIC_VERSION = 2  # in GPTQ's cache keys (GPTQRounding.key): 2 = float32 Hessian sums, in-place factor
+# in GPTQ's cache keys (GPTQRounding.key): 2 = float32 Hessian sums, in-place factor; 3 = float64 running sums of
+# float32 products (the same H however the batches are grouped: ranks of a torchrun job)
+GPTQ_ARITHMETIC_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ def gptq_round_block(block: nn.Module, run_block, inputs: torch.Tensor, device, 
                 raw = _input_of(fp_block, fp_block.get_submodule(group[0]), run_block, fp_stream[start : start + batch_size], device)
                 x_fp = first.transform_input(raw.to(x.dtype))
             acc.add(x, x_fp)
+        acc.all_reduce(world())  # under torchrun: the Hessian of every rank's windows
         cross = acc.cross() if fp_block is not None else None
         # Once per group (its members share the input). On an accelerator the Hessian waits in host memory meanwhile:
         # the device holds the float64 factorization and its float32 result, not the Hessian beside them.

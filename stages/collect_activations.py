@@ -17,6 +17,8 @@ class CollectActivations(BlockStage):
 
     def run(self, ctx, state, writer) -> None:
         stats = channel_max(state.fp_block, ctx.block_runner, state.x_q, ctx.device, ctx.cfg["pipeline"]["batch_size"])
+        for name in sorted(stats):  # each rank measured its own windows: the maxima over all of them
+            ctx.world.all_reduce_(stats[name], "max")
         writer.save_tensors("channel_max.safetensors", stats)
         # Summary that later plots and logs use: how extreme the outliers are at each input.
         writer.save_json(

@@ -14,7 +14,7 @@ from qllm_pipeline.data import (HELDOUT, TOKENS_DIR, calibration_starts, evaluat
 from qllm_pipeline.fused import build_fused_block
 from qllm_pipeline.identity import tensor_digest
 from qllm_pipeline.intervals import ratio_interval
-from qllm_pipeline.perplexity import blockwise_nll
+from qllm_pipeline.perplexity import WindowNLL, blockwise_nll
 from qllm_pipeline.qblock import load_reassemblies, make_quant_block
 from qllm_pipeline.stage import FINAL, FinalStage, StageSpec
 from qllm_pipeline.streaming import swapped_layers
@@ -91,6 +91,7 @@ def evaluate(ctx, runner, artifacts) -> dict:
                 todo = [name for name in plan if name not in results]
                 if todo:
                     results.update(_compute_rows(ctx, runner, plan, todo, keys, dataset, windows, cfg))
+            ctx.world.barrier()  # under torchrun, rank 0 wrote the rows while holding their locks
         table[dataset] = {name: results[name]["ppl"] for name in plan}
         intervals[dataset] = ratio_intervals({name: results[name] for name in plan})
         window_nll[dataset] = {name: results[name]["window_nll"] for name in plan}
@@ -111,11 +112,15 @@ def ratio_intervals(rows: dict[str, dict]) -> dict[str, list[float]]:
 
 
 def _cached_rows(ctx, runner, keys: dict[str, str]) -> dict[str, dict]:
-    """name -> the stored row ({"ppl", "window_nll", "tokens_per_window", ...}) for the rows in the cache."""
+    """name -> the stored row ({"ppl", "window_nll", "tokens_per_window", ...}) for the rows in the cache (rank 0's
+    rows under torchrun: every rank computes the same missing ones)."""
     if runner.is_forced("evaluate"):
         return {}
-    found = {name: ctx.cache.get("evaluate", key) for name, key in keys.items()}
-    rows = {name: artifact.json("ppl.json") for name, artifact in found.items() if artifact is not None}
+    rows = None
+    if ctx.world.is_writer:
+        found = {name: ctx.cache.get("evaluate", key) for name, key in keys.items()}
+        rows = {name: artifact.json("ppl.json") for name, artifact in found.items() if artifact is not None}
+    rows = ctx.world.broadcast_object(rows)
     runner.records["evaluate"].cached += len(rows)
     return rows
 
@@ -124,9 +129,14 @@ def _compute_rows(ctx, runner, plan, todo, keys, dataset, windows, cfg) -> dict[
     """Perplexity of the `todo` variants (their locks held by the caller), each stored as its own artifact."""
     log.info("perplexity on %s: %d windows × %d tokens, variants %s", dataset, *windows.shape, todo)
     computed = {}
-    for model in {id(plan[n][2]): plan[n][2] for n in todo}.values():  # variants sharing a model stream together
-        variants = {n: plan[n][1] for n in todo if plan[n][2] is model}
-        computed.update(blockwise_nll(model, windows, variants, ctx.device, cfg["batch_size"], ctx.progress, desc=f"ppl {dataset}"))
+    # Under torchrun each rank evaluates its share of the windows (whole batches, in order); the parts combine to
+    # the one-process numbers.
+    mine = windows[ctx.world.shard(windows.shape[0], cfg["batch_size"])]
+    for model in {id(plan[n][2]): plan[n][2] for n in todo}.values() if mine.shape[0] else ():
+        variants = {n: plan[n][1] for n in todo if plan[n][2] is model}  # variants sharing a model stream together
+        computed.update(blockwise_nll(model, mine, variants, ctx.device, cfg["batch_size"], ctx.progress, desc=f"ppl {dataset}"))
+    parts = ctx.world.gather_objects(computed)
+    computed = {name: WindowNLL.combine([part[name] for part in parts if name in part]) for name in todo}
     rows = {}
     for name, nll in computed.items():
         record = rows[name] = {"ppl": nll.ppl, "window_nll": nll.window_nll, "tokens_per_window": nll.tokens_per_window,

@@ -188,7 +188,7 @@ def test_hessian_accumulator_matches_direct():
     rows = x.reshape(-1, 16).double()
     direct = 2 / rows.shape[0] * rows.T @ rows
     assert one.n_samples == batched.n_samples == 30
-    assert one.hessian().dtype == torch.float32 and one.hessian().shape == (16, 16)  # a float32 sum by default
+    assert one.hessian().dtype == torch.float32 and one.hessian().shape == (16, 16)  # float32 by default
     assert torch.allclose(one.hessian().double(), direct, rtol=1e-5, atol=1e-6)  # float32 products of float32 inputs
     assert torch.allclose(batched.hessian().double(), direct, rtol=1e-5, atol=1e-6)
     assert one.hessian() is one.hessian()  # scaled in place once, not copied
@@ -200,6 +200,21 @@ def test_hessian_accumulator_matches_direct():
     assert half.hessian().dtype == torch.float32 and half.n_samples == 30
     with pytest.raises(ValueError, match="already scaled"):
         one.add(x)
+
+
+def test_hessian_does_not_depend_on_how_the_batches_are_grouped():
+    """What a data-parallel job's ranks rely on: two ranks' sums added equal one process's running sum, bit for bit."""
+    torch.manual_seed(6)
+    batches = [torch.randn(4, 32, 24) * scale for scale in (1.0, 30.0, 0.01, 3.0)]
+    one = HessianAccumulator(24)
+    for b in batches:
+        one.add(b)
+    ranks = [HessianAccumulator(24), HessianAccumulator(24)]
+    for i, b in enumerate(batches):
+        ranks[i // 2].add(b)
+    ranks[0]._sum += ranks[1]._sum  # what all_reduce does
+    ranks[0]._n += ranks[1]._n
+    assert torch.equal(one.hessian(), ranks[0].hessian())
 
 
 def test_bad_inputs_raise():

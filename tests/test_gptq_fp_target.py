@@ -151,11 +151,11 @@ def test_plan_counts_the_fp_stream_and_the_cross_term(tmp_path):
 
 
 def test_fuse_key_carries_the_gptq_arithmetic():
-    """Blocks rounded by GPTQ's earlier arithmetic (float64 Hessian sums) are not reused: the key carries its version."""
+    """Blocks rounded by an earlier GPTQ arithmetic (float32 running Hessian sums) are not reused: the key carries its version."""
     from qllm_pipeline.stages.fuse import Fuse
     from qllm_pipeline import weight_rounding
 
     cfg = {"quant": {"wbits": 4, "weight_algorithm": "gptq"}, "gptq": {"damp": 0.01}}
     now = Fuse().key_config(cfg)
-    assert now["gptq"]["arithmetic"] == weight_rounding.GPTQ_ARITHMETIC_VERSION == 2
+    assert now["gptq"]["arithmetic"] == weight_rounding.GPTQ_ARITHMETIC_VERSION == 3
     assert Fuse().key_config({**cfg, "quant": {"wbits": 4, "weight_algorithm": "rtn"}}).get("gptq") is None

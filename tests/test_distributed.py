@@ -1,0 +1,116 @@
+"""Data parallelism under torchrun: 2 CPU processes (gloo) give the one-process numbers for every method, a killed
+rank ends the job and the same command resumes from the cache, and which rank owns which windows."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from conftest import REPO, read_results, run_cli, tiny_overrides
+from qllm_pipeline.distributed import Ownership, World
+
+METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
+# Two batches of windows per rank, training steps of two windows (one per rank), the θ search's windows spread over
+# both ranks, and evaluation batches on both: every reduction crosses the ranks.
+DP_SETTINGS = ["calibrate.n_samples=8", "pipeline.batch_size=2", "train_lowrank.batch_size=2", "tune_e2e.batch_size=2",
+               "search_theta.n_samples=6", "eval.batch_size=2"]
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def ppl_rows(run_dir) -> dict:
+    results = read_results(run_dir)
+    return {(d, v): (p, results["window_nll"][d][v]) for d, row in results["ppl"].items() for v, p in row.items()}
+
+
+def test_shards_are_whole_batches_in_order():
+    for n, batch, size in [(8, 2, 2), (16, 4, 3), (5, 2, 2), (7, 1, 4)]:
+        parts = World(0, size).shards(n, batch)
+        assert [i for p in parts for i in range(p.start, p.stop)] == list(range(n))
+        assert all(p.start % batch == 0 for p in parts)
+        counts = [-(-(p.stop - p.start) // batch) for p in parts]
+        assert max(counts) - min(counts) <= 1
+
+
+def test_ownership_maps_a_steps_windows_to_this_ranks_rows():
+    owned = Ownership.of(World(1, 2), slice(4, 8), 8)
+    assert owned.local(torch.tensor([6, 1, 4, 7])).tolist() == [2, 0, 3]
+    assert Ownership.of(World(), slice(0, 8), 8).local(torch.tensor([3, 1])).tolist() == [3, 1]
+
+
+def test_two_processes_give_the_one_process_numbers_for_every_method(tiny_model_dir, tmp_path):
+    """Every conf/method on the tiny model: `torchrun --nproc_per_node=2` (gloo, 2 real processes) against one
+    process, perplexity and every window's NLL to 1e-5 relative; rank 0 alone writes the run's results."""
+    single = {}
+    for method in METHODS:
+        run_dir = tmp_path / "one" / method
+        proc = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache_one", run_dir), *DP_SETTINGS, f"method={method}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        single[method] = ppl_rows(run_dir)
+
+    overrides = [a for a in tiny_overrides(tiny_model_dir, tmp_path / "cache_two", tmp_path / "unused") if not a.startswith("hydra.")]
+    proc = subprocess.run(torchrun(str(REPO / "tests" / "dp_worker.py"), str(tmp_path / "two"), *METHODS, "--",
+                                   *overrides, *DP_SETTINGS),
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for method in METHODS:
+        two = ppl_rows(tmp_path / "two" / method)
+        assert two.keys() == single[method].keys(), method
+        for row, (ppl, windows) in single[method].items():
+            assert two[row][0] == pytest.approx(ppl, rel=1e-5), (method, row)
+            assert two[row][1] == pytest.approx(windows, rel=1e-5), (method, row)
+        assert read_results(tmp_path / "two" / method)["meta"]["ranks"] == 2
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == METHODS  # no second rank's run directory
+
+
+def test_killed_rank_ends_the_job_and_the_same_command_resumes(tiny_model_dir, tmp_path):
+    """SIGKILL one of the two ranks after the first block: torchrun ends the job (the other rank does not hang);
+    the same command resumes from the cache and reaches the one-process numbers. (One window per training step, so
+    each step runs on one rank: the numbers are the same bits however many steps; see the README on split steps.)"""
+    args = [*DP_SETTINGS, "method=qllm", "train_lowrank.epochs=12", "train_lowrank.batch_size=1"]
+    reference = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "ref_cache", tmp_path / "ref"), *args])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    cache = tmp_path / "cache"
+    cmd = torchrun("-m", "qllm_pipeline", *tiny_overrides(tiny_model_dir, cache, tmp_path / "run"), *args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fused = lambda: [p for p in (cache / "fuse").iterdir() if ".tmp-" not in p.name] if (cache / "fuse").exists() else []  # noqa: E731
+    deadline = time.time() + 300
+    while not fused() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    assert job.poll() is None, "the job finished before a rank could be killed; make it slower"
+    ranks = psutil.Process(job.pid).children(recursive=True)
+    assert len(ranks) >= 2
+    os.kill(ranks[-1].pid, signal.SIGKILL)
+    assert job.wait(timeout=120) != 0
+    assert len(fused()) == 1
+
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = read_results(tmp_path / "run")
+    stages = {row["stage"]: row for row in results["stages"]}
+    assert stages["fuse"]["cached"] == 1 and stages["fuse"]["computed"] == 2
+    assert not list(cache.glob("*/*.tmp-*")), "partial artifacts left behind"
+    for row, (ppl, _) in ppl_rows(tmp_path / "ref").items():
+        assert ppl_rows(tmp_path / "run")[row][0] == pytest.approx(ppl, rel=1e-5)
+
+
+def test_more_ranks_than_batches_is_refused_before_loading(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    proc = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache", tmp_path / "run"), "method=rtn"])
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        "error: 3 ranks but calibrate.n_samples=4 with pipeline.batch_size=4 makes 1 batch(es) of windows; each rank "
+        "needs one: start fewer ranks, or raise calibrate.n_samples or lower the batch size"]
+    assert not (tmp_path / "cache" / "calibrate").exists()
