@@ -17,7 +17,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from .attention import attention_spec
 from .cache import ArtifactCache, is_disk_full
-from .distributed import SharedCache, env_world, init_from_env
+from .distributed import SharedCache, adopt_submitit_tasks, collective_seconds, env_world, init_from_env
 from .errors import PipelineError
 from .export import specs_from_quant_cfg
 from .identity import model_key
@@ -198,6 +198,7 @@ def check_datasets(c: dict) -> None:
 
 def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
+    adopt_submitit_tasks()  # a multi-task submitit job: its tasks are the ranks
     c = resolved_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if c["pipeline"]["plan_only"]:
@@ -266,6 +267,7 @@ def run(cfg: DictConfig) -> dict:
         "keys": ctx.keys,
         "overrides": list(HydraConfig.get().overrides.task),
         "ranks": world.size,
+        "collective_seconds": collective_seconds(),  # rank 0's: data moved and waits for the other ranks
     }
     if not world.is_writer:
         return results

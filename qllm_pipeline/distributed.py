@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +28,26 @@ log = logging.getLogger(__name__)
 
 # A rank may wait this long for another (rank 0 writing a 70B block's artifact, one rank's last batch).
 TIMEOUT = timedelta(hours=2)
+_COLLECTIVE_SECONDS = [0.0]
+
+
+def collective_seconds() -> float:
+    """Seconds this process spent in collectives: moving data, and waiting for the slowest rank (imbalance)."""
+    return _COLLECTIVE_SECONDS[0]
+
+
+def _timed(fn):
+    def wrapper(self, *args, **kwargs):
+        if not self.active:
+            return fn(self, *args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            _COLLECTIVE_SECONDS[0] += time.perf_counter() - start
+
+    wrapper.__doc__, wrapper.__name__ = fn.__doc__, fn.__name__
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,7 @@ class World:
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         return tensor.to(device)
 
+    @_timed
     def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce `tensor` in place over the ranks (op "sum" or "max") and return it."""
         if not self.active:
@@ -76,6 +98,7 @@ class World:
             tensor.copy_(buffer)
         return tensor
 
+    @_timed
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """rank `src`'s `obj` on every rank (a decision one rank takes for all: what is cached, what to compute)."""
         if not self.active:
@@ -84,6 +107,7 @@ class World:
         torch.distributed.broadcast_object_list(box, src=src)
         return box[0]
 
+    @_timed
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order."""
         if not self.active:
@@ -92,6 +116,7 @@ class World:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    @_timed
     def gather_windows(self, local: torch.Tensor, n: int, batch_size: int, count: int | None = None) -> torch.Tensor:
         """The first `count` (all when None) of the n windows, on every rank, from the shards the ranks hold
         (`local` is this rank's, `shard(n, batch_size)` of them)."""
@@ -109,6 +134,7 @@ class World:
             parts.append(buffer.to(local.device))
         return torch.cat(parts)
 
+    @_timed
     def barrier(self) -> None:
         if self.active:
             torch.distributed.barrier()
@@ -156,6 +182,17 @@ _WORLD = World()
 def world() -> World:
     """The world this process belongs to (a world of one unless `init_from_env` joined a torchrun job)."""
     return _WORLD
+
+
+def adopt_submitit_tasks() -> None:
+    """In a job of Hydra's submitit launcher with several tasks (tasks_per_node × nodes), each task is a rank: set
+    the environment torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) from submitit's."""
+    if "WORLD_SIZE" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # rank r: cuda:r
 
 
 def env_world() -> World:

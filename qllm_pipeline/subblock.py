@@ -21,6 +21,7 @@ from torch import nn
 from .arch import POINT_NAMES, attention, block_family, get_path
 from .attention import set_attention_quant
 from .blocks import BlockRunner
+from .distributed import world
 from .qlinear import QuantLinear
 from .quantizer import QuantSpec
 
@@ -99,9 +100,14 @@ def point_loss_fn(
     attn_spec: QuantSpec | None = None,
 ) -> Callable:
     """loss(reassembly) = MSE between the FP sub-block output and the one with reassembled, quantized projections
-    (and, at the qkv point, quantized attention inputs when `attn_spec` is on)."""
+    (and, at the qkv point, quantized attention inputs when `attn_spec` is on), over the windows of `h`.
+
+    The squared errors are summed in float64: under torchrun each rank scores its share of the windows and the sums
+    are added (one collective per candidate), giving the one-process loss whatever the split."""
+    part = world().shard(h.shape[0], 1)
+    h = h[part]
     with torch.no_grad():
-        target = _point_output(block, point, h, runner)
+        target = _point_output(block, point, h, runner) if h.shape[0] else None
     qblock = copy.deepcopy(block)
     set_attention_quant(qblock, attn_spec)
     qlinears = []
@@ -114,8 +120,13 @@ def point_loss_fn(
     def loss(reassembly) -> float:
         for ql in qlinears:
             ql.set_reassembly(None if reassembly is None or reassembly.is_identity else reassembly)
-        with torch.no_grad():
-            out = _point_output(qblock, point, h, runner)
-        return nn.functional.mse_loss(out.float(), target.float()).item()
+        sums = torch.zeros(2, dtype=torch.float64)
+        if target is not None:
+            with torch.no_grad():
+                out = _point_output(qblock, point, h, runner)
+            sums[0] = (out.float() - target.float()).pow(2).sum(dtype=torch.float64).item()
+            sums[1] = out.numel()
+        total, count = world().all_reduce_(sums).tolist()
+        return total / count
 
     return loss

@@ -20,7 +20,8 @@ from qllm_pipeline.subblock import POINTS, point_activations, point_loss_fn, poi
 log = logging.getLogger(__name__)
 
 class SearchTheta(BlockStage):
-    spec = StageSpec("search_theta", version=1, config_keys=("search_theta", "reassemble.assemble", "quant"),
+    # version 2: the loss sums squared errors in float64 (a data-parallel job's ranks add their shares)
+    spec = StageSpec("search_theta", version=2, config_keys=("search_theta", "reassemble.assemble", "quant"),
                      upstream=("collect_activations",))
 
     def enabled(self, cfg) -> bool:

@@ -2,6 +2,7 @@
 rank ends the job and the same command resumes from the cache, and which rank owns which windows."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -114,3 +115,54 @@ def test_more_ranks_than_batches_is_refused_before_loading(tiny_model_dir, tmp_p
         "error: 3 ranks but calibrate.n_samples=4 with pipeline.batch_size=4 makes 1 batch(es) of windows; each rank "
         "needs one: start fewer ranks, or raise calibrate.n_samples or lower the batch size"]
     assert not (tmp_path / "cache" / "calibrate").exists()
+
+
+def test_submitit_local_sweep_of_data_parallel_jobs_on_one_cache(tiny_model_dir, tmp_path):
+    """Hydra's submitit launcher (the SLURM one's local twin, conf/hydra/launcher/local.yaml): 2 sweep jobs at once,
+    each a 2-task job whose tasks are its ranks, on one cache: the shared artifacts are computed once, every job
+    matches its one-process numbers, and the sweep summary is written."""
+    args = [a for a in tiny_overrides(tiny_model_dir, tmp_path / "cache", tmp_path / "unused") if not a.startswith("hydra.")]
+    args += ["pipeline.batch_size=2"]
+    proc = run_cli(["-m", *args, f"hydra.sweep.dir={tmp_path}/sweep", "hydra/launcher=local",
+                    "hydra.launcher.tasks_per_node=2", "train_lowrank.rank=2,4"], in_process=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Submitit 'local' sweep" in proc.stdout + proc.stderr
+    jobs = [read_results(tmp_path / "sweep" / str(i)) for i in (0, 1)]
+    assert [job["meta"]["ranks"] for job in jobs] == [2, 2]
+    computed = {}
+    for job in jobs:
+        for s in job["stages"]:
+            computed[s["stage"]] = computed.get(s["stage"], 0) + s["computed"]
+    assert computed["calibrate"] == 1
+    assert computed["collect_activations"] == 1 + 2 * 2  # block 0 shared; blocks 1-2 follow each job's own LRC rank
+    assert computed["evaluate"] == 2 + 2 * 2  # fp and rtn once
+    assert (tmp_path / "sweep" / "sweep_summary.md").is_file()
+    one = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache_one", tmp_path / "one"), "pipeline.batch_size=2",
+                   "train_lowrank.rank=4"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    for (dataset, variant), (ppl, _) in ppl_rows(tmp_path / "one").items():
+        assert jobs[1]["ppl"][dataset][variant] == pytest.approx(ppl, rel=1e-5)
+
+
+def test_distributed_benchmark_tiny(tiny_model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/distributed.py", "--methods", "qllm", "--tiny-model-dir",
+                           str(tiny_model_dir), "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "distributed.json").read_text())
+    assert [(r["method"], r["ranks"]) for r in result["runs"]] == [("qllm", 1), ("qllm", 2)]
+    assert all(r["ppl_matches_1_rank"] for r in result["runs"])
+    stages = {(row["ranks"], row["stage"]) for row in result["rows"]}
+    assert {(1, "train_lowrank"), (2, "train_lowrank"), (2, "block stages"), (2, "job")} <= stages
+    assert "| qllm | 2 |" in (tmp_path / "distributed.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ranks", "2,4"], "--ranks=2,4 must start with 1 (the baseline the speedup is of)"),
+    (["--ranks", "1,x"], "--ranks='1,x' must be positive integers, comma-separated, e.g. 1,2"),
+    (["--methods", "qllm,nope"], "--methods: unknown method 'nope'; choose from"),
+])
+def test_distributed_benchmark_refuses_bad_input(argv, message, tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/distributed.py", *argv, "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {message}") and len(proc.stderr.strip().splitlines()) == 1
