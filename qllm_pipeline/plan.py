@@ -25,6 +25,7 @@ import torch
 
 from .errors import PipelineError
 from .lrc_memory import GIB, format_plan, memory_plan
+from .distributed import World, env_world
 from .model_loading import ModelSource, load_config, streams
 from .working_sets import (
     block_params,
@@ -155,7 +156,10 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True, hos
     nbytes = dtype_bytes(cfg)
     stages = list(cfg["pipeline"]["stages"])
     quant = cfg["quant"]
-    n, seq = cfg["calibrate"]["n_samples"], cfg["calibrate"]["seq_len"]
+    ranks = plan_ranks(cfg)
+    # Under data parallelism each rank streams its shard of the windows (the largest shard: qllm_pipeline.distributed)
+    n_all, seq = cfg["calibrate"]["n_samples"], cfg["calibrate"]["seq_len"]
+    n = largest_shard(n_all, int(cfg["pipeline"].get("batch_size", 1)), ranks)
     h = arch["hidden_size"]
     block = block_params(arch) * nbytes
     quantized = quant.get("wbits") is not None or quant.get("abits") is not None
@@ -184,7 +188,7 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True, hos
         elif name == "collect_activations":
             work[name] = collect_activations_working_set(arch, batch_tokens, block)
         elif name in ("search_theta", "reassemble") and quant.get("abits") is not None:
-            tokens = min(int(cfg["search_theta"]["n_samples"]), n) * seq
+            tokens = min(int(cfg["search_theta"]["n_samples"]), n_all) * seq  # gathered on every rank
             work[name] = max(search_theta_working_set(arch, tokens, nbytes, block).values())
         elif name == "train_lowrank" and lrc_on:  # GPTQ rounds the base it refines first
             work[name] = max(lrc_plan["device_peak_bytes"], gptq)
@@ -198,7 +202,7 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True, hos
             work[name] = evaluate_working_set(arch, int(ev.get("batch_size", 1)), int(ev.get("seq_len", seq)), block)
     ev = cfg.get("eval", {})
     eval_seq = int(ev.get("seq_len", seq))
-    windows = eval_windows(ev.get("max_windows"), eval_seq, WIKITEXT2_TEST_TOKENS)
+    windows = largest_shard(eval_windows(ev.get("max_windows"), eval_seq, WIKITEXT2_TEST_TOKENS), int(ev.get("batch_size", 1)), ranks)
     eval_streams = 3 * windows * eval_seq * h * nbytes if "evaluate" in stages else 0  # two variants + the output
     base = sum(resident.values())
     e2e_layout, e2e_terms = None, {}
@@ -224,7 +228,17 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True, hos
             "host_peak_bytes": max(per_stage.values(), default=base), "device_peak_bytes": device_peak,
             "block_bytes": block, "stream_bytes": stream, "eval_stream_bytes": eval_streams, "lrc": lrc_plan,
             "e2e_layout": e2e_layout, "e2e_host_terms": e2e_terms, "e2e_mode": _e2e_settings(cfg)["mode"],
-            "streamed": streamed, "device": device_type}
+            "streamed": streamed, "device": device_type, "ranks": ranks, "windows_per_rank": n}
+
+
+def plan_ranks(cfg: dict) -> int:
+    """The data-parallel ranks a plan is for: pipeline.ranks, else torchrun's (1 without it)."""
+    return int(cfg["pipeline"].get("ranks") or env_world().size)
+
+
+def largest_shard(n: int, batch_size: int, ranks: int) -> int:
+    """Windows of the rank holding the most of n, dealt in whole batches (distributed.World.shard)."""
+    return max(part.stop - part.start for part in World(0, ranks).shards(n, batch_size))
 
 
 def memory_budget(cfg: dict, device: torch.device | str) -> dict:
@@ -311,6 +325,10 @@ def format_run_plan(cfg: dict, plan: dict, budget: dict | None = None) -> str:
                      f"{'kept in host memory' if plan['e2e_layout']['keep_blocks'] else 'rebuilt on each pass'}, block inputs "
                      f"{'spilled to disk' if plan['e2e_layout']['spill_inputs'] else 'in host memory'}; host terms "
                      + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in plan["e2e_host_terms"].items()))
+    if plan["ranks"] > 1:
+        lines.append(f"  data parallel, {plan['ranks']} ranks: every number here is per rank (its {plan['windows_per_rank']} "
+                     f"of {cfg['calibrate']['n_samples']} calibration windows; the device peak is per GPU); a node running "
+                     f"k ranks needs k × the host peak")
     host_name = "a 32 GB host" if host_budget == HOST_BUDGET_BYTES else f"a {host_budget / 1e9:.1f} GB host budget"
     lines.append(f"  host peak: {plan['host_peak_bytes'] / GIB:.1f} GiB ({plan['host_peak_bytes'] / 1e9:.1f} GB; "
                  f"{'within' if plan['host_peak_bytes'] <= host_budget else 'ABOVE'} {host_name})")

@@ -148,6 +148,7 @@ SCHEMA: dict[str, dict[str, Field] | None] = {
         "batch_size": _int(1), "plan_only": BOOL_FIELD, "progress": BOOL_FIELD, "memory_check": BOOL_FIELD,
         "device_memory_gb": _num(0, lo_open=True, null=True, hint="a number of GB > 0, or null for the device's own"),
         "host_memory_gb": _num(0, lo_open=True, null=True, hint="a number of GB > 0, or null for what the host has available"),
+        "ranks": _int(1, null=True, hint="a positive integer, or null for torchrun's number of ranks (1 without it)"),
     },
 }
 FREE = {"hydra"}

@@ -166,3 +166,18 @@ def test_distributed_benchmark_refuses_bad_input(argv, message, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"error: {message}") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_plan_is_per_rank(tmp_path):
+    """pipeline.plan_only with pipeline.ranks=8: each rank streams its 16 of 128 windows (an eighth of the block
+    streams), the device peak per GPU is one rank's, unchanged."""
+    plans = {}
+    for ranks in (1, 8):
+        proc = run_cli(["model=llama2_70b", "method=rotation_qllm_gptq", "calibrate.n_samples=128", "calibrate.seq_len=2048",
+                        "pipeline.plan_only=true", f"pipeline.ranks={ranks}", f"hydra.run.dir={tmp_path}/{ranks}"])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        plans[ranks] = json.loads((tmp_path / str(ranks) / "plan.json").read_text())
+    assert plans[1]["windows_per_rank"] == 128 and plans[8]["windows_per_rank"] == 16
+    assert plans[8]["resident"]["streams"] * 8 == plans[1]["resident"]["streams"]
+    assert plans[8]["device_peak_bytes"] == plans[1]["device_peak_bytes"]
+    assert plans[8]["host_peak_bytes"] < plans[1]["host_peak_bytes"]

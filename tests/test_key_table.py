@@ -46,6 +46,7 @@ NO_EFFECT = {
     "pipeline.device_memory_gb": "the budget the plan is checked against",
     "pipeline.host_memory_gb": "the budget the plan is checked against; tune_e2e keeps or rebuilds its blocks and "
                                "spills its inputs by it (the same numbers: tests/test_tune_e2e.py)",
+    "pipeline.ranks": "the ranks the plan is for; a torchrun job's artifacts are one process's (tests/test_distributed.py)",
     "tune_e2e.mode": "one block on the device at a time or all at once: the same gradients (tests/test_tune_e2e.py)",
     "eval.batch_size": "windows per forward pass at evaluation",
     "fuse.save_model": "whether the whole model is also written",
