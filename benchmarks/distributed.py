@@ -87,7 +87,7 @@ def run(args) -> dict:
         for stage, seconds in [*r["stages"].items(), ("block stages", block(r)), ("job", r["wall_s"])]:
             ref = base["stages"].get(stage) if stage not in ("block stages", "job") else (block(base) if stage == "block stages" else base["wall_s"])
             rows.append({"method": r["method"], "ranks": r["ranks"], "stage": stage, "wall_s": round(seconds, 1),
-                         "speedup": round(ref / seconds, 2) if ref and seconds else None})
+                         "speedup": round(ref / seconds, 2) if ref and seconds else None, "ppl": r["ppl"]})
     for r in runs:
         r["ppl_matches_1_rank"] = same_digits(r["ppl"], next(b for b in runs if b["method"] == r["method"] and b["ranks"] == 1)["ppl"])
     return {"command": " ".join(["python benchmarks/distributed.py", *sys.argv[1:]]), "commit": code_commit(),

@@ -266,6 +266,9 @@ def run(cfg: DictConfig) -> dict:
         "peak_rss_mib": peak_rss_mib(),
         "keys": ctx.keys,
         "overrides": list(HydraConfig.get().overrides.task),
+        # The CPU kernels' instruction set: quantized numbers move with it (RTN W4A4 on SmolLM2: 1198.662 with
+        # AVX2 kernels, 1216.387 with AVX-512 ones, FP the same), so a run is compared on the same kind of CPU
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "ranks": world.size,
         "collective_seconds": collective_seconds(),  # rank 0's: data moved and waits for the other ranks
     }

@@ -55,7 +55,10 @@ def write_results(run_dir: Path, results: dict) -> str:
         md += [f"Checkpoint ({c['format']}): {c['checkpoint_bytes'] / 1e6:.1f} MB on disk, "
                f"{c['checkpoint_bytes'] / c['fp16_bytes']:.2f}× the same model in FP16 ({c['fp16_bytes'] / 1e6:.1f} MB).", ""]
     md += ["## Stages", "", *stage_lines(results["stages"]), ""]
-    md += [f"Total wall time: {meta.get('wall_seconds', 0):.1f} s; peak RSS {meta.get('peak_rss_mib', 0):.0f} MiB; device {meta.get('device', '?')}.", ""]
+    cpu = f" (CPU kernels: {meta['cpu_capability']})" if meta.get("cpu_capability") else ""
+    ranks = f"; {meta['ranks']} data-parallel ranks" if meta.get("ranks", 1) > 1 else ""
+    md += [f"Total wall time: {meta.get('wall_seconds', 0):.1f} s; peak RSS {meta.get('peak_rss_mib', 0):.0f} MiB; "
+           f"device {meta.get('device', '?')}{cpu}{ranks}.", ""]
     text = "\n".join(md)
     (run_dir / "results.md").write_text(text)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
