@@ -110,6 +110,7 @@ def row_from(run: dict, tag: str = "") -> dict:
                    for s in results["stages"] if s["computed"]},
         "commit": code_commit(),
         "act_quantizer": ACTIVATION_QUANTIZER_VERSION,
+        "cpu_capability": results["meta"].get("cpu_capability"),  # quantized numbers move with the CPU's kernels
     }
 
 

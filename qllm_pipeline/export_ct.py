@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .arch import family_of
+from .errors import PipelineError
 from .export import FORMAT as PACKED_FORMAT
 from .quantizer import activation_clip_ratio
 
@@ -124,7 +125,7 @@ def compressed_projection(codes: torch.Tensor, scale: torch.Tensor, zero: torch.
         # Our asymmetric grid is unsigned, theirs signed: shift the zero point. A row of one sign has its zero point
         # outside the code range; int-quantized stores it in int8 all the same (and only symmetric weights are packed).
         shifted = zero - 2 ** (args.num_bits - 1)
-        if shifted.abs().max() > 127:
+        if shifted.min() < -128 or shifted.max() > 127:
             raise ValueError("a zero point does not fit in int8; compressed-tensors cannot store it")
         state["weight_zero_point"] = shifted.to(torch.int8)
     compressor = PackedQuantizationCompressor if scheme.format == PACK_FORMAT else IntQuantizationCompressor
@@ -204,7 +205,15 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
         if has_runtime and not runtime:
             raise ValueError(f"block {i} has run-time transforms, but the checkpoint is being written without its modeling code")
         for name in names:
-            packed = compressed_projection(block[f"{name}.codes"], block[f"{name}.scale"], block[f"{name}.zero"], scheme, dtype)
+            try:
+                packed = compressed_projection(block[f"{name}.codes"], block[f"{name}.scale"], block[f"{name}.zero"], scheme, dtype)
+            except ValueError as exc:
+                # A weight row of one sign: min-max without 0 puts its zero point off the grid (the stages' artifacts
+                # are kept, so writing another format resumes from the cache)
+                raise PipelineError(
+                    f"block {i} {name}: a weight row's zero point is outside compressed-tensors' int8 range (a row of one "
+                    f"sign); write fuse.format={PACKED_FORMAT} (the run resumes from the cache) or quantize the weights "
+                    "symmetrically (quant.w_symmetric=true)") from exc
             tensors.update({f"{prefix}{name}.{k}": v.contiguous() for k, v in packed.items()})
             block_params += block[f"{name}.codes"].numel()
         for key, value in block.items():

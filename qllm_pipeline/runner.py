@@ -194,11 +194,12 @@ class Runner:
             rec.peak_device_mib = max(rec.peak_device_mib, torch.cuda.max_memory_allocated(self.ctx.device) / 2**20)
         return result
 
-    def produce(self, name: str, key: str, compute, timed: bool = True) -> Artifact:
+    def produce(self, name: str, key: str, compute, timed: bool = True, collective: bool = True) -> Artifact:
         """Return the cached artifact for `key`, or compute it (under the key's lock, so parallel jobs compute it once).
-        timed=False for a final stage's artifacts: the runner already times the stage's whole `run`."""
+        timed=False for a final stage's artifacts: the runner already times the stage's whole `run`; collective=False
+        for a computation that reduces nothing over ranks (under torchrun, rank 0 alone runs it)."""
         measured = (lambda writer: self._measure(name, compute, writer)) if timed else compute
-        artifact, computed = self.ctx.cache.produce(name, key, measured, force=self.is_forced(name))
+        artifact, computed = self.ctx.cache.produce(name, key, measured, force=self.is_forced(name), collective=collective)
         if computed:
             self.records[name].computed += 1
         else:

@@ -164,7 +164,8 @@ def zeroshot(ctx, runner, plan: dict, cfg: dict) -> dict:
                 log.info("zero-shot %s on %s", name, tasks)
                 writer.save_json("zeroshot.json", run_zeroshot(model, ctx.tokenizer, tasks, cfg.get("limit"), cfg["batch_size"], ctx.device))
 
-        artifact = runner.produce("evaluate", key, compute, timed=False)
+        # lm-eval runs the whole model in one process: under torchrun, rank 0 alone
+        artifact = runner.produce("evaluate", key, compute, timed=False, collective=False)
         table[name] = artifact.json("zeroshot.json")
     return table
 
