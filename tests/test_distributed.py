@@ -181,3 +181,11 @@ def test_plan_is_per_rank(tmp_path):
     assert plans[8]["resident"]["streams"] * 8 == plans[1]["resident"]["streams"]
     assert plans[8]["device_peak_bytes"] == plans[1]["device_peak_bytes"]
     assert plans[8]["host_peak_bytes"] < plans[1]["host_peak_bytes"]
+
+
+def test_slurm_launcher_entry_composes():
+    """conf/hydra/launcher/slurm.yaml on top of the plugin's submitit_slurm schema (nothing is submitted)."""
+    proc = run_cli(["hydra/launcher=slurm", "hydra.launcher.tasks_per_node=8", "--cfg", "hydra"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in proc.stdout
+    assert "tasks_per_node: 8" in proc.stdout and "max_num_timeout: 2" in proc.stdout
