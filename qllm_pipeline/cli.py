@@ -179,6 +179,10 @@ def check_memory(c: dict, source: ModelSource, config, device: torch.device) -> 
 def check_ranks(c: dict) -> None:
     """Under torchrun, every rank must own at least one batch of calibration windows."""
     place = env_world()
+    planned = c["pipeline"].get("ranks")
+    if planned is not None and planned != place.size:
+        raise PipelineError(f"pipeline.ranks={planned} but this job has {place.size} rank(s) (torchrun's --nproc_per_node); "
+                            "pipeline.ranks is for pipeline.plan_only: leave it null for a run")
     batches = -(-int(c["calibrate"]["n_samples"]) // int(c["pipeline"]["batch_size"]))
     if place.size > batches:
         raise PipelineError(f"{place.size} ranks but calibrate.n_samples={c['calibrate']['n_samples']} with "

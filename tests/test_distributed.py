@@ -189,3 +189,11 @@ def test_slurm_launcher_entry_composes():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in proc.stdout
     assert "tasks_per_node: 8" in proc.stdout and "max_num_timeout: 2" in proc.stdout
+
+
+def test_planned_ranks_other_than_the_jobs_are_refused(tiny_model_dir, tmp_path):
+    proc = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache", tmp_path / "run"), "method=rtn", "pipeline.ranks=8"])
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        "error: pipeline.ranks=8 but this job has 1 rank(s) (torchrun's --nproc_per_node); pipeline.ranks is for "
+        "pipeline.plan_only: leave it null for a run"]
