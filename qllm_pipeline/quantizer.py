@@ -13,6 +13,9 @@ MIN_BITS, MAX_BITS = 2, 16
 # Part of every cache key of the stages that run quantized forwards: results made by an earlier activation quantizer
 # are never reused. 2: compressed-tensors' arithmetic (activation_quant_params).
 ACTIVATION_QUANTIZER_VERSION = 2
+# Likewise for the weights' grid. 2: a row whose zero point compressed-tensors cannot store (a row of one sign) takes
+# its range widened to include 0 (`_storable`); every other row is as in 1.
+WEIGHT_GRID_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,27 @@ def quant_params(
         scale = ((hi - lo) / qmax).clamp(min=1e-8)
         zero = torch.round(-lo / scale)
         codes = torch.clamp(torch.round(x.float() / scale) + zero, 0, qmax)
+        codes, scale, zero = _storable(xf, bits, codes, scale, zero, clip_ratio)
     return codes, scale, zero
+
+
+def _storable(xf: torch.Tensor, bits: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+              clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric grids whose zero point a checkpoint can store. compressed-tensors keeps it in int8 on its signed
+    grid (z - 2^(b-1) in [-128, 127]); a vector of one sign, whose min-max range leaves 0 out, can fall outside (at 8
+    bits always). Those vectors take their range widened to include 0, as compressed-tensors' own observers always
+    do; every other vector is unchanged."""
+    offset = 2 ** (bits - 1)
+    bad = (zero - offset < -128) | (zero - offset > 127)
+    if not bool(bad.any()):
+        return codes, scale, zero
+    qmax = 2**bits - 1
+    lo = (xf.amin(dim=-1, keepdim=True) * clip_ratio).clamp(max=0)
+    hi = (xf.amax(dim=-1, keepdim=True) * clip_ratio).clamp(min=0)
+    wide_scale = ((hi - lo) / qmax).clamp(min=1e-8)
+    wide_zero = torch.round(-lo / wide_scale)
+    wide_codes = torch.clamp(torch.round(xf / wide_scale) + wide_zero, 0, qmax)
+    return torch.where(bad, wide_codes, codes), torch.where(bad, wide_scale, scale), torch.where(bad, wide_zero, zero)
 
 
 def activation_quant_params(
@@ -155,6 +178,8 @@ def clipped_quant_params(
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
         best_codes = torch.where(better, codes, best_codes)
+    if not symmetric:  # a shrunk candidate of a one-sign vector has the same unstorable zero point
+        best_codes, best_scale, best_zero = _storable(xf, bits, best_codes, best_scale, best_zero)
     return best_codes, best_scale, best_zero
 
 

@@ -32,7 +32,7 @@ from .errors import PipelineError
 from .fused import build_fused_block
 from .memory import PeakRSS, release_freed_memory
 from .qblock import load_reassemblies, make_quant_block
-from .quantizer import ACTIVATION_QUANTIZER_VERSION, QuantSpec
+from .quantizer import ACTIVATION_QUANTIZER_VERSION, WEIGHT_GRID_VERSION, QuantSpec
 from .stage import BLOCK, FINAL, ONCE, Stage
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,8 @@ class Runner:
         if stage.spec.kind != ONCE:
             # block and final stages run quantized forwards on the device: CPU and CUDA numbers differ, and so do
             # those of another activation quantizer
-            extra = {"device": self.ctx.device.type, "act_quantizer": ACTIVATION_QUANTIZER_VERSION, **(extra or {})}
+            extra = {"device": self.ctx.device.type, "act_quantizer": ACTIVATION_QUANTIZER_VERSION,
+                     "weight_grid": WEIGHT_GRID_VERSION, **(extra or {})}
         return artifact_key(name, stage.spec.version, cfg_part, upstream, extra)
 
     def _forced_from(self) -> int:

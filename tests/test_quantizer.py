@@ -160,3 +160,22 @@ def test_activation_range_includes_zero():
     codes, scale, zero = activation_quant_params(x, 2)
     assert torch.equal(scale, torch.tensor([[4.0 / 3]])) and torch.equal(zero, torch.tensor([[0.0]]))
     assert torch.equal(codes, torch.tensor([[1.0, 2.0, 2.0, 3.0]]))
+
+
+def test_rows_of_one_sign_get_a_storable_zero_point():
+    """compressed-tensors stores an asymmetric zero point in int8 on its signed grid: a row of one sign takes its
+    range widened to include 0 (its zero point in [0, 2^b - 1]); rows of both signs keep their min-max grid exactly."""
+    from qllm_pipeline.quantizer import clipped_quant_params, dequantize, quant_params
+
+    torch.manual_seed(0)
+    mixed = torch.randn(4, 64)
+    rows = torch.cat([mixed, torch.rand(2, 64) + 0.5, -(torch.rand(1, 64) + 0.5)])  # two positive rows, one negative
+    for fn in (quant_params, clipped_quant_params):
+        codes, scale, zero = fn(rows, 8)
+        assert 0 <= float(zero.min()) and float(zero.max()) <= 255
+        assert (dequantize(codes, scale, zero) - rows).abs().le(scale / 2 + 1e-6).all()  # still on its grid, no clamping
+        alone = fn(mixed, 8)
+        for got, want in zip((codes[:4], scale[:4], zero[:4]), alone):
+            assert torch.equal(got, want)
+    _, _, zero4 = quant_params(rows, 4)
+    assert float(zero4.min()) < 0  # at 4 bits the one-sign rows' zero points still fit int8: their grid is kept
