@@ -89,17 +89,19 @@ def test_killed_rank_ends_the_job_and_the_same_command_resumes(tiny_model_dir, t
     while not fused() and time.time() < deadline and job.poll() is None:
         time.sleep(0.05)
     assert job.poll() is None, "the job finished before a rank could be killed; make it slower"
-    ranks = psutil.Process(job.pid).children(recursive=True)
-    assert len(ranks) >= 2
+    # the ranks are torchrun's own children running the pipeline (not any process they start)
+    ranks = [p for p in psutil.Process(job.pid).children() if "qllm_pipeline" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
     os.kill(ranks[-1].pid, signal.SIGKILL)
     assert job.wait(timeout=120) != 0
-    assert len(fused()) == 1
+    done = len(fused())
+    assert 1 <= done < 3
 
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     results = read_results(tmp_path / "run")
     stages = {row["stage"]: row for row in results["stages"]}
-    assert stages["fuse"]["cached"] == 1 and stages["fuse"]["computed"] == 2
+    assert stages["fuse"]["cached"] == done and stages["fuse"]["computed"] == 3 - done
     assert not list(cache.glob("*/*.tmp-*")), "partial artifacts left behind"
     for row, (ppl, _) in ppl_rows(tmp_path / "ref").items():
         assert ppl_rows(tmp_path / "run")[row][0] == pytest.approx(ppl, rel=1e-5)
