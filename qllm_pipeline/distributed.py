@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -37,6 +38,7 @@ def collective_seconds() -> float:
 
 
 def _timed(fn):
+    @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         if not self.active:
             return fn(self, *args, **kwargs)
@@ -46,7 +48,6 @@ def _timed(fn):
         finally:
             _COLLECTIVE_SECONDS[0] += time.perf_counter() - start
 
-    wrapper.__doc__, wrapper.__name__ = fn.__doc__, fn.__name__
     return wrapper
 
 
@@ -237,10 +238,6 @@ class SharedCache(ArtifactCache):
 
     def clean_partial(self) -> int:
         return super().clean_partial() if self.world.is_writer else 0
-
-    def cached(self, stage: str, key: str) -> bool:
-        """Whether rank 0 finds `key` in the cache (the same answer on every rank)."""
-        return self.world.broadcast_object(self.get(stage, key) is not None if self.world.is_writer else None)
 
     def produce(self, stage: str, key: str, compute: Callable[[ArtifactWriter], Any], force: bool = False,
                 collective: bool = True) -> tuple[Artifact, bool]:
