@@ -27,13 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
 from _cli import code_commit  # noqa: E402
-
-from qllm_pipeline.intervals import difference_interval, verdict  # noqa: E402
-from qllm_pipeline.quantizer import ACTIVATION_QUANTIZER_VERSION  # noqa: E402
+from qllm_pipeline.evaluation.intervals import difference_interval, verdict  # noqa: E402
+from qllm_pipeline.quantized.quantizer import ACTIVATION_QUANTIZER_VERSION  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 HELDOUT = "calib_heldout"
@@ -51,7 +48,9 @@ TINY_OVERRIDES = [
 
 
 def abits(quant: str) -> int | None:
-    return yaml.safe_load((REPO / "conf" / "quant" / f"{quant}.yaml").read_text())["abits"]
+    from qllm_pipeline.core.config import group_config
+
+    return group_config("quant", quant, REPO / "conf")["abits"]
 
 
 def sweep(args, quant: str, methods: list[str], extra: list[str], cache: Path, sweep_dir: Path) -> list[dict]:
@@ -100,7 +99,7 @@ def row_from(run: dict, tag: str = "") -> dict:
         "dataset": dataset,
         "ppl": ppl[label],
         "fp": ppl["fp"],
-        # the 95 % paired-bootstrap interval of ppl / fp over the evaluation windows (qllm_pipeline/intervals.py)
+        # the 95 % paired-bootstrap interval of ppl / fp over the evaluation windows (qllm_pipeline/evaluation/intervals.py)
         **dict(zip(("ci_low", "ci_high"), results.get("ppl_ci", {}).get(dataset, {}).get(label, ()))),
         **({"window_nll": results["window_nll"][dataset][label]} if "window_nll" in results else {}),
         "rtn": ppl["rtn"],
@@ -141,7 +140,7 @@ def markdown(rows: list[dict], command: str) -> str:
         lines += ["", f"## {model}", "", *model_table([r for r in rows if model_of(r) == model])]
     if any(earlier_quantizer(r) for r in rows):
         lines += ["", f"† measured with an earlier activation quantizer (before version {ACTIVATION_QUANTIZER_VERSION}, "
-                  "compressed-tensors' arithmetic: qllm_pipeline/quantizer.py); not re-run since. The change is in the "
+                  "compressed-tensors' arithmetic: qllm_pipeline/quantized/quantizer.py); not re-run since. The change is in the "
                   "asymmetric activation quantizer only: `[symmetric]` rows would give the same numbers."]
     ours = [r for r in rows if r.get("tool", TOOL) == TOOL and r.get("stages")]
     lines += ["", "## Our runs: held-out calibration windows (× FP, what settings are chosen on) and cost of every stage", "",

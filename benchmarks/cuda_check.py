@@ -2,7 +2,7 @@
 
 1. IntLinear (torch._int_mm, cuBLAS int8) against fake quantization, one projection and a whole random 2-block LLaMA,
    at W4A4, W4A8 and W8A8 (symmetric);
-2. a compressed-tensors checkpoint written by qllm_pipeline.export_ct, loaded by stock transformers with
+2. a compressed-tensors checkpoint written by qllm_pipeline.export.export_ct, loaded by stock transformers with
    `device_map="cuda"`, against the same checkpoint loaded on the CPU;
 3. every method whose checkpoint ships run-time parts (modeling_qllm.py: CRA gathers and merges, online Hadamards,
    attention-input and learned clips), run end to end by the pipeline on the device on a random 3-block LLaMA with the
@@ -48,8 +48,8 @@ log = logger("cuda_check")
 def fused_random_llama(wbits: int, abits: int, symmetric: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qllm_pipeline.blocks import decoder_layers, quantize_block_linears
-    from qllm_pipeline.quantizer import QuantSpec
+    from qllm_pipeline.quantized.blocks import decoder_layers, quantize_block_linears
+    from qllm_pipeline.quantized.quantizer import QuantSpec
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -62,8 +62,8 @@ def fused_random_llama(wbits: int, abits: int, symmetric: bool):
 
 
 def integer_gemm_lines() -> list[str]:
-    from qllm_pipeline.blocks import decoder_layers, quant_linears
-    from qllm_pipeline.int_linear import IntLinear, to_integer_model
+    from qllm_pipeline.export.int_linear import IntLinear, to_integer_model
+    from qllm_pipeline.quantized.blocks import decoder_layers, quant_linears
 
     lines = ["| quant | one projection: rel. error | whole model logits: rel. error |", "|---|---:|---:|"]
     for wbits, abits, sym in ((4, 4, False), (4, 8, False), (8, 8, True)):
@@ -83,9 +83,9 @@ def integer_gemm_lines() -> list[str]:
 def compressed_tensors_line(tmp: Path) -> str:
     from transformers import AutoModelForCausalLM
 
-    from qllm_pipeline.blocks import decoder_layers
-    from qllm_pipeline.export_ct import save_compressed_tensors_model
-    from qllm_pipeline.fused import fused_block_tensors
+    from qllm_pipeline.export.export_ct import save_compressed_tensors_model
+    from qllm_pipeline.quantized.blocks import decoder_layers
+    from qllm_pipeline.quantized.fused import fused_block_tensors
 
     model = fused_random_llama(4, 4, False)
     blocks = [fused_block_tensors(layer) for layer in decoder_layers(model)]  # codes, scales, zero points, norms
@@ -178,7 +178,7 @@ def reload_on(model_dir: Path, windows: torch.Tensor, device: str) -> tuple[floa
 def remote_code_lines(args, work: Path) -> list[str]:
     from transformers import AutoTokenizer
 
-    from qllm_pipeline.data import evaluation_windows, load_corpus, tokenize
+    from qllm_pipeline.data.corpora import evaluation_windows, load_corpus, tokenize
 
     model_dir = tiny_model_dir(args.tokenizer, work / "tiny_llama")
     failed = run_pipelines(args.cases, model_dir, work, args.text_dir, args.jobs)

@@ -139,7 +139,7 @@ def artifact_files(cache: Path) -> list[Path]:
 
 def verify_all(cache: Path) -> list[str]:
     sys.path.insert(0, str(REPO))
-    from qllm_pipeline.cache import verify
+    from qllm_pipeline.core.cache import verify
 
     return [f"{d.parent.name}/{d.name}: {problem}" for d in cache.glob("*/*")
             if d.is_dir() and not d.parent.name.startswith(".") and (problem := verify(d))]

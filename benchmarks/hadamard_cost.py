@@ -1,7 +1,7 @@
 """Run-time cost of the online Hadamard transforms (R4 before down_proj, the optional one before o_proj).
 
 For each projection shape it times, on the CPU, the projection's matmul alone, the online Hadamard applied the fast
-way (Kronecker factors, qllm_pipeline.hadamard.OnlineHadamard) and as a dense n×n matmul, on a batch of tokens; and
+way (Kronecker factors, qllm_pipeline.quantized.hadamard.OnlineHadamard) and as a dense n×n matmul, on a batch of tokens; and
 a whole decoder block (fake-quantized W4A4) with and without the online transforms. Writes
 benchmarks/results/hadamard_cost.md and .json.
 
@@ -35,11 +35,11 @@ def best_of(fn, repeats: int) -> float:
 def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qllm_pipeline.blocks import BlockRunner, decoder_layers
-    from qllm_pipeline.hadamard import OnlineHadamard
-    from qllm_pipeline.qblock import make_quant_block
-    from qllm_pipeline.quantizer import QuantSpec
-    from qllm_pipeline.rotation import add_online_hadamard
+    from qllm_pipeline.methods.rotation import add_online_hadamard
+    from qllm_pipeline.quantized.blocks import BlockRunner, decoder_layers
+    from qllm_pipeline.quantized.hadamard import OnlineHadamard
+    from qllm_pipeline.quantized.qblock import make_quant_block
+    from qllm_pipeline.quantized.quantizer import QuantSpec
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=576)

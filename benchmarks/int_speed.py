@@ -1,5 +1,5 @@
 """Integer execution on the CPU: prefill speed and memory of W8A8, W4A8 and W4A4 models run with integer GEMM
-(qllm_pipeline.int_linear.IntLinear, torch._int_mm) against the fp32 model and the fake-quantized one.
+(qllm_pipeline.export.int_linear.IntLinear, torch._int_mm) against the fp32 model and the fake-quantized one.
 
 For each model and bit width every decoder projection is fused with round-to-nearest codes (per output channel,
 asymmetric; activations per token, dynamic, asymmetric); the speed does not depend on how the codes were chosen.
@@ -82,7 +82,7 @@ def best_seconds(fn, repeats: int, device: str = "cpu") -> float:
 
 
 def block_bytes(model) -> int:
-    from qllm_pipeline.blocks import decoder_layers
+    from qllm_pipeline.quantized.blocks import decoder_layers
 
     layers = decoder_layers(model)
     return sum(t.numel() * t.element_size() for t in [*layers.parameters(), *layers.buffers()])
@@ -90,8 +90,8 @@ def block_bytes(model) -> int:
 
 def fused(model, wbits: int, abits: int):
     """A copy of `model` whose projections are fused W{wbits}A{abits} QuantLinears (RTN codes, fake quantization)."""
-    from qllm_pipeline.blocks import decoder_layers, quantize_block_linears
-    from qllm_pipeline.quantizer import QuantSpec
+    from qllm_pipeline.quantized.blocks import decoder_layers, quantize_block_linears
+    from qllm_pipeline.quantized.quantizer import QuantSpec
 
     out = copy.deepcopy(model)
     for layer in decoder_layers(out):
@@ -113,11 +113,10 @@ def perplexity(model, windows: torch.Tensor) -> float:
 
 def load(name: str, args):
     if name == "smollm2":
-        import yaml
+        from qllm_pipeline.core.config import group_config
+        from qllm_pipeline.model.model_loading import ModelSource, load_model, load_tokenizer
 
-        from qllm_pipeline.model_loading import ModelSource, load_model, load_tokenizer
-
-        source = ModelSource.from_config(yaml.safe_load((REPO / "conf" / "model" / "smollm2_135m.yaml").read_text()))
+        source = ModelSource.from_config(group_config("model", "smollm2_135m", REPO / "conf"))
         return load_model(source).eval(), load_tokenizer(source), "SmolLM2-135M (hidden 576, intermediate 1536, 30 blocks)"
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -130,15 +129,15 @@ def load(name: str, args):
 
 
 def run(args) -> dict:
-    from qllm_pipeline.int_linear import to_integer_model
-    from qllm_pipeline.memory import PeakRSS, release_freed_memory
+    from qllm_pipeline.core.memory import PeakRSS, release_freed_memory
+    from qllm_pipeline.export.int_linear import to_integer_model
 
     rows = []
     for name in args.models:
         if name == "packed":  # the pipeline's own model: its codes and online transforms, as written
             from transformers import AutoTokenizer
 
-            from qllm_pipeline.export import load_quantized_model
+            from qllm_pipeline.export.packed import load_quantized_model
 
             meta = json.loads((args.packed_model / "qllm_quant.json").read_text())
             quant_name = f"w{meta['quant']['wbits']}a{meta['quant']['abits']}"
@@ -158,7 +157,7 @@ def run(args) -> dict:
         prompt = prompt.to(args.device)
         windows = None
         if tokenizer is not None:
-            from qllm_pipeline.data import evaluation_windows, load_corpus, tokenize
+            from qllm_pipeline.data.corpora import evaluation_windows, load_corpus, tokenize
 
             windows = evaluation_windows(tokenize(tokenizer, load_corpus("wiki_sample").eval_text), 512, args.eval_windows)
             windows = windows.to(args.device)

@@ -72,7 +72,7 @@ def write_random_llama(out: Path, shape: dict, blocks: int, tied: bool, dtype: s
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(REPO))
-    from qllm_pipeline.shards import ShardWriter
+    from qllm_pipeline.export.shards import ShardWriter
 
     tok = tokenizer()
     config = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"], num_hidden_layers=blocks,

@@ -3,12 +3,12 @@
 Runs `llmcompressor.oneshot` (PyPI `llmcompressor`, which uses `compressed-tensors`) on exactly what our pipeline
 uses, so our results table can show peers beside our rows:
 
-* model: SmolLM2-135M-Instruct in fp32 through our own loader (`qllm_pipeline.model_loading`, conf/model/smollm2_135m.yaml);
+* model: SmolLM2-135M-Instruct in fp32 through our own loader (`qllm_pipeline.model.model_loading`, conf/model/smollm2_135m.yaml);
 * calibration: `calibration_windows(tokenize(wiki_sample calibration text), n, seq_len, seed)` with n, seq_len and seed
   from conf/calibrate/default.yaml (16 × 512, seed 0), i.e. exactly the windows of our `calibrate` stage;
 * evaluation: `evaluation_windows(tokenize(wiki_sample evaluation text), seq_len, max_windows)` with conf/eval/default.yaml
   (512 tokens, 32 windows); ppl = exp(mean next-token NLL over all predicted positions of all windows), the loss of
-  qllm_pipeline/perplexity.py, computed here with a full-model forward (4 windows per batch);
+  qllm_pipeline/evaluation/perplexity.py, computed here with a full-model forward (4 windows per batch);
 * scheme: ours (conf/quant/<quant>.yaml): integer weights per output channel, asymmetric min-max (static); input
   activations per token, dynamic, asymmetric; every Linear of the decoder blocks (q, k, v, o, gate, up, down), lm_head
   left in fp32.
@@ -104,10 +104,10 @@ ACT_CHECK_WINDOWS = 2  # windows evaluated a second time with the input quantize
 log = logger("peers")
 
 
-def read_yaml(path: Path) -> dict:
-    import yaml
+def group_config(group: str, option: str) -> dict:
+    from qllm_pipeline.core.config import group_config as composed
 
-    return yaml.safe_load(path.read_text())
+    return composed(group, option, REPO / "conf")
 
 
 # ---------------------------------------------------------------------------------------------------------------- CLI
@@ -126,7 +126,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="read the model from this saved (save_pretrained) directory instead: for a GGUF this venv's "
                         "transformers misloads (Gemma-3 270M under 5.17), saved by the main install")
     p.add_argument("--fp-check", action="store_true",
-                   help="also evaluate FP with our block-by-block qllm_pipeline.perplexity and record both numbers")
+                   help="also evaluate FP with our block-by-block qllm_pipeline.evaluation.perplexity and record both numbers")
     args = p.parse_args(argv)
     args.quants = [q.strip() for q in args.quants.split(",") if q.strip()]
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -252,7 +252,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(cell(by.get((m, q))) for q in quants) + " |")
     lines += ["", f"FP perplexity through this script's path (full-model forward): {fp:.3f}."]
     if result.get("fp_blockwise") is not None:
-        lines[-1] += f" Our pipeline's block-by-block `qllm_pipeline.perplexity` on the same windows: {result['fp_blockwise']:.3f}."
+        lines[-1] += f" Our pipeline's block-by-block `qllm_pipeline.evaluation.perplexity` on the same windows: {result['fp_blockwise']:.3f}."
     lines += [
         "",
         "## Every run",
@@ -317,7 +317,7 @@ def write_reports(out: Path, result: dict) -> None:
 def scheme_for(quant: str):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    q = read_yaml(REPO / "conf" / "quant" / f"{quant}.yaml")
+    q = group_config("quant", quant)
     group = q.get("group_size")
     weights = QuantizationArgs(
         num_bits=int(q["wbits"]), type="int", symmetric=bool(q["w_symmetric"]), dynamic=False,
@@ -350,7 +350,7 @@ def build_recipe(name: str, quant: str) -> list:
 
 
 def window_nlls(model, windows, batch_size: int = 4, desc: str = "eval") -> list[tuple[float, int]]:
-    """(sum of next-token NLL, number of predicted positions) per window, the loss of qllm_pipeline/perplexity.py."""
+    """(sum of next-token NLL, number of predicted positions) per window, the loss of qllm_pipeline/evaluation/perplexity.py."""
     import torch
     from tqdm.auto import tqdm
 
@@ -426,24 +426,31 @@ def run(args, command: str) -> dict:
     import compressed_tensors
     import llmcompressor
     import transformers
-    from qllm_pipeline.intervals import ratio_interval
-    from qllm_pipeline.data import calibration_windows, evaluation_windows, load_corpus, start_with, tokenize, window_bos
-    from qllm_pipeline.model_loading import ModelSource, load_config, load_model, load_tokenizer
+
+    from qllm_pipeline.data.corpora import (
+        calibration_windows,
+        evaluation_windows,
+        load_corpus,
+        start_with,
+        tokenize,
+        window_bos,
+    )
+    from qllm_pipeline.evaluation.intervals import ratio_interval
+    from qllm_pipeline.model.model_loading import ModelSource, load_config, load_model, load_tokenizer
 
     t0 = time.perf_counter()
-    cal_cfg = read_yaml(REPO / "conf" / "calibrate" / "default.yaml")
-    eval_cfg = read_yaml(REPO / "conf" / "eval" / "default.yaml")
+    cal_cfg, eval_cfg = group_config("calibrate", "default"), group_config("eval", "default")
     settings = {
         "calib_samples": args.calib_samples or int(cal_cfg["n_samples"]), "calib_seq_len": int(cal_cfg["seq_len"]),
         "calib_seed": int(cal_cfg["seed"]), "eval_seq_len": int(eval_cfg["seq_len"]), "threads": args.threads,
         "eval_windows": args.eval_windows or int(eval_cfg["max_windows"]),
     }
-    model_cfg = read_yaml(REPO / "conf" / "model" / f"{args.model}.yaml")
+    model_cfg = group_config("model", args.model)
     if args.model_path is not None:
         # loaded whole: oneshot walks the model's modules (a streamed model's blocks are not submodules)
         model_cfg.update(path=str(args.model_path), package=None, gguf_file=None, hub_id=None, load="whole")
     source = ModelSource.from_config(model_cfg)
-    log(f"loading {source.name} through qllm_pipeline.model_loading")
+    log(f"loading {source.name} through qllm_pipeline.model.model_loading")
     load_config(source)
     pristine, tokenizer = load_model(source), load_tokenizer(source)
     # oneshot re-reads config.json from name_or_path to refuse already-quantized models; ours came from a GGUF file.
@@ -465,13 +472,13 @@ def run(args, command: str) -> dict:
     log(f"FP ppl {fp:.3f}")
     fp_blockwise = None
     if args.fp_check:
-        from qllm_pipeline.blocks import decoder_layers
-        from qllm_pipeline.perplexity import blockwise_perplexity
+        from qllm_pipeline.evaluation.perplexity import blockwise_perplexity
+        from qllm_pipeline.quantized.blocks import decoder_layers
 
         layers = decoder_layers(pristine)
         fp_blockwise = blockwise_perplexity(pristine, evals, {"fp": lambda i: layers[i]}, torch.device("cpu"), 4,
                                             desc="fp blockwise")["fp"]
-        log(f"FP ppl through qllm_pipeline.perplexity (block by block): {fp_blockwise:.3f}")
+        log(f"FP ppl through qllm_pipeline.evaluation.perplexity (block by block): {fp_blockwise:.3f}")
     result = {
         "tool": TOOL, "tool_version": llmcompressor.__version__, "command": command, "model": args.model,
         "versions": {"llmcompressor": llmcompressor.__version__, "compressed-tensors": compressed_tensors.__version__,

@@ -30,7 +30,7 @@ def run(args) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from qllm_pipeline.plan import GPU_BYTES, HOST_BUDGET_BYTES, run_plan
+    from qllm_pipeline.core.plan import GPU_BYTES, HOST_BUDGET_BYTES, run_plan
 
     methods = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
     rows = []

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import Parser, listed, logger, run_benchmark  # noqa: E402
 from vllm_check import evaluation_windows, reloaded_by_transformers, run_pipeline  # noqa: E402
+
+from _cli import Parser, listed, logger, run_benchmark  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # case -> (overrides, the results row it is compared with)

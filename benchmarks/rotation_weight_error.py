@@ -17,8 +17,8 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 
 def relative_errors(model, spec) -> dict[str, float]:
-    from qllm_pipeline.blocks import decoder_layers
-    from qllm_pipeline.quantizer import quantize_weight
+    from qllm_pipeline.quantized.blocks import decoder_layers
+    from qllm_pipeline.quantized.quantizer import quantize_weight
 
     layers = decoder_layers(model)
     out = {}
@@ -38,9 +38,9 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from hydra import compose, initialize_config_dir
 
-    from qllm_pipeline.model_loading import ModelSource, load_model
-    from qllm_pipeline.quantizer import QuantSpec
-    from qllm_pipeline.rotation import fuse_norms_into_linears, rotate_model
+    from qllm_pipeline.methods.rotation import fuse_norms_into_linears, rotate_model
+    from qllm_pipeline.model.model_loading import ModelSource, load_model
+    from qllm_pipeline.quantized.quantizer import QuantSpec
 
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         m = compose("config").model

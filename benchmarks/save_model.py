@@ -31,11 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    import yaml
+    from qllm_pipeline.core.config import group_config
+    from qllm_pipeline.model.model_loading import ModelSource, load_model, load_tokenizer
 
-    from qllm_pipeline.model_loading import ModelSource, load_model, load_tokenizer
-
-    cfg = yaml.safe_load(conf.read_text())
+    cfg = group_config("model", args.model, REPO / "conf")
     source = ModelSource.from_config({**cfg, "load": "whole"})
     log(f"loading {args.model}")
     model, tokenizer = load_model(source), load_tokenizer(source)

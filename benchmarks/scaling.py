@@ -27,14 +27,14 @@ def measure(hidden: int, blocks: int, samples: int, seq_len: int, steps: int, ep
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(REPO))
-    from qllm_pipeline.blocks import BlockRunner, decoder_layers
-    from qllm_pipeline.lowrank import LowRankConfig, train_block
-    from qllm_pipeline.qblock import make_quant_block
-    from qllm_pipeline.quantizer import QuantSpec
-    from qllm_pipeline.theta_search import search_theta
-    from qllm_pipeline.subblock import POINTS, point_inputs, point_loss_fn, point_weights
-
     import psutil
+
+    from qllm_pipeline.methods.lowrank import LowRankConfig, train_block
+    from qllm_pipeline.methods.theta_search import search_theta
+    from qllm_pipeline.quantized.blocks import BlockRunner, decoder_layers
+    from qllm_pipeline.quantized.qblock import make_quant_block
+    from qllm_pipeline.quantized.quantizer import QuantSpec
+    from qllm_pipeline.quantized.subblock import POINTS, point_inputs, point_loss_fn, point_weights
 
     baseline_mib = psutil.Process().memory_info().rss / 2**20  # interpreter + torch, before any model exists
     torch.manual_seed(0)

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpe
 from _cli import CliError, Parser, logger  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SPACINGS = ("linear", "log")  # qllm_pipeline.theta_search.GRID_SPACINGS (not imported: --help stays fast)
+SPACINGS = ("linear", "log")  # qllm_pipeline.methods.theta_search.GRID_SPACINGS (not imported: --help stays fast)
 DEFAULT_GRIDS = "linear/100,linear/null,log/100,log/null"
 CHOOSE_BY, REPORTED = "calib_heldout", "wiki_sample"
 POINTS = ("qkv", "gate_up", "down")

@@ -89,7 +89,8 @@ def evaluation_windows(model_dir: Path, corpus: str, seq_len: int, max_windows: 
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from qllm_pipeline.data import evaluation_windows as windows, load_corpus, start_with, tokenize, window_bos
+    from qllm_pipeline.data.corpora import evaluation_windows as windows
+    from qllm_pipeline.data.corpora import load_corpus, start_with, tokenize, window_bos
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens = tokenize(tokenizer, load_corpus(corpus).eval_text)

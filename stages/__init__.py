@@ -1,8 +1,8 @@
 """The stage registry: one instance per stage, in pipeline order (the order is derived from this list).
 
-Adding a stage: a module here with a `Stage` subclass (qllm_pipeline.stage), one line below, and its conf group.
+Adding a stage: a module here with a `Stage` subclass (qllm_pipeline.core.stage), one line below, and its conf group.
 """
-from qllm_pipeline.stage import registry
+from qllm_pipeline.core.stage import registry
 
 from .calibrate import Calibrate
 from .collect_activations import CollectActivations

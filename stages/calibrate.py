@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import logging
 
-from qllm_pipeline.data import TOKENS_DIR, calibration_windows, load_corpus, start_with, tokenize, window_bos
-from qllm_pipeline.errors import PipelineError
-from qllm_pipeline.identity import tensor_digest, text_digest
-from qllm_pipeline.stage import ONCE, OnceStage, StageSpec
+from qllm_pipeline.core.errors import PipelineError
+from qllm_pipeline.core.identity import tensor_digest, text_digest
+from qllm_pipeline.core.stage import ONCE, OnceStage, StageSpec
+from qllm_pipeline.data.corpora import TOKENS_DIR, calibration_windows, load_corpus, start_with, tokenize, window_bos
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from qllm_pipeline.blocks import get_submodule, linear_names
-from qllm_pipeline.qlinear import QuantLinear
-from qllm_pipeline.stage import BlockStage, StageSpec
+from qllm_pipeline.core.stage import BlockStage, StageSpec
+from qllm_pipeline.quantized.blocks import get_submodule, linear_names
+from qllm_pipeline.quantized.qlinear import QuantLinear
 
 
 class CollectActivations(BlockStage):

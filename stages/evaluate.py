@@ -7,19 +7,26 @@ from __future__ import annotations
 
 import logging
 
-
-from qllm_pipeline.blocks import decoder_layers
-from qllm_pipeline.data import (HELDOUT, TOKENS_DIR, calibration_starts, evaluation_windows, heldout_windows, load_corpus,
-                                start_with, tokenize, window_bos)
-from qllm_pipeline.fused import build_fused_block
-from qllm_pipeline.identity import tensor_digest
-from qllm_pipeline.intervals import ratio_interval
-from qllm_pipeline.perplexity import WindowNLL, blockwise_nll
-from qllm_pipeline.qblock import load_reassemblies, make_quant_block
-from qllm_pipeline.stage import FINAL, FinalStage, StageSpec
-from qllm_pipeline.streaming import swapped_layers
-from qllm_pipeline.weight_rounding import weight_rounding
-
+from qllm_pipeline.core.identity import tensor_digest
+from qllm_pipeline.core.stage import FINAL, FinalStage, StageSpec
+from qllm_pipeline.data.corpora import (
+    HELDOUT,
+    TOKENS_DIR,
+    calibration_starts,
+    evaluation_windows,
+    heldout_windows,
+    load_corpus,
+    start_with,
+    tokenize,
+    window_bos,
+)
+from qllm_pipeline.evaluation.intervals import ratio_interval
+from qllm_pipeline.evaluation.perplexity import WindowNLL, blockwise_nll
+from qllm_pipeline.methods.weight_rounding import weight_rounding
+from qllm_pipeline.model.streaming import swapped_layers
+from qllm_pipeline.quantized.blocks import decoder_layers
+from qllm_pipeline.quantized.fused import build_fused_block
+from qllm_pipeline.quantized.qblock import load_reassemblies, make_quant_block
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +156,7 @@ def _compute_rows(ctx, runner, plan, todo, keys, dataset, windows, cfg) -> dict[
 
 def zeroshot(ctx, runner, plan: dict, cfg: dict) -> dict:
     """lm-eval accuracy per variant: the variant's blocks are swapped into the in-memory model for the call."""
-    from qllm_pipeline.zeroshot import run_zeroshot
+    from qllm_pipeline.evaluation.zeroshot import run_zeroshot
 
     tasks = list(cfg["tasks"])
     table = {}

@@ -1,23 +1,23 @@
 """fuse: per block, merge the low-rank correction into the transformed weight and quantize it: W' = Q(T(W) + B·A),
-with Q round-to-nearest or GPTQ (`quant.weight_algorithm`, see qllm_pipeline.weight_rounding).
+with Q round-to-nearest or GPTQ (`quant.weight_algorithm`, see qllm_pipeline.methods.weight_rounding).
 
 The stored block has no LoRA modules left; after the last block the whole model is written (`fuse.format`): as a
-compressed-tensors checkpoint that stock transformers loads (qllm_pipeline.export_ct), or with our packed layout and
-loader (qllm_pipeline.export), which also holds the run-time transforms compressed-tensors cannot run.
+compressed-tensors checkpoint that stock transformers loads (qllm_pipeline.export.export_ct), or with our packed layout and
+loader (qllm_pipeline.export.packed), which also holds the run-time transforms compressed-tensors cannot run.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
 
-from qllm_pipeline.errors import PipelineError
-from qllm_pipeline.export_ct import FORMAT_NAME as CT_FORMAT
-from qllm_pipeline.export_ct import PACKED_FORMAT, export_blockers
-from qllm_pipeline.fused import fused_block_tensors
-from qllm_pipeline.lowrank import fuse_block, load_lora_state
-from qllm_pipeline.model_writer import model_format, write_model
-from qllm_pipeline.stage import BlockStage, StageSpec
-from qllm_pipeline.weight_rounding import load_base_tensors, weight_rounding
+from qllm_pipeline.core.errors import PipelineError
+from qllm_pipeline.core.stage import BlockStage, StageSpec
+from qllm_pipeline.export.export_ct import FORMAT_NAME as CT_FORMAT
+from qllm_pipeline.export.export_ct import PACKED_FORMAT, export_blockers
+from qllm_pipeline.export.model_writer import model_format, write_model
+from qllm_pipeline.methods.lowrank import fuse_block, load_lora_state
+from qllm_pipeline.methods.weight_rounding import load_base_tensors, weight_rounding
+from qllm_pipeline.quantized.fused import fused_block_tensors
 
 log = logging.getLogger(__name__)
 

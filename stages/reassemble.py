@@ -5,12 +5,13 @@ The maps are built from the same tokens search-theta scored, so they are the map
 """
 from __future__ import annotations
 
-from qllm_pipeline.arch import block_family, family_of
-from qllm_pipeline.qblock import reassembly_tensors
-from qllm_pipeline.reassembly import build_reassembly
-from qllm_pipeline.reassembly_inputs import channel_max, score_tokens, search_inputs
-from qllm_pipeline.stage import BlockStage, StageSpec
-from qllm_pipeline.subblock import point_activations, point_weights
+from qllm_pipeline.core.stage import BlockStage, StageSpec
+from qllm_pipeline.methods.reassembly_inputs import channel_max, score_tokens, search_inputs
+from qllm_pipeline.model.arch import block_family, family_of
+from qllm_pipeline.quantized.qblock import reassembly_tensors
+from qllm_pipeline.quantized.reassembly import build_reassembly
+from qllm_pipeline.quantized.subblock import point_activations, point_weights
+
 
 class Reassemble(BlockStage):
     spec = StageSpec("reassemble", version=1, config_keys=("reassemble",), upstream=("search_theta",), label="cra")

@@ -1,5 +1,5 @@
 """rotate (QuaRot / SpinQuant without learning): orthogonal rotations that leave the model unchanged in full precision
-but spread activation outliers over all channels before the quantizers (see qllm_pipeline.rotation). Runs once,
+but spread activation outliers over all channels before the quantizers (see qllm_pipeline.methods.rotation). Runs once,
 before the blocks. Each part is switchable:
 
 * `rotate.residual` (R1): the residual stream by a seeded random Hadamard Q, folded into the weights;
@@ -13,7 +13,7 @@ before the blocks. Each part is switchable:
   cannot fold (Gemma's norms on the attention and MLP outputs); it costs one hidden-size Hadamard per reader.
 
 Stored: rotation.safetensors (Q, float32; the other parts are deterministic). `apply` swaps the run's model for a
-rotated view (qllm_pipeline.rotation.rotated_view: the skeleton rotated once, each block rotated when a stage asks for
+rotated view (qllm_pipeline.methods.rotation.rotated_view: the skeleton rotated once, each block rotated when a stage asks for
 it), so every later stage works in the rotated basis without a whole rotated copy in memory; the loaded model is kept
 for the FP and RTN reference rows.
 """
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import logging
 
-from qllm_pipeline.arch import family_of
-from qllm_pipeline.errors import PipelineError
-from qllm_pipeline.hadamard import hadamard_factors
-from qllm_pipeline.rotation import random_hadamard, rotated_view
-from qllm_pipeline.stage import ONCE, OnceStage, StageSpec
+from qllm_pipeline.core.errors import PipelineError
+from qllm_pipeline.core.stage import ONCE, OnceStage, StageSpec
+from qllm_pipeline.methods.rotation import random_hadamard, rotated_view
+from qllm_pipeline.model.arch import family_of
+from qllm_pipeline.quantized.hadamard import hadamard_factors
 
 log = logging.getLogger(__name__)
 PARTS = ("residual", "value_heads", "online_down", "online_o", "online_qk", "online_inputs")

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 
-from qllm_pipeline.arch import block_family, family_of
-from qllm_pipeline.errors import PipelineError
-from qllm_pipeline.plots import plot_theta_curves
-from qllm_pipeline.reassembly import build_reassembly
-from qllm_pipeline.theta_search import GRID_SPACINGS, search_theta, theta_grid
-from qllm_pipeline.reassembly_inputs import channel_max, score_tokens, search_inputs
-from qllm_pipeline.stage import BlockStage, StageSpec
-from qllm_pipeline.subblock import POINTS, point_activations, point_loss_fn, point_weights
+from qllm_pipeline.core.errors import PipelineError
+from qllm_pipeline.core.plots import plot_theta_curves
+from qllm_pipeline.core.stage import BlockStage, StageSpec
+from qllm_pipeline.methods.reassembly_inputs import channel_max, score_tokens, search_inputs
+from qllm_pipeline.methods.theta_search import GRID_SPACINGS, search_theta, theta_grid
+from qllm_pipeline.model.arch import block_family, family_of
+from qllm_pipeline.quantized.reassembly import build_reassembly
+from qllm_pipeline.quantized.subblock import POINTS, point_activations, point_loss_fn, point_weights
 
 log = logging.getLogger(__name__)
 

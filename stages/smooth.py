@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import copy
 
-from qllm_pipeline.errors import PipelineError
-from qllm_pipeline.stage import BlockStage, StageSpec
-from qllm_pipeline.smoothquant import apply_smoothing, block_smoothing_scales
+from qllm_pipeline.core.errors import PipelineError
+from qllm_pipeline.core.stage import BlockStage, StageSpec
+from qllm_pipeline.methods.smoothquant import apply_smoothing, block_smoothing_scales
+
 
 class Smooth(BlockStage):
     spec = StageSpec("smooth", version=1, config_keys=("smooth",), upstream=("collect_activations",), label="smoothquant")

@@ -5,16 +5,16 @@ block's outputs on the FP stream. Stored per block: the A/B (and trained norm) t
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 
-from qllm_pipeline.errors import PipelineError
-from qllm_pipeline.lowrank import LowRankConfig, lora_state, train_block
-from qllm_pipeline.stage import BlockStage, StageSpec
-from qllm_pipeline.weight_rounding import base_tensors, weight_rounding
+from qllm_pipeline.core.errors import PipelineError
+from qllm_pipeline.core.stage import BlockStage, StageSpec
+from qllm_pipeline.methods.lowrank import LowRankConfig, lora_state, train_block
+from qllm_pipeline.methods.weight_rounding import base_tensors, weight_rounding
 
 log = logging.getLogger(__name__)
 
-CONFIG_FIELDS = ("rank", "lr", "epochs", "batch_size", "weight_decay", "train_norms", "autocast", "seed", "learn_act_clip",
-                 "act_clip_lr", "act_clip_shared")
+CONFIG_FIELDS = tuple(f.name for f in fields(LowRankConfig))  # the group's settings but `enabled`
 
 
 class TrainLowrank(BlockStage):
@@ -39,7 +39,7 @@ class TrainLowrank(BlockStage):
         block = state.quant_block().to(ctx.device)
         rounding = weight_rounding(ctx.cfg)
         if rounding.reads_inputs and ctx.weight_spec.enabled:
-            # GPTQ first: LRC refines GPTQ's rounding on its grid (see qllm_pipeline.weight_rounding).
+            # GPTQ first: LRC refines GPTQ's rounding on its grid (see qllm_pipeline.methods.weight_rounding).
             report = rounding.round_block(block, ctx.block_runner, state.x_q, ctx.device, ctx.cfg["pipeline"]["batch_size"],
                                           ctx.cfg, fp=state.fp_stream, as_base=True)
             writer.save_tensors("base.safetensors", base_tensors(block))

@@ -1,40 +1,41 @@
 """tune_e2e: after the blocks are fused, tune the whole quantized model's weight scales and activation clip ratios
 (the integer codes fixed) so its next-token distribution matches the FP model's on the calibration windows
-(qllm_pipeline.e2e_tuning). Stored: the tuned scales, clip ratios and norms of every block, and the KL per epoch.
+(qllm_pipeline.methods.e2e_tuning). Stored: the tuned scales, clip ratios and norms of every block, and the KL per epoch.
 Evaluation and the written model use the tuned blocks; when no epoch lowered the KL, the fused model is kept as it
 was.
 
 Neither model is held whole (`tune_e2e.mode=streamed`, the default): the FP teacher is its final hidden states on the
 calibration windows, an artifact of its own computed block by block (`e2e_teacher`), and the student runs one block
-on the device at a time (qllm_pipeline.e2e_streaming). Whether the fused blocks stay in host memory between passes
+on the device at a time (qllm_pipeline.methods.e2e_streaming). Whether the fused blocks stay in host memory between passes
 and whether a batch's block inputs are spilled to disk follow from the memory plan and the host's budget. After
 each epoch the state is saved (`tune_e2e_epoch`), so a killed run resumes at the last finished epoch.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 
 import torch
 
-from qllm_pipeline.arch import decoder_layers, family_of, final_norm
-from qllm_pipeline.cache import artifact_key
-from qllm_pipeline.e2e_streaming import EXECUTORS, FusedBlocks, InputStore
-from qllm_pipeline.e2e_tuning import Checkpoints, E2EConfig, Head, TunedParams, tune
-from qllm_pipeline.errors import PipelineError
-from qllm_pipeline.fused import build_fused_block
-from qllm_pipeline.memory import release_freed_memory
-from qllm_pipeline.model_writer import write_model
-from qllm_pipeline.perplexity import blockwise_hidden
-from qllm_pipeline.plan import arch_from_config, e2e_execution, memory_budget
-from qllm_pipeline.quantizer import per_bit_width
-from qllm_pipeline.stage import FINAL, FinalStage, StageSpec
-
+from qllm_pipeline.core.cache import artifact_key
+from qllm_pipeline.core.errors import PipelineError
+from qllm_pipeline.core.memory import release_freed_memory
+from qllm_pipeline.core.plan import arch_from_config, e2e_execution, memory_budget
+from qllm_pipeline.core.stage import FINAL, FinalStage, StageSpec
+from qllm_pipeline.evaluation.perplexity import blockwise_hidden
+from qllm_pipeline.export.model_writer import write_model
+from qllm_pipeline.methods.e2e_streaming import EXECUTORS, FusedBlocks, InputStore
+from qllm_pipeline.methods.e2e_tuning import Checkpoints, E2EConfig, Head, TunedParams, tune
+from qllm_pipeline.model.arch import decoder_layers, family_of, final_norm
+from qllm_pipeline.quantized.fused import build_fused_block
+from qllm_pipeline.quantized.quantizer import per_bit_width
 
 log = logging.getLogger(__name__)
 
 # What changes the tuned values. `mode` (streamed or whole) only changes where the arithmetic runs: it gives the
 # same gradients (tests/test_tune_e2e.py), so both share one artifact.
-CONFIG_FIELDS = ("epochs", "batch_size", "scale_lr", "act_clip_lr", "norm_lr", "seed")
+# what the tuning computes from (its key); `mode` changes how (the same gradients), not what
+CONFIG_FIELDS = tuple(f.name for f in fields(E2EConfig) if f.name != "mode")
 TEACHER_VERSION = 1
 EPOCH_STAGE = "tune_e2e_epoch"
 

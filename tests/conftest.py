@@ -23,6 +23,8 @@ if WORKERS > 1:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import qllm_pipeline.core.config  # noqa: E402,F401 - registers the typed schemas the tests' compose() needs
+
 if WORKERS > 1:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -189,7 +191,7 @@ def run_cli_in_process(args: list[str]) -> subprocess.CompletedProcess:
     state a run sets (Hydra's singleton, the logging handlers it configures) put back afterwards."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from qllm_pipeline import cli
+    from qllm_pipeline.core import cli
 
     root = logging.getLogger()
     handlers, level, argv = root.handlers[:], root.level, sys.argv

@@ -1,4 +1,4 @@
-"""The family layout descriptions (qllm_pipeline/arch.py) against the transformers blocks they describe: every
+"""The family layout descriptions (qllm_pipeline/model/arch.py) against the transformers blocks they describe: every
 projection listed once, each point's norm really produces its projections' input, the readers and writers of the
 residual stream, and one error line for a family without a description."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from conftest import FAMILY_CONFIGS, tiny_model
-from qllm_pipeline import arch
-from qllm_pipeline.errors import PipelineError
+from qllm_pipeline.core.errors import PipelineError
+from qllm_pipeline.model import arch
 
 # One tiny random model per described family (new families add theirs to conftest.FAMILY_CONFIGS).
 BUILDERS = {family: (lambda family=family: tiny_model(layers=2, family=family)) for family in FAMILY_CONFIGS}

@@ -6,8 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO, tiny_overrides
-from qllm_pipeline import cli
-from qllm_pipeline.errors import PipelineError
+from qllm_pipeline.core import cli
+from qllm_pipeline.core.errors import PipelineError
 
 GROUPS_NOTE = "the widths of the tiny model: hidden 64, intermediate 128"
 BAD = [
@@ -24,6 +24,13 @@ BAD = [
     ("train_lowrank.lr=inf", "train_lowrank.lr=inf must be a finite number (a finite number > 0)"),
     ("train_lowrank.seed=x", "train_lowrank.seed='x' must be an integer"),
     ("train_lowrank.rank=0", "train_lowrank.rank=0 is out of range: >= 1"),
+    ("train_lowrank.rank=4,0", "train_lowrank.rank=0 is out of range: >= 1"),  # each value of a sweep
+    ("train_lowrank.rnak=4", "unknown key train_lowrank.rnak; train_lowrank has ['act_clip_lr', 'act_clip_shared', "
+     "'autocast', 'batch_size', 'enabled', 'epochs', 'learn_act_clip', 'lr', 'rank', 'seed', 'train_norms', "
+     "'weight_decay']"),
+    ("+trian_lowrank.rank=4", "unknown config section 'trian_lowrank'; the sections are ['calibrate', 'data', 'eval', "
+     "'fuse', 'gptq', 'logger', 'model', 'pipeline', 'quant', 'reassemble', 'rotate', 'search_theta', 'smooth', "
+     "'train_lowrank', 'tune_e2e']"),
     ("train_lowrank.autocast=fp8", "train_lowrank.autocast='fp8' is not one of ['auto', 'none', 'bf16', 'fp16']"),
     ("search_theta.theta=abc", "search_theta.theta='abc' must be a positive number (or null to search)"),
     ("search_theta.steps=0", "search_theta.steps=0 is out of range: a positive integer, or null for the reference grid"),
@@ -70,7 +77,7 @@ BAD = [
     ("pipeline.host_memory_gb=0", "pipeline.host_memory_gb=0 is out of range: a number of GB > 0, or null for what the "
      "host has available"),
     ("tune_e2e.mode=eager", "tune_e2e.mode='eager' is not one of ['streamed', 'whole']"),
-    ("data=text_files", "data.calib_path must be set (it is ???): add data.calib_path=VALUE"),
+    ("data=text_files", "data.calib_path must be set for data=text_files: add data.calib_path=PATH"),
     ("data=text_files data.calib_path={empty} data.eval_path={empty}", "data.calib_path={empty} is empty; it must hold "
      "the text to calibrate on"),
     ("data=text_files data.calib_path={text} data.eval_path={empty}", "data.eval_path={empty} is empty; it must hold the "
@@ -88,13 +95,14 @@ def test_bad_setting_is_one_exact_error_before_weights(override, message, tiny_m
     fill = {"empty": empty, "text": text}
     loaded = []
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: loaded.append(1))
-    monkeypatch.setattr("qllm_pipeline.model_loading.load_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("qllm_pipeline.model.model_loading.load_model", lambda *a, **k: loaded.append(1))
     overrides = [*tiny_overrides(tiny_model_dir, tmp_path / "cache", tmp_path / "run"), *override.format(**fill).split()]
     overrides = [o for o in overrides if not o.startswith("hydra.")]
     started = time.perf_counter()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    with pytest.raises(PipelineError) as err:
+    with pytest.raises(PipelineError) as err:  # the CLI's order: the command line, then the composed config
+        cli.check_command_line(overrides)
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
         cli.check_before_loading(cli.resolved_config(cfg))
     assert str(err.value) == message.format(**fill)
     assert "\n" not in str(err.value)

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from conftest import read_results, run_cli, tiny_model, tiny_overrides
-from qllm_pipeline.arch import LLAMA
-from qllm_pipeline.blocks import BlockRunner, decoder_layers
-from qllm_pipeline.cache import ArtifactCache
+from qllm_pipeline.core.cache import ArtifactCache
+from qllm_pipeline.methods.reassembly_inputs import channel_max as search_channel_max
+from qllm_pipeline.model.arch import LLAMA
+from qllm_pipeline.quantized.blocks import BlockRunner, decoder_layers
+from qllm_pipeline.stages.collect_activations import channel_max as collect_channel_max
 from qllm_pipeline.stages.rotate import Rotate
 from qllm_pipeline.stages.smooth import Smooth
-from qllm_pipeline.stages.collect_activations import channel_max as collect_channel_max
-from qllm_pipeline.reassembly_inputs import channel_max as search_channel_max
 
 
 def stage_rows(results):
@@ -105,9 +105,9 @@ def test_smoothquant_and_rotation_qllm_run_cache_and_export(tiny_model_dir, tmp_
     assert r_rot["meta"]["keys"]["rotate"]
 
     # The exported model carries the rotated embeddings and untied head: its HF forward gives the pipeline's number.
-    from qllm_pipeline.data import evaluation_windows, load_corpus, tokenize
-    from qllm_pipeline.export import load_quantized_model
-    from qllm_pipeline.model_loading import ModelSource, load_tokenizer
+    from qllm_pipeline.data.corpora import evaluation_windows, load_corpus, tokenize
+    from qllm_pipeline.export.packed import load_quantized_model
+    from qllm_pipeline.model.model_loading import ModelSource, load_tokenizer
 
     loaded = load_quantized_model(tmp_path / "rot" / "quantized_model")
     tokenizer = load_tokenizer(ModelSource(name="tiny", path=str(tiny_model_dir)))

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from qllm_pipeline.blocks import BlockRunner, decoder_layers, quant_linears
-from qllm_pipeline.export import load_quantized_model, pack_codes, save_quantized_model, unpack_codes
-from qllm_pipeline.fused import build_fused_block, fused_block_tensors
-from qllm_pipeline.perplexity import blockwise_perplexity
-from qllm_pipeline.qblock import make_quant_block
-from qllm_pipeline.quantizer import QuantSpec, dequantize_weight, quantize_weight, weight_codes
-from qllm_pipeline.reassembly import build_reassembly
+from qllm_pipeline.evaluation.perplexity import blockwise_perplexity
+from qllm_pipeline.export.packed import load_quantized_model, pack_codes, save_quantized_model, unpack_codes
+from qllm_pipeline.quantized.blocks import BlockRunner, decoder_layers, quant_linears
+from qllm_pipeline.quantized.fused import build_fused_block, fused_block_tensors
+from qllm_pipeline.quantized.qblock import make_quant_block
+from qllm_pipeline.quantized.quantizer import QuantSpec, dequantize_weight, quantize_weight, weight_codes
+from qllm_pipeline.quantized.reassembly import build_reassembly
 
 W4, A4 = QuantSpec(4), QuantSpec(4)
 

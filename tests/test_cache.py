@@ -4,9 +4,8 @@ import sys
 import pytest
 import torch
 
-from qllm_pipeline.cache import ArtifactCache, artifact_key
-
 from conftest import REPO
+from qllm_pipeline.core.cache import ArtifactCache, artifact_key
 
 
 def test_key_depends_on_config_upstream_and_version():
@@ -95,7 +94,7 @@ def test_corrupt_artifact_gives_one_warning_and_is_recomputed(tmp_path, caplog, 
     art, _ = _write(ArtifactCache(tmp_path))
     damage(art.path)
     cache = ArtifactCache(tmp_path)  # a new process: nothing verified yet
-    with caplog.at_level("WARNING", logger="qllm_pipeline.cache"):
+    with caplog.at_level("WARNING", logger="qllm_pipeline.core.cache"):
         assert cache.get("s", "k") is None
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [f"artifact s/k is corrupt ({reason}); computing it again"]
@@ -109,7 +108,7 @@ def test_parallel_jobs_compute_a_key_once(tmp_path):
     script = f"""
 import sys, time, torch
 sys.path.insert(0, {str(REPO)!r})
-from qllm_pipeline.cache import ArtifactCache
+from qllm_pipeline.core.cache import ArtifactCache
 cache = ArtifactCache({str(tmp_path / 'cache')!r})
 def compute(w):
     with open({str(tmp_path / 'computed.log')!r}, 'a') as f:
@@ -136,7 +135,7 @@ def test_forced_recompute_replaces_the_artifact(tmp_path):
 
 
 def test_unwritable_cache_dir_is_one_clear_error(tmp_path):
-    from qllm_pipeline.errors import PipelineError
+    from qllm_pipeline.core.errors import PipelineError
 
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -147,8 +146,8 @@ def test_unwritable_cache_dir_is_one_clear_error(tmp_path):
 def test_disk_full_at_commit_leaves_the_cache_valid(tmp_path, monkeypatch):
     import errno
 
-    from qllm_pipeline import cache as cache_mod
-    from qllm_pipeline.errors import PipelineError
+    from qllm_pipeline.core import cache as cache_mod
+    from qllm_pipeline.core.errors import PipelineError
 
     cache = ArtifactCache(tmp_path)
     _write(cache, key="kept")

@@ -13,7 +13,7 @@ def rows(run_dir):
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
     """Three files cut from the embedded Wikipedia sample: a calibration text and two different evaluation texts."""
-    from qllm_pipeline.data import load_corpus
+    from qllm_pipeline.data.corpora import load_corpus
 
     corpus = load_corpus("wiki_sample")
     d = tmp_path_factory.mktemp("texts")
@@ -78,10 +78,11 @@ def test_a_process_reloads_weights_replaced_under_the_same_path(tmp_path):
     """load_model is memoized for the jobs of a multirun, keyed by the weights' content: the same weights give the
     same object; new weights at the same path are loaded, not the remembered ones."""
     import torch
+
     from conftest import tiny_model
-    from qllm_pipeline.cache import artifact_key
-    from qllm_pipeline.identity import model_identity
-    from qllm_pipeline.model_loading import ModelSource, load_model
+    from qllm_pipeline.core.cache import artifact_key
+    from qllm_pipeline.core.identity import model_identity
+    from qllm_pipeline.model.model_loading import ModelSource, load_model
 
     tiny_model(seed=1).save_pretrained(tmp_path / "m")
     source = ModelSource(name="tiny", path=str(tmp_path / "m"))

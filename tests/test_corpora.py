@@ -1,7 +1,7 @@
 """The second offline corpus: gensim's Lee news stories, split by story into calibration and evaluation text, and a
 run that calibrates on wiki_sample and evaluates on both."""
 from conftest import read_results, run_cli, tiny_overrides
-from qllm_pipeline.data import load_corpus, split_documents
+from qllm_pipeline.data.corpora import load_corpus, split_documents
 
 
 def test_lee_news_is_split_by_story():

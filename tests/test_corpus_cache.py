@@ -4,7 +4,7 @@ import bz2
 
 import pytest
 
-from qllm_pipeline import data
+from qllm_pipeline.data import corpora as data
 
 
 @pytest.fixture

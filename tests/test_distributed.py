@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, read_results, run_cli, tiny_overrides
-from qllm_pipeline.distributed import Ownership, World
+from qllm_pipeline.core.distributed import Ownership, World
 
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
 # Two batches of windows per rank, training steps of two windows (one per rank), the θ search's windows spread over

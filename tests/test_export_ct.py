@@ -39,7 +39,7 @@ def eval_windows(tiny_model_dir, tmp_path_factory):
     """The evaluation windows of the tiny runs (wiki_sample, 8 × 32), built with the pipeline's own data functions."""
     from transformers import AutoTokenizer
 
-    from qllm_pipeline.data import evaluation_windows, load_corpus, tokenize
+    from qllm_pipeline.data.corpora import evaluation_windows, load_corpus, tokenize
 
     tokens = tokenize(AutoTokenizer.from_pretrained(tiny_model_dir), load_corpus("wiki_sample").eval_text)
     path = tmp_path_factory.mktemp("ct") / "windows.pt"

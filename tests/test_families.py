@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from conftest import REPO, read_results, run_cli, tiny_model, tiny_overrides
-from qllm_pipeline.arch import decoder_layers, family_of
-from qllm_pipeline.blocks import BlockRunner
-from qllm_pipeline.perplexity import blockwise_perplexity
+from qllm_pipeline.core.config import group_config
+from qllm_pipeline.evaluation.perplexity import blockwise_perplexity
+from qllm_pipeline.model.arch import decoder_layers, family_of
+from qllm_pipeline.quantized.blocks import BlockRunner
 
 FAMILIES = ["llama3", "mistral", "qwen2", "qwen3", "gemma3_text"]  # llama3: the llama family, Llama-3.x's features
 CLASS = {"llama3": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -72,7 +73,7 @@ def family_windows(tiny_family_dir, tmp_path_factory):
     (Gemma's start with BOS)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from qllm_pipeline.data import evaluation_windows, load_corpus, start_with, tokenize, window_bos
+    from qllm_pipeline.data.corpora import evaluation_windows, load_corpus, start_with, tokenize, window_bos
 
     def get(family: str):
         model_dir = tiny_family_dir(family)
@@ -184,7 +185,7 @@ def test_gemma_residual_rotation_is_refused_before_weights_load(method, tiny_fam
 def test_why_gemma_residual_rotation_is_refused():
     """Folded through Gemma's post norms, the residual rotation changes the logits: the norm of a rotated writer's
     output is taken over rotated channels, and its (1 + w) scale no longer lines up with them."""
-    from qllm_pipeline.rotation import rotate_model
+    from qllm_pipeline.methods.rotation import rotate_model
 
     model = tiny_model(family="gemma3_text")  # post norms with random (1 + w)
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -252,7 +253,8 @@ def test_plan_only_for_every_family_entry(model, tmp_path):
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["fits_80gb"]
     from omegaconf import OmegaConf
-    from qllm_pipeline.hadamard import hadamard_factors
+
+    from qllm_pipeline.quantized.hadamard import hadamard_factors
 
     arch = OmegaConf.load(REPO / "conf" / "model" / f"{model}.yaml")["arch"]
     head_dim = arch.get("head_dim") or arch["hidden_size"] // arch["num_attention_heads"]
@@ -268,12 +270,10 @@ def test_plan_only_refuses_gemma_residual_rotation(tmp_path):
 
 
 def test_family_of_every_new_entry_reads_its_arch_block():
-    from omegaconf import OmegaConf
-
-    from qllm_pipeline.plan import model_config
+    from qllm_pipeline.core.plan import model_config
 
     for path in sorted((REPO / "conf" / "model").glob("*.yaml")):
-        cfg = OmegaConf.to_container(OmegaConf.load(path))
+        cfg = group_config("model", path.stem)
         if cfg.get("arch"):
             config = model_config(cfg, None)
             assert family_of(config).model_type == cfg["arch"]["model_type"], path.name
@@ -292,8 +292,8 @@ def _chunked_package(root, name: str, fail: bool):
 
 
 def test_a_chunked_gguf_package_is_joined_once_atomically(tmp_path, monkeypatch):
-    from qllm_pipeline.errors import PipelineError
-    from qllm_pipeline.model_loading import ModelSource
+    from qllm_pipeline.core.errors import PipelineError
+    from qllm_pipeline.model.model_loading import ModelSource
 
     monkeypatch.syspath_prepend(str(tmp_path))
     _chunked_package(tmp_path, "chunked_ok", fail=False)
@@ -315,9 +315,9 @@ def test_every_family_has_its_shipped_modeling_class():
     the family's own transformers class underneath."""
     import transformers
 
-    from qllm_pipeline import remote_modeling
-    from qllm_pipeline.arch import FAMILIES
-    from qllm_pipeline.export_ct import remote_class
+    from qllm_pipeline.export import remote_modeling
+    from qllm_pipeline.export.export_ct import remote_class
+    from qllm_pipeline.model.arch import FAMILIES
 
     for family in FAMILIES.values():
         cls = getattr(remote_modeling, remote_class(family))
@@ -326,8 +326,8 @@ def test_every_family_has_its_shipped_modeling_class():
 
 
 def test_a_missing_model_package_says_how_to_install_it(monkeypatch):
-    from qllm_pipeline import model_loading
-    from qllm_pipeline.errors import PipelineError
+    from qllm_pipeline.core.errors import PipelineError
+    from qllm_pipeline.model import model_loading
 
     monkeypatch.setattr(model_loading.importlib.util, "find_spec", lambda name: None)  # nothing installed
     messages = {}
@@ -341,9 +341,7 @@ def test_a_missing_model_package_says_how_to_install_it(monkeypatch):
 
 
 def read_model_conf(model: str) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{model}.yaml"))
+    return group_config("model", model)
 
 
 def test_gemma_online_input_rotation_exports_and_reloads(tiny_family_dir, family_windows, tmp_path):

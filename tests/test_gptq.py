@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from qllm_pipeline.gptq import HessianAccumulator, gptq_weight_codes
-from qllm_pipeline.quantizer import QuantSpec, dequantize_weight, weight_codes
+from qllm_pipeline.methods.gptq import HessianAccumulator, gptq_weight_codes
+from qllm_pipeline.quantized.quantizer import QuantSpec, dequantize_weight, weight_codes
 
 
 def correlated_inputs(n: int = 512, features: int = 128, seed: int = 0) -> torch.Tensor:
@@ -240,7 +240,7 @@ def test_bad_inputs_raise():
 def float64_reference_factor(hessian, damp=0.01, act_order=False, device=None):
     """The factorization as it was before it was made lean: the Hessian in float64, H⁻¹ through a Cholesky and a
     triangular inverse, then the upper Cholesky factor of H⁻¹ (three C × C float64 matrices at once)."""
-    from qllm_pipeline.gptq import InverseFactor
+    from qllm_pipeline.methods.gptq import InverseFactor
 
     H = hessian.double().clone()
     dead = H.diagonal() == 0
@@ -254,7 +254,7 @@ def float64_reference_factor(hessian, damp=0.01, act_order=False, device=None):
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_lean_factor_matches_the_float64_reference(act_order):
-    from qllm_pipeline import gptq
+    from qllm_pipeline.methods import gptq
 
     x = correlated_inputs(600, 96, seed=7)
     x[:, 5] = 0.0  # a dead input
@@ -271,9 +271,9 @@ def test_gptq_on_a_model_block_gives_the_float64_codes(monkeypatch):
     """The pipeline's GPTQ (float32 Hessian sums, the in-place float64 factorization, one factor per input group) rounds
     a tiny model's blocks to the same codes as float64 sums with the reference factorization per projection."""
     from conftest import tiny_model
-    from qllm_pipeline import weight_rounding
-    from qllm_pipeline.blocks import BlockRunner, decoder_layers, quant_linears
-    from qllm_pipeline.qblock import make_quant_block
+    from qllm_pipeline.methods import weight_rounding
+    from qllm_pipeline.quantized.blocks import BlockRunner, decoder_layers, quant_linears
+    from qllm_pipeline.quantized.qblock import make_quant_block
 
     model = tiny_model(layers=2)
     runner = BlockRunner(model, 32, "cpu")
@@ -304,8 +304,8 @@ def test_weight_rounding_registry():
     """What the stages ask of a rounding: round-to-nearest adds nothing to the cache keys (the keys of runs made before
     the registry), reads no inputs and no FP stream; GPTQ keys its settings with its arithmetic's version (fp_target
     at 0 left out), reads the FP stream only when fp_target > 0; an unknown name is one error naming the choices."""
-    from qllm_pipeline.errors import PipelineError
-    from qllm_pipeline.weight_rounding import GPTQ_ARITHMETIC_VERSION, WEIGHT_ALGORITHMS, weight_rounding
+    from qllm_pipeline.core.errors import PipelineError
+    from qllm_pipeline.methods.weight_rounding import GPTQ_ARITHMETIC_VERSION, WEIGHT_ALGORITHMS, weight_rounding
 
     gptq_settings = {"damp": 0.01, "block_size": 128, "act_order": True, "clip": True, "fp_target": 0.0}
     rtn = weight_rounding({"quant": {}, "gptq": gptq_settings})
@@ -319,7 +319,7 @@ def test_weight_rounding_registry():
     assert gptq.key(cfg) == {"gptq": {"damp": 0.01, "block_size": 128, "act_order": True, "clip": True,
                                       "arithmetic": GPTQ_ARITHMETIC_VERSION}}
     assert gptq.needs_fp_stream({**cfg, "gptq": {**gptq_settings, "fp_target": 0.5}})
-    with pytest.raises(PipelineError, match=r"gptq.damp=2 must be a number in \[0, 1\)"):
+    with pytest.raises(PipelineError, match=r"^gptq.damp=2 is out of range: >= 0 and < 1$"):
         gptq.validate({**cfg, "gptq": {**gptq_settings, "damp": 2}})
     with pytest.raises(PipelineError, match=r"quant.weight_algorithm='awq' is not one of \['rtn', 'gptq'\]"):
         weight_rounding({"quant": {"weight_algorithm": "awq"}})

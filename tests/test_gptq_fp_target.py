@@ -1,14 +1,14 @@
 """GPTQ with the FP model's output as the target (gptq.fp_target, GPTAQ's asymmetric calibration)."""
 import pytest
 import torch
+from test_gptq import correlated_inputs
 
 from conftest import tiny_model
-from qllm_pipeline.blocks import BlockRunner, decoder_layers, quant_linears
-from qllm_pipeline.gptq import HessianAccumulator, fp_target_weight, gptq_weight_codes
-from qllm_pipeline.qblock import make_quant_block
-from qllm_pipeline.quantizer import QuantSpec, dequantize_weight
-from qllm_pipeline.weight_rounding import GPTQConfig, gptq_fuse_block
-from test_gptq import correlated_inputs
+from qllm_pipeline.methods.gptq import HessianAccumulator, fp_target_weight, gptq_weight_codes
+from qllm_pipeline.methods.weight_rounding import GPTQConfig, gptq_fuse_block
+from qllm_pipeline.quantized.blocks import BlockRunner, decoder_layers, quant_linears
+from qllm_pipeline.quantized.qblock import make_quant_block
+from qllm_pipeline.quantized.quantizer import QuantSpec, dequantize_weight
 
 
 def _stats(x, x_fp):
@@ -71,7 +71,7 @@ def test_rounding_the_fp_target_weight_lowers_the_error_against_the_fp_output(bi
 def test_shape_errors():
     with pytest.raises(ValueError, match="must both be"):
         fp_target_weight(torch.randn(4, 8), torch.eye(8), torch.eye(7))
-    with pytest.raises(ValueError, match=r"gptq.fp_target=1.5 must be a number in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"^gptq.fp_target=1.5 is out of range: a number in \[0, 1\]: 0 = GPTQ, 1 = GPTAQ$"):
         GPTQConfig(fp_target=1.5)
 
 
@@ -152,8 +152,8 @@ def test_plan_counts_the_fp_stream_and_the_cross_term(tmp_path):
 
 def test_fuse_key_carries_the_gptq_arithmetic():
     """Blocks rounded by an earlier GPTQ arithmetic (float32 running Hessian sums) are not reused: the key carries its version."""
+    from qllm_pipeline.methods import weight_rounding
     from qllm_pipeline.stages.fuse import Fuse
-    from qllm_pipeline import weight_rounding
 
     cfg = {"quant": {"wbits": 4, "weight_algorithm": "gptq"}, "gptq": {"damp": 0.01}}
     now = Fuse().key_config(cfg)

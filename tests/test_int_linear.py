@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from conftest import read_results, run_cli, tiny_model, tiny_overrides
-from qllm_pipeline.blocks import decoder_layers, quant_linears, quantize_block_linears
-from qllm_pipeline.int_linear import IntLinear, to_integer_model
-from qllm_pipeline.quantizer import QuantSpec
+from qllm_pipeline.export.int_linear import IntLinear, to_integer_model
+from qllm_pipeline.quantized.blocks import decoder_layers, quant_linears, quantize_block_linears
+from qllm_pipeline.quantized.quantizer import QuantSpec
 
 
 def fused_tiny(wbits, abits, symmetric, clip=1.0, group_size=None):
@@ -52,7 +52,7 @@ def test_integer_path_refuses_what_it_cannot_run():
 
 def test_integer_perplexity_of_a_pipeline_model(tiny_model_dir, tmp_path):
     """quarot (online Hadamards before down_proj and o_proj, A4 clip) written by the pipeline, reloaded, run in integers."""
-    from qllm_pipeline.export import load_quantized_model
+    from qllm_pipeline.export.packed import load_quantized_model
 
     run = tmp_path / "run"
     proc = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache", run), "method=quarot", "fuse.format=qllm-packed"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import read_results, run_cli, tiny_overrides
-from qllm_pipeline.intervals import difference_interval, ratio_interval, verdict
+from qllm_pipeline.evaluation.intervals import difference_interval, ratio_interval, verdict
 
 T = 511  # tokens per window
 

@@ -4,11 +4,18 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from qllm_pipeline.blocks import BlockRunner, decoder_layers, quant_linears
-from qllm_pipeline.fused import build_fused_block, fused_block_tensors
-from qllm_pipeline.lowrank import ACT_CLIP_MIN, LowRankConfig, fuse_block, load_lora_state, lora_state, train_block
-from qllm_pipeline.qblock import make_quant_block
-from qllm_pipeline.quantizer import QuantSpec, quantize_lastdim_learned_clip, quantize_tokens
+from qllm_pipeline.methods.lowrank import (
+    ACT_CLIP_MIN,
+    LowRankConfig,
+    fuse_block,
+    load_lora_state,
+    lora_state,
+    train_block,
+)
+from qllm_pipeline.quantized.blocks import BlockRunner, decoder_layers, quant_linears
+from qllm_pipeline.quantized.fused import build_fused_block, fused_block_tensors
+from qllm_pipeline.quantized.qblock import make_quant_block
+from qllm_pipeline.quantized.quantizer import QuantSpec, quantize_lastdim_learned_clip, quantize_tokens
 
 W4, A4 = QuantSpec(4), QuantSpec(4, clip_ratio=0.85)
 
@@ -95,7 +102,7 @@ def test_lrc_key_leaves_out_the_default():
 
 
 def test_packed_export_keeps_the_learned_clips(tmp_path):
-    from qllm_pipeline.export import load_quantized_model, save_quantized_model
+    from qllm_pipeline.export.packed import load_quantized_model, save_quantized_model
 
     layer, runner, x, target = _setup()
     model = tiny_model(layers=1)  # the same weights as _setup's (same seed)

@@ -11,9 +11,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from qllm_pipeline.errors import PipelineError
-from qllm_pipeline.plan import GPU_BYTES, HOST_BUDGET_BYTES, check_fits, e2e_execution, e2e_host, run_plan
-from qllm_pipeline.working_sets import e2e_working_set
+from qllm_pipeline.core.errors import PipelineError
+from qllm_pipeline.core.plan import GPU_BYTES, HOST_BUDGET_BYTES, check_fits, e2e_execution, e2e_host, run_plan
+from qllm_pipeline.core.working_sets import e2e_working_set
 
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
 PAPER = ["quant=w4a4", "calibrate.n_samples=128", "calibrate.seq_len=2048"]
@@ -84,7 +84,7 @@ def test_a_run_whose_plan_does_not_fit_is_refused_before_any_weight(tmp_path):
     LlamaConfig(**config("model=llama2_70b")["model"]["arch"], torch_dtype="float16").save_pretrained(model)
     # "In seconds" against this machine's floor, measured now: a process that imports the CLI and transformers.
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import qllm_pipeline.cli, transformers"], cwd=REPO, check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", "import qllm_pipeline.core.cli, transformers"], cwd=REPO, check=True, timeout=120)
     floor = time.perf_counter() - started
     started = time.perf_counter()
     proc = subprocess.run(

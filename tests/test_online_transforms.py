@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from qllm_pipeline.attention import attention_quantized
-from qllm_pipeline.blocks import BlockRunner, decoder_layers, quant_linears
-from qllm_pipeline.fused import build_fused_block, fused_block_tensors
-from qllm_pipeline.hadamard import OnlineHadamard, hadamard_factors
-from qllm_pipeline.qblock import make_quant_block
-from qllm_pipeline.quantizer import QuantSpec, dequantize_weight, quantize_weight
-from qllm_pipeline.reassembly import build_reassembly
-from qllm_pipeline.rotation import add_online_hadamard, add_online_qk_hadamard, rotate_model, rotate_value_heads
-from qllm_pipeline.weight_rounding import GPTQConfig, gptq_base_block, gptq_fuse_block
+from qllm_pipeline.methods.rotation import add_online_hadamard, add_online_qk_hadamard, rotate_model, rotate_value_heads
+from qllm_pipeline.methods.weight_rounding import GPTQConfig, gptq_base_block, gptq_fuse_block
+from qllm_pipeline.quantized.attention import attention_quantized
+from qllm_pipeline.quantized.blocks import BlockRunner, decoder_layers, quant_linears
+from qllm_pipeline.quantized.fused import build_fused_block, fused_block_tensors
+from qllm_pipeline.quantized.hadamard import OnlineHadamard, hadamard_factors
+from qllm_pipeline.quantized.qblock import make_quant_block
+from qllm_pipeline.quantized.quantizer import QuantSpec, dequantize_weight, quantize_weight
+from qllm_pipeline.quantized.reassembly import build_reassembly
 
 W4, A4 = QuantSpec(4), QuantSpec(4)
 
@@ -199,9 +199,9 @@ def test_gptq_base_stays_on_its_grid_until_the_correction_moves_it():
 def test_every_transform_kind_runs_in_the_shipped_modeling_code():
     """Each registered kind gives its run-time buffers (`runtime_buffers`), and the shipped file's function for its
     tag computes what the kind computes (remote_modeling imports nothing of ours, so it keeps its own table)."""
-    from qllm_pipeline.reassembly import build_reassembly
-    from qllm_pipeline.remote_modeling import RUNTIME_KINDS
-    from qllm_pipeline.transforms import TRANSFORM_KINDS
+    from qllm_pipeline.export.remote_modeling import RUNTIME_KINDS
+    from qllm_pipeline.quantized.reassembly import build_reassembly
+    from qllm_pipeline.quantized.transforms import TRANSFORM_KINDS
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 24, generator=gen)

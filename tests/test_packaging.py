@@ -43,7 +43,7 @@ def test_wheel_installs_and_runs_a_tiny_job(tiny_model_dir, tmp_path):
                                capture_output=True, text=True, check=True, timeout=120).stdout.strip()
     with open(os.path.join(venv_site, "_running_env.pth"), "w") as pth:
         pth.write("".join(d + "\n" for d in running_site_dirs()))
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import qllm_pipeline.cli as c; print(c.__file__); print(c.CONF_DIR)"],
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import qllm_pipeline.core.cli as c; print(c.__file__); print(c.CONF_DIR)"],
                            capture_output=True, text=True, cwd=work, env=env, timeout=120)
     assert where.returncode == 0, f"the installed wheel does not import in its venv:\n{where.stderr[-2000:]}"
     module_file, conf_dir = where.stdout.split()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qllm_pipeline.quantizer import (
+from qllm_pipeline.quantized.quantizer import (
     QuantSpec,
     activation_quant_params,
     dequantize,
@@ -139,7 +139,7 @@ def test_activation_quantizer_is_compressed_tensors_bit_for_bit(bits):
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
 
-    from qllm_pipeline.remote_modeling import fake_quantize as shipped_fake_quantize
+    from qllm_pipeline.export.remote_modeling import fake_quantize as shipped_fake_quantize
 
     x = _tokens_of_both_signs_and_of_one()
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="token", dynamic=True)
@@ -165,7 +165,7 @@ def test_activation_range_includes_zero():
 def test_rows_of_one_sign_get_a_storable_zero_point():
     """compressed-tensors stores an asymmetric zero point in int8 on its signed grid: a row of one sign takes its
     range widened to include 0 (its zero point in [0, 2^b - 1]); rows of both signs keep their min-max grid exactly."""
-    from qllm_pipeline.quantizer import clipped_quant_params, dequantize, quant_params
+    from qllm_pipeline.quantized.quantizer import clipped_quant_params, dequantize, quant_params
 
     torch.manual_seed(0)
     mixed = torch.randn(4, 64)

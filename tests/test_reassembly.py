@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from qllm_pipeline.quantizer import QuantSpec, quantize_activation, quantize_weight
-from qllm_pipeline.reassembly import (
+from qllm_pipeline.methods.theta_search import search_theta, theta_grid
+from qllm_pipeline.quantized.quantizer import QuantSpec, quantize_activation, quantize_weight
+from qllm_pipeline.quantized.reassembly import (
     ChannelPairScorer,
     ChannelReassembly,
     assemble,
@@ -17,7 +18,6 @@ from qllm_pipeline.reassembly import (
     disassemble,
     merge_channels,
 )
-from qllm_pipeline.theta_search import search_theta, theta_grid
 
 W4 = QuantSpec(bits=4)
 A4 = QuantSpec(bits=4)

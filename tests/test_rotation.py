@@ -10,10 +10,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from conftest import tiny_config
-from qllm_pipeline.blocks import BlockRunner, decoder_layers
-from qllm_pipeline.qblock import make_quant_block
-from qllm_pipeline.quantizer import QuantSpec
-from qllm_pipeline.rotation import fuse_norms_into_linears, hadamard_matrix, random_hadamard, rotate_model
+from qllm_pipeline.methods.rotation import fuse_norms_into_linears, hadamard_matrix, random_hadamard, rotate_model
+from qllm_pipeline.quantized.blocks import BlockRunner, decoder_layers
+from qllm_pipeline.quantized.qblock import make_quant_block
+from qllm_pipeline.quantized.quantizer import QuantSpec
 
 VOCAB, SEQ = 100, 32
 RESIDUAL_OUTLIERS = [10, 11, 12]

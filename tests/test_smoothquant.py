@@ -8,10 +8,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from conftest import tiny_config
-from qllm_pipeline.blocks import BlockRunner, decoder_layers
-from qllm_pipeline.qblock import make_quant_block
-from qllm_pipeline.quantizer import QuantSpec
-from qllm_pipeline.smoothquant import smooth_block, smoothing_scales
+from qllm_pipeline.methods.smoothquant import smooth_block, smoothing_scales
+from qllm_pipeline.quantized.blocks import BlockRunner, decoder_layers
+from qllm_pipeline.quantized.qblock import make_quant_block
+from qllm_pipeline.quantized.quantizer import QuantSpec
 
 VOCAB, SEQ = 100, 32
 HOOKED = ("self_attn.q_proj", "mlp.gate_proj")

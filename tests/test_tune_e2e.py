@@ -14,16 +14,16 @@ import pytest
 import torch
 
 from conftest import REPO, read_results, run_cli, tiny_model, tiny_overrides
-from qllm_pipeline import e2e_tuning
-from qllm_pipeline.arch import LLAMA
-from qllm_pipeline.blocks import BlockRunner, decoder_layers, quant_linears
-from qllm_pipeline.e2e_streaming import EXECUTORS, FusedBlocks, InputStore
-from qllm_pipeline.e2e_tuning import E2EConfig, Head, TunedParams, head_kl, tune
-from qllm_pipeline.fused import build_fused_block, fused_block_tensors
-from qllm_pipeline.lowrank import ACT_CLIP_MIN
-from qllm_pipeline.perplexity import blockwise_hidden
-from qllm_pipeline.qblock import make_quant_block
-from qllm_pipeline.quantizer import QuantSpec
+from qllm_pipeline.evaluation.perplexity import blockwise_hidden
+from qllm_pipeline.methods import e2e_tuning
+from qllm_pipeline.methods.e2e_streaming import EXECUTORS, FusedBlocks, InputStore
+from qllm_pipeline.methods.e2e_tuning import E2EConfig, Head, TunedParams, head_kl, tune
+from qllm_pipeline.methods.lowrank import ACT_CLIP_MIN
+from qllm_pipeline.model.arch import LLAMA
+from qllm_pipeline.quantized.blocks import BlockRunner, decoder_layers, quant_linears
+from qllm_pipeline.quantized.fused import build_fused_block, fused_block_tensors
+from qllm_pipeline.quantized.qblock import make_quant_block
+from qllm_pipeline.quantized.quantizer import QuantSpec
 
 W4, A4 = QuantSpec(4), QuantSpec(4, clip_ratio=0.9)
 SETTINGS = dict(scale_lr=2e-3, act_clip_lr=1e-2, norm_lr=1e-3)
@@ -251,8 +251,9 @@ def test_a_resumed_tuning_ends_where_an_uninterrupted_one_does():
 @pytest.mark.parametrize("kwargs, message", [
     ({"scale_lr": 0, "act_clip_lr": 0, "norm_lr": 0}, "tune_e2e: scale_lr, act_clip_lr and norm_lr are all 0, so nothing "
      "would be tuned; set one of them or leave the tune_e2e stage out"),
-    ({"epochs": 0}, "tune_e2e.epochs=0 must be >= 1 (or leave the tune_e2e stage out)"),
-    ({"scale_lr": -1.0}, "tune_e2e.scale_lr=-1.0 must be a number >= 0 (0: not tuned)"),
+    ({"epochs": 0}, "tune_e2e.epochs=0 is out of range: >= 1"),
+    ({"scale_lr": -1.0}, "tune_e2e.scale_lr=-1.0 is out of range: a finite number >= 0 (0: scales not tuned)"),
+    ({"mode": "eager"}, "tune_e2e.mode='eager' is not one of ['streamed', 'whole']"),
 ])
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError) as err:
@@ -283,9 +284,10 @@ def test_scale_lr_per_weight_bit_width_keys_by_the_rate_it_resolves_to():
 def test_the_stage_is_cached_evaluated_and_exported(tiny_model_dir, tmp_path):
     """A pipeline run with tune_e2e: its own row, a cache hit on the re-run, the written model holds the tuned
     blocks (it reloads to the same perplexity), and the blocks before it are shared with the run without it."""
-    from qllm_pipeline.data import evaluation_windows, load_corpus, tokenize
-    from qllm_pipeline.export import load_quantized_model
     from transformers import AutoTokenizer
+
+    from qllm_pipeline.data.corpora import evaluation_windows, load_corpus, tokenize
+    from qllm_pipeline.export.packed import load_quantized_model
 
     cache = tmp_path / "cache"
     base = [*tiny_overrides(tiny_model_dir, cache, tmp_path / "run"), "method=rotation_lrc_gptq", "fuse.format=qllm-packed",
@@ -320,7 +322,7 @@ def test_the_best_recipe_tunes_end_to_end_and_the_default_job_does_not():
     from omegaconf import OmegaConf
 
     from conftest import REPO
-    from qllm_pipeline.export_ct import runtime_parts as parts_of
+    from qllm_pipeline.export.export_ct import runtime_parts as parts_of
 
     def runtime_parts(cfg):
         return parts_of(OmegaConf.to_container(cfg, resolve=False))

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import GGUF, tiny_model
-from qllm_pipeline.errors import PipelineError
-from qllm_pipeline.zeroshot import SMOKE_TASK, run_zeroshot
+from qllm_pipeline.core.errors import PipelineError
+from qllm_pipeline.evaluation.zeroshot import SMOKE_TASK, run_zeroshot
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_unknown_task_is_one_clear_error(model_and_tokenizer):
 def test_the_fast_name_scan_covers_every_task_lm_eval_indexes():
     """The start-of-run check refuses a name by the text scan alone, so the scan must know every name lm-eval's
     TaskManager would: the installed lm-eval is checked here (one TaskManager build, ~20 s)."""
-    from qllm_pipeline.zeroshot import _task_manager, check_task_names, declared_task_names
+    from qllm_pipeline.evaluation.zeroshot import _task_manager, check_task_names, declared_task_names
 
     indexed = set(_task_manager(include_defaults=True).task_index)
     assert indexed - declared_task_names() == set()

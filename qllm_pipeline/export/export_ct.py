@@ -1,0 +1,246 @@
+"""compressed-tensors export (`fuse.format=compressed-tensors`): a Hugging Face model directory that stock
+transformers loads with the `compressed-tensors` package installed (the format vLLM reads; not tested here).
+
+The directory holds `config.json` with a `quantization_config` (`quant_method: compressed-tensors`, format
+`pack-quantized` or `int-quantized`, one config group for the seven projections of every block: integer weights per channel or per
+group, input activations per token, dynamic), `model.safetensors` with each projection's packed codes
+(`weight_packed`, `weight_scale`, `weight_zero_point`, `weight_shape`, written by compressed-tensors' own compressor)
+and everything else (embeddings, norms, lm_head) in the model's dtype, and the tokenizer files. A streamed model is
+written as one shard per block (`model.safetensors.index.json`), so the export holds one block at a time. Full-precision
+weights (`quant.wbits=null`) give a plain checkpoint without a quantization_config.
+
+Our codes go over unchanged: compressed-tensors' asymmetric grid is signed ([-2^(b-1), 2^(b-1) - 1]) where ours is
+unsigned ([0, 2^b - 1]), so the zero point shifts by 2^(b-1) and the dequantized weights are equal. Its dynamic
+per-token asymmetric activation quantizer is ours without a clip ratio, bit for bit: we compute it in its arithmetic
+(quantizer.activation_quant_params).
+
+Methods with parts that run at run time (`runtime_parts`: QLLM's channel reassembly, the online Hadamard rotations,
+an activation clip ratio, quantized attention inputs) get the same weights plus a modeling file in the checkpoint
+(`modeling_qllm.py`, from qllm_pipeline/export/remote_modeling.py; `auto_map`, loaded with `trust_remote_code=True`) that
+applies them; their transform tensors sit in the weights file and their layout in `config.json` (`qllm_runtime`).
+There compressed-tensors holds the weights only and the modeling file quantizes the activations (our quantizer, with
+the clip). What cannot be written at all is refused before any work (`export_blockers`).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from qllm_pipeline.core.errors import PipelineError
+from qllm_pipeline.export.packed import FORMAT as PACKED_FORMAT
+from qllm_pipeline.model.arch import family_of
+from qllm_pipeline.quantized.quantizer import activation_clip_ratio
+
+FORMAT_NAME = "compressed-tensors"
+MODEL_FORMATS = (PACKED_FORMAT, FORMAT_NAME)  # fuse.format choices
+PACK_FORMAT = "pack-quantized"  # codes packed into int32 (symmetric weights below 8 bits)
+INT_FORMAT = "int-quantized"  # one int8 per code (asymmetric or 8-bit weights; see weight_format)
+
+
+REMOTE_FILE = "modeling_qllm.py"
+
+
+def remote_class(family) -> str:
+    """The class of modeling_qllm.py a family's checkpoint loads as: its transformers class with our run-time parts."""
+    return f"QLLM{family.causal_lm_class}"
+
+
+def export_blockers(cfg: dict) -> list[str]:
+    """What a compressed-tensors checkpoint cannot hold at all (empty: it can be written)."""
+    quant = cfg["quant"]
+    if quant.get("wbits") is not None and int(quant["wbits"]) > 8:
+        return [f"{quant['wbits']}-bit weights (compressed-tensors' integer formats hold 1 to 8 bits)"]
+    return []
+
+
+def runtime_parts(cfg: dict) -> list[str]:
+    """The parts of a run that stock compressed-tensors cannot execute, so its checkpoint ships modeling code."""
+    quant, stages = cfg["quant"], cfg["pipeline"]["stages"]
+    out = []
+    if "reassemble" in stages:
+        out.append("QLLM channel reassembly (gathers and merges input channels at run time)")
+    if "rotate" in stages:
+        rot = cfg.get("rotate", {})
+        online = [k for k in ("online_down", "online_o", "online_qk", "online_inputs") if rot.get(k)]
+        if online:
+            out.append("online Hadamard rotations (" + ", ".join(f"rotate.{k}" for k in online) + ")")
+    if quant.get("abits") is not None and activation_clip_ratio(quant) != 1.0:
+        out.append(f"an activation clip ratio ({activation_clip_ratio(quant)}; compressed-tensors' dynamic quantizer is min-max)")
+    lrc = cfg.get("train_lowrank") or {}
+    if quant.get("abits") is not None and "train_lowrank" in stages and lrc.get("enabled", True) and lrc.get("learn_act_clip"):
+        out.append("activation clip ratios learned per projection (train_lowrank.learn_act_clip)")
+    if quant.get("abits") is not None and "tune_e2e" in stages and (cfg.get("tune_e2e") or {}).get("act_clip_lr"):
+        out.append("activation clip ratios tuned per projection (tune_e2e.act_clip_lr)")
+    if quant.get("attn_bits") is not None:
+        out.append("quantized attention inputs (quant.attn_bits)")
+    if quant.get("wbits") is None and quant.get("abits") is not None:
+        out.append("quantized activations beside full-precision weights")
+    return out
+
+
+def weight_format(quant: dict) -> str:
+    """pack-quantized for symmetric weights below 8 bits; int-quantized (codes unpacked in int8) otherwise:
+    - asymmetric weights, because transformers (5.24, compressed-tensors 0.20) cannot load packed asymmetric zero
+      points: it sizes them unpacked on load (llm-compressor issue #1618);
+    - 8-bit weights, whose codes packing cannot shrink: int-quantized is the W8A8 layout of llm-compressor, and the one
+      vLLM maps to its int8 kernels (packed, it looks for mixed-precision kernels instead)."""
+    packed = quant.get("w_symmetric", False) and int(quant.get("wbits") or 16) < 8
+    return PACK_FORMAT if packed else INT_FORMAT
+
+
+def quantization_config(quant: dict, activations: bool = True, head: str = "lm_head"):
+    """The compressed-tensors QuantizationConfig of our scheme (one group: every Linear except the head); without
+    `activations` the scheme holds the weights only (the shipped modeling code quantizes the activations)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    group_size = quant.get("group_size")
+    weights = QuantizationArgs(
+        num_bits=int(quant["wbits"]), type="int", symmetric=bool(quant.get("w_symmetric", False)),
+        strategy="group" if group_size else "channel", group_size=group_size, dynamic=False,
+    )
+    acts = None
+    if activations and quant.get("abits") is not None:
+        acts = QuantizationArgs(
+            num_bits=int(quant["abits"]), type="int", symmetric=bool(quant.get("a_symmetric", False)), strategy="token",
+            dynamic=True,
+        )
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts, format=weight_format(quant))
+    return QuantizationConfig(
+        config_groups={"group_0": scheme}, format=weight_format(quant), quantization_status="compressed", ignore=[head],
+    )
+
+
+def compressed_projection(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme, dtype: torch.dtype) -> dict:
+    """One projection's tensors in compressed-tensors' layout, written by its own compressor for the scheme's format."""
+    from compressed_tensors.compressors import IntQuantizationCompressor, PackedQuantizationCompressor
+
+    from qllm_pipeline.quantized.quantizer import dequantize_weight
+
+    args = scheme.weights
+    weight = dequantize_weight(codes, scale, zero)  # exactly on the grid, so the compressor recovers our codes
+    state = {"weight": weight.to(dtype), "weight_scale": scale.to(dtype)}
+    if not args.symmetric:
+        # Our asymmetric grid is unsigned, theirs signed: shift the zero point. A row of one sign has its zero point
+        # outside the code range; int-quantized stores it in int8 all the same (and only symmetric weights are packed).
+        shifted = zero - 2 ** (args.num_bits - 1)
+        if shifted.min() < -128 or shifted.max() > 127:
+            raise ValueError("a zero point does not fit in int8; compressed-tensors cannot store it")
+        state["weight_zero_point"] = shifted.to(torch.int8)
+    compressor = PackedQuantizationCompressor if scheme.format == PACK_FORMAT else IntQuantizationCompressor
+    return compressor.compress(state, scheme)
+
+
+def _transform_buffers(transforms: list) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Kinds and tensors (`t<i>_<field>`) of an ordered list of input transforms, as remote_modeling reads them:
+    each kind gives its own (`runtime_buffers`)."""
+    kinds, tensors = [], {}
+    for i, t in enumerate(transforms):
+        kinds.append(t.kind)
+        tensors.update({f"t{i}_{field}": value for field, value in t.runtime_buffers().items()})
+    return kinds, tensors
+
+
+def _runtime_layer(block: dict[str, torch.Tensor], names: list[str], head_dim: int, attn_bits) -> tuple[dict, dict]:
+    """One layer's `qllm_runtime` entry and its tensors (relative to the layer)."""
+    from qllm_pipeline.quantized.hadamard import OnlineHadamard
+    from qllm_pipeline.quantized.transforms import transforms_from_tensors
+
+    entry, tensors = {"projections": {}}, {}
+
+    def add(key: str, kinds: list[str], buffers: dict[str, torch.Tensor]) -> dict:
+        tensors.update({f"qllm_transforms.{key}.{k}": v for k, v in buffers.items()})
+        return {"kinds": kinds, "buffers": {k: list(v.shape) for k, v in buffers.items()},
+                "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in buffers.items()}}
+
+    for name in names:
+        prefix = f"{name}.transforms."
+        transforms = transforms_from_tensors({k[len(prefix):]: v for k, v in block.items() if k.startswith(prefix)})
+        kinds, buffers = _transform_buffers(transforms)
+        weight = block[f"{name}.codes"] if f"{name}.codes" in block else block[f"{name}.weight"]
+        entry["projections"][name] = {"in_features": int(weight.shape[1]),
+                                      **add(name.replace(".", "__"), kinds, buffers)}
+        if f"{name}.act_clip" in block:  # a clip ratio learned for this projection (train_lowrank.learn_act_clip)
+            entry["projections"][name]["clip"] = float(block[f"{name}.act_clip"])
+    if attn_bits is not None and any(k.endswith("qk_hadamard") for k in block):
+        kinds, buffers = _transform_buffers([OnlineHadamard(head_dim)])
+        entry["qk"] = add("qk", kinds, buffers)
+    return entry, tensors
+
+
+def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, out_dir, runtime: bool = False,
+                                  sharded: bool = False) -> dict:
+    """Write the compressed-tensors directory from the fused blocks; returns sizes in bytes (file, and FP16).
+    `block_tensors`: block i's fused tensors in order (any iterable: a streamed model's are read one at a time);
+    `runtime`: the method has run-time parts (see `runtime_parts`), so the checkpoint ships modeling_qllm.py;
+    `sharded`: one safetensors shard per block (plus one for the rest), so the writer holds one block at a time."""
+    import shutil
+
+    from compressed_tensors.compressors import ModelCompressor
+
+    from qllm_pipeline.export.shards import ShardWriter, skeleton_tensors
+    from qllm_pipeline.quantized.quantizer import activation_clip_ratio
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Full-precision weights (quant.wbits=null): a plain checkpoint, no quantization_config
+    family = family_of(model)
+    config = quantization_config(quant, not runtime, family.head) if quant.get("wbits") is not None else None
+    scheme = config.config_groups["group_0"] if config is not None else None
+    dtype = next(model.parameters()).dtype
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    n_blocks = model.config.num_hidden_layers
+    writer = ShardWriter(out_dir, parts=n_blocks + 1 if sharded else None, metadata={"format": "pt"})
+    block_prefix = f"{family.layers}."
+    skeleton = skeleton_tensors(model, block_prefix)
+    writer.add(skeleton)
+    layers, block_params = [], 0
+    for i, block in enumerate(block_tensors):
+        tensors = {}
+        prefix = f"{block_prefix}{i}."
+        names = sorted({k.rsplit(".", 1)[0] for k in block if k.endswith(".codes")})
+        dense = sorted(name for name in family.linears if f"{name}.weight" in block)  # full-precision projections
+        has_runtime = any(".transforms." in k or k.endswith(("qk_hadamard", ".act_clip")) for k in block)
+        if has_runtime and not runtime:
+            raise ValueError(f"block {i} has run-time transforms, but the checkpoint is being written without its modeling code")
+        for name in names:
+            try:
+                packed = compressed_projection(block[f"{name}.codes"], block[f"{name}.scale"], block[f"{name}.zero"], scheme, dtype)
+            except ValueError as exc:
+                # A weight row of one sign: min-max without 0 puts its zero point off the grid (the stages' artifacts
+                # are kept, so writing another format resumes from the cache)
+                raise PipelineError(
+                    f"block {i} {name}: a weight row's zero point is outside compressed-tensors' int8 range (a row of one "
+                    f"sign); write fuse.format={PACKED_FORMAT} (the run resumes from the cache) or quantize the weights "
+                    "symmetrically (quant.w_symmetric=true)") from exc
+            tensors.update({f"{prefix}{name}.{k}": v.contiguous() for k, v in packed.items()})
+            block_params += block[f"{name}.codes"].numel()
+        for key, value in block.items():
+            if key.rsplit(".", 1)[0] not in names and ".transforms." not in key and not key.endswith("qk_hadamard"):
+                tensors[prefix + key] = value.detach().to(dtype).contiguous()  # norms, biases
+                block_params += value.numel()
+        if runtime:
+            entry, extra = _runtime_layer(block, names or dense, head_dim, quant.get("attn_bits"))
+            layers.append(entry)
+            tensors.update({prefix + k: v.contiguous() for k, v in extra.items()})
+        writer.add(tensors)
+    file_bytes = writer.close()
+    hf_config = copy.deepcopy(model.config)
+    if runtime:
+        abits = quant.get("abits")
+        hf_config.qllm_runtime = {
+            "activations": {"bits": abits, "symmetric": bool(quant.get("a_symmetric", False)),
+                            "clip": activation_clip_ratio(quant) if abits is not None else 1.0},
+            "attn_bits": quant.get("attn_bits"), "layers": layers,
+        }
+        hf_config.architectures = [remote_class(family)]
+        hf_config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_FILE.removesuffix('.py')}.{remote_class(family)}"}
+        shutil.copyfile(Path(__file__).with_name("remote_modeling.py"), out_dir / REMOTE_FILE)
+    hf_config.save_pretrained(out_dir)
+    if config is not None:
+        ModelCompressor(quantization_config=config).update_config(str(out_dir))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    fp16_bytes = (sum(v.numel() for v in skeleton.values()) + block_params) * 2
+    return {"file_bytes": file_bytes, "fp16_bytes": fp16_bytes}
