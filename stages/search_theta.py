@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 
 from qllm_pipeline.core.errors import PipelineError
-from qllm_pipeline.core.plots import plot_theta_curves
 from qllm_pipeline.core.stage import BlockStage, StageSpec
 from qllm_pipeline.methods.reassembly_inputs import channel_max, score_tokens, search_inputs
 from qllm_pipeline.methods.theta_search import GRID_SPACINGS, search_theta, theta_grid
@@ -82,10 +81,7 @@ class SearchTheta(BlockStage):
                 del loss_fn  # its copy of the block goes before the next point makes one
         finally:
             block.to("cpu")
-        writer.save_json("theta.json", results)
-        if any(r["curve"] for r in results.values()):
-            plot_theta_curves(results, writer.path("theta_curve.png"), title=f"block {state.index}: θ search",
-                              labels={p.name: p.label for p in block_family(block).points})
+        writer.save_json("theta.json", results)  # the run's theta_curve.png is drawn from these (core.run_report)
         ctx.tracker.log({"theta/block": state.index, **{f"theta/{p}/loss": r["loss"] for p, r in results.items()}})
 
 

@@ -171,6 +171,7 @@ def tiny_overrides(model_dir: Path, cache_dir: Path, run_dir: Path) -> list[str]
         "search_theta.n_samples=2",
         "train_lowrank.epochs=1",
         "pipeline.progress=false",
+        "pipeline.plots=false",  # matplotlib is a third of a tiny run; the tests of the plots turn them on
         f"pipeline.cache_dir={cache_dir}",
         f"hydra.run.dir={run_dir}",
     ]

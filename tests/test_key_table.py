@@ -42,6 +42,7 @@ NO_EFFECT = {
     "pipeline.cache_dir": "where the cache is",
     "pipeline.plan_only": "prints the plan and stops",
     "pipeline.progress": "progress bars",
+    "pipeline.plots": "whether the run's PNG plots are drawn (from the artifacts)",
     "pipeline.memory_check": "whether a plan that does not fit is refused",
     "pipeline.device_memory_gb": "the budget the plan is checked against",
     "pipeline.host_memory_gb": "the budget the plan is checked against; tune_e2e keeps or rebuilds its blocks and "

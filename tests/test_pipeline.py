@@ -82,15 +82,19 @@ def test_killed_run_resumes_to_the_same_numbers(tiny_model_dir, tmp_path):
 
 def test_channel_ratio_reruns_search_theta_and_later_only(tiny_model_dir, tmp_path):
     cache = tmp_path / "cache"
-    first = run_cli([*tiny_overrides(tiny_model_dir, cache, tmp_path / "a")])
+    first = run_cli([*tiny_overrides(tiny_model_dir, cache, tmp_path / "a"), "pipeline.plots=true"])
     assert first.returncode == 0, first.stderr[-3000:]
     rows = stage_rows(read_results(tmp_path / "a"))
     assert all(rows[s]["computed"] == 3 for s in ("search_theta", "reassemble", "train_lowrank", "fuse"))
     theta = (next((cache / "search_theta").iterdir()) / "theta.json").read_text()
-    assert '"curve"' in theta and (next((cache / "search_theta").iterdir()) / "theta_curve.png").exists()
+    assert '"curve"' in theta
+    plots = ("theta_curve.png", "channel_max.png", "lrc_loss.png", "perplexity.png")  # drawn from the artifacts
+    for name in plots:
+        assert (tmp_path / "a" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
     second = run_cli([*tiny_overrides(tiny_model_dir, cache, tmp_path / "b"), "search_theta.channel_ratio=0.05"])
     assert second.returncode == 0, second.stderr[-3000:]
+    assert not [name for name in plots if (tmp_path / "b" / name).exists()]  # pipeline.plots=false
     rows = stage_rows(read_results(tmp_path / "b"))
     assert rows["calibrate"]["cached"] == 1
     # Block 0 sees the same inputs, so its activation statistics are reused; later blocks' inputs changed.

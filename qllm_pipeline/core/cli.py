@@ -278,10 +278,12 @@ def run(cfg: DictConfig) -> dict:
     if not world.is_writer:
         return results
     text = write_results(run_dir, results)
-    from qllm_pipeline.core.run_report import write_plots  # matplotlib: imported only once a run has results
+    if c["pipeline"]["plots"]:
+        from qllm_pipeline.core.run_report import write_plots  # matplotlib: imported only when plots are drawn
 
-    for png in write_plots(run_dir, runner.artifacts, results, f"{source.name} {c['quant']['name']}", family_of(model)):
-        tracker.log_image(png.stem, str(png))
+        title = f"{source.name} {c['quant']['name']}"
+        for png in write_plots(run_dir, runner.artifacts, results, title, family_of(model)):
+            tracker.log_image(png.stem, str(png))
     print(text)
     tracker.summary({f"ppl/{d}/{v}": p for d, row in results.get("ppl", {}).items() for v, p in row.items()})
     tracker.summary({f"stage/{s['stage']}/{k}": s[k] for s in results["stages"] for k in ("seconds", "computed", "cached")})

@@ -200,6 +200,8 @@ class PipelineConfig:
     ranks: int | None = setting(None, lo=1, hint="a positive integer, or null for torchrun's number of ranks (1 "
                                                  "without it)")
     progress: bool = True
+    # write the run's PNG plots (θ search curves, outliers, LRC losses, perplexities); false skips matplotlib
+    plots: bool = True
 
 
 # section -> its dataclass; every section but `pipeline` is a conf group of the same name

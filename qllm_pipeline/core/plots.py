@@ -7,25 +7,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_theta_curves(results: dict, path, title: str, labels: dict[str, str] | None = None) -> None:
-    """One panel per reassembly point: sub-block MSE against θ, the chosen θ marked."""
-    points = [p for p, r in results.items() if r["curve"]]
-    fig, axes = plt.subplots(1, len(points), figsize=(4.2 * len(points), 3.4), squeeze=False)
+def plot_theta_curves(blocks: list[dict], path, labels: dict[str, str] | None = None) -> None:
+    """One panel per reassembly point: every block's sub-block MSE along the θ grid, relative to its loss at the grid's
+    first θ (the largest channel max: no channel split), the chosen θ marked; one run-level figure, not one per block."""
+    order = list(labels or {}) + [p for p in blocks[0] if p not in (labels or {})]  # the family's order of the points
+    points = [p for p in order if any(b.get(p, {}).get("curve") for b in blocks)]
+    fig, axes = plt.subplots(1, len(points), figsize=(4.6 * len(points) + 1, 3.8), squeeze=False, layout="constrained")
+    colors = plt.get_cmap("viridis")
     for ax, point in zip(axes[0], points):
-        r = results[point]
-        thetas = [c["theta"] for c in r["curve"]]
-        losses = [c["loss"] for c in r["curve"]]
-        ax.plot(thetas, losses, marker=".", lw=1)
-        ax.axvline(r["theta"], color="tab:red", ls="--", lw=1, label=f"θ*={r['theta']:.3g} (+{r['n_extra']} ch)")
+        for i, block in enumerate(blocks):
+            r = block.get(point)
+            if not r or not r["curve"] or not r["curve"][0]["loss"]:
+                continue
+            base, color = r["curve"][0]["loss"], colors(i / max(1, len(blocks) - 1))
+            ax.plot([c["theta"] for c in r["curve"]], [c["loss"] / base for c in r["curve"]], lw=0.8, color=color)
+            ax.plot([r["theta"]], [r["loss"] / base], marker="o", ms=3, color=color)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.invert_xaxis()  # the search goes from the largest channel max downwards
-        ax.set_xlabel("θ (log); searched from the largest, left to right")
-        ax.set_ylabel("sub-block output MSE (log)")
+        ax.set_xlabel("θ (log), searched left to right")
+        ax.set_ylabel("MSE / MSE at the first θ (log)")
         ax.set_title((labels or {}).get(point, point), fontsize=9)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
+    scale = plt.cm.ScalarMappable(cmap=colors, norm=plt.Normalize(0, len(blocks) - 1))
+    fig.colorbar(scale, ax=axes[0].tolist(), label="decoder block (dot: the chosen θ)")
+    fig.suptitle("θ search per block")
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

@@ -1,10 +1,11 @@
-"""Run-level plots from the stored artifacts: outliers before/after reassembly, LRC losses, perplexities."""
+"""Run-level plots from the stored artifacts: θ search curves, outliers before/after reassembly, LRC losses,
+perplexities."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from qllm_pipeline.core.plots import plot_channel_max, plot_lrc_losses, plot_ppl
+from qllm_pipeline.core.plots import plot_channel_max, plot_lrc_losses, plot_ppl, plot_theta_curves
 from qllm_pipeline.model.arch import Family
 from qllm_pipeline.quantized.qblock import load_reassemblies
 
@@ -17,6 +18,12 @@ def _summary(values) -> dict:
 
 def write_plots(run_dir: Path, artifacts: dict, results: dict, title: str, family: Family) -> list[Path]:
     written = []
+    labels = {p.name: p.label for p in family.points}
+    searches = [a.json("theta.json") for a in artifacts.get("search_theta", []) if a is not None]
+    if any(r["curve"] for s in searches for r in s.values()):
+        path = run_dir / "theta_curve.png"
+        plot_theta_curves(searches, path, labels=labels)
+        written.append(path)
     stats = [a for a in artifacts.get("collect_activations", []) if a is not None]
     if stats:
         point_stat = {p.name: p.linears[0] for p in family.points}  # the input of the point's first projection
@@ -33,7 +40,7 @@ def write_plots(run_dir: Path, artifacts: dict, results: dict, title: str, famil
                     r = reassembled.get(point)
                     after[point].append(_summary(r.apply_to_activation(m) if r is not None else m))
         path = run_dir / "channel_max.png"
-        plot_channel_max(before, after, path, labels={p.name: p.label for p in family.points})
+        plot_channel_max(before, after, path, labels=labels)
         written.append(path)
     losses = [a.json("losses.json") for a in artifacts.get("train_lowrank", []) if a is not None]
     if losses:
