@@ -41,6 +41,9 @@ def parse_args(argv=None):
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated, from: " + ", ".join(CASES))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--cache", type=Path, help="the pipeline's cache directory (default: a fresh one)")
+    parser.add_argument("--export-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                        help="fuse.export_dtype of the checkpoints (default float32: the exact round trip; the "
+                             "pipeline's default float16 reloads within a rounding band)")
     args = parser.parse_args(argv)
     args.cases = listed("--cases", args.cases, CASES, "case")
     return args
@@ -54,7 +57,8 @@ def run(args) -> dict:
         for case in args.cases:
             log(f"{case}: running the pipeline")
             start = time.perf_counter()
-            results = run_pipeline(case, work / case, args.cache or work / "cache", [], CASES[case][0])
+            overrides = [*CASES[case][0], f"fuse.export_dtype={args.export_dtype}"]
+            results = run_pipeline(case, work / case, args.cache or work / "cache", [], overrides)
             model_dir = work / case / "quantized_model"
             windows = windows or evaluation_windows(model_dir, "wiki_sample", 512, 32, work / "windows.pt")
             ppl = results["ppl"]["wiki_sample"]
@@ -64,14 +68,17 @@ def run(args) -> dict:
             row["seconds"] = round(time.perf_counter() - start, 1)
             rows.append(row)
             log(f"{case}: pipeline {row['pipeline']:.4f}, reloaded {row['transformers']:.4f}")
-    return {"model": "SmolLM2-135M-Instruct", "windows": "wiki_sample 32 × 512", "rows": rows}
+    return {"model": "SmolLM2-135M-Instruct", "windows": "wiki_sample 32 × 512", "export_dtype": args.export_dtype,
+            "rows": rows}
 
 
 def markdown(result: dict) -> str:
     cases = ",".join(r["case"] for r in result["rows"])
+    dtype = result.get("export_dtype", "float32")
     lines = ["# Checkpoints reloaded by stock transformers", "",
-             f"{result['model']}, {result['windows']} tokens, float32; the checkpoint reloaded in a fresh process by "
-             f"`tests/ct_reload.py`. Command: `python benchmarks/reload_check.py --cases {cases}`.", "",
+             f"{result['model']}, {result['windows']} tokens, the pipeline in float32, the checkpoints written with "
+             f"`fuse.export_dtype={dtype}` and reloaded (in that dtype) in a fresh process by `tests/ct_reload.py`. "
+             f"Command: `python benchmarks/reload_check.py --cases {cases} --export-dtype {dtype}`.", "",
              "| case | overrides | modeling_qllm.py | FP ppl | pipeline ppl | reloaded ppl | reloaded vs pipeline |",
              "|---|---|---|---:|---:|---:|---:|"]
     for r in result["rows"]:

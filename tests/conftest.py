@@ -172,6 +172,7 @@ def tiny_overrides(model_dir: Path, cache_dir: Path, run_dir: Path) -> list[str]
         "train_lowrank.epochs=1",
         "pipeline.progress=false",
         "pipeline.plots=false",  # matplotlib is a third of a tiny run; the tests of the plots turn them on
+        "fuse.export_dtype=float32",  # checkpoints that reload to the pipeline's numbers bit for bit
         f"pipeline.cache_dir={cache_dir}",
         f"hydra.run.dir={run_dir}",
     ]

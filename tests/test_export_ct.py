@@ -149,3 +149,37 @@ def test_rows_of_one_sign_export_and_reload(tiny_model_dir, tmp_path, eval_windo
     assert zeros and all(0 <= float(z.min()) and float(z.max()) <= 255 for z in zeros)
     rows = read_results(run)["ppl"]["wiki_sample"]
     assert reload(run / "quantized_model", eval_windows, tmp_path)["ppl"] == pytest.approx(rows["rotation+cra+lrc+gptq"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["rtn", "qllm"])  # stock, and with the shipped modeling code
+def test_export_dtype_writes_the_float_tensors_smaller_and_reloads_near(method, tiny_model_dir, tmp_path, eval_windows):
+    """fuse.export_dtype (default float16): the tensors beside the integer codes are written in it, config.json loads the
+    model in it, the codes are the same, and the reload stays near the pipeline's perplexity (float32: exactly)."""
+    from safetensors import safe_open
+
+    cache, files = tmp_path / "cache", {}
+    for dtype in ("float32", "float16", "bfloat16"):  # one cache: only the written model differs
+        run = tmp_path / dtype
+        proc = run_cli([*tiny_overrides(tiny_model_dir, cache, run), f"method={method}", f"fuse.export_dtype={dtype}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        files[dtype] = {}
+        for shard in sorted((run / "quantized_model").glob("*.safetensors")):  # one per block: the model is streamed
+            with safe_open(str(shard), "pt") as f:
+                files[dtype].update({k: f.get_tensor(k) for k in f.keys()})
+        assert json.loads((run / "quantized_model" / "config.json").read_text())["dtype"] == dtype
+        assert read_results(run)["checkpoint"]["dtype"] == dtype
+    pipeline = read_results(tmp_path / "float32")["ppl"]["wiki_sample"]
+    variant = "rtn" if method == "rtn" else "cra+lrc"
+    floats = [k for k, v in files["float32"].items() if v.is_floating_point() and "qllm_transforms" not in k]
+    assert any(k.endswith("weight_scale") for k in floats) and any("embed_tokens" in k for k in floats)
+    for dtype in ("float16", "bfloat16"):
+        written = files[dtype]
+        assert all(written[k].dtype == getattr(torch, dtype) for k in floats)
+        assert all(torch.equal(written[k], v) for k, v in files["float32"].items() if not v.is_floating_point())  # codes
+        torch.testing.assert_close(written[floats[0]].float(), files["float32"][floats[0]], rtol=1e-2, atol=1e-3)
+        sizes = {d: read_results(tmp_path / d)["checkpoint"]["checkpoint_bytes"] for d in ("float32", dtype)}
+        halved = sum(files["float32"][k].numel() * 2 for k in floats)
+        assert abs(sizes["float32"] - sizes[dtype] - halved) < 4096  # the float tensors halved (header aside)
+    for dtype, band in (("float32", 1e-5), ("float16", 2e-3)):
+        reloaded = reload(tmp_path / dtype / "quantized_model", eval_windows, tmp_path)
+        assert reloaded["ppl"] == pytest.approx(pipeline[variant], rel=band), dtype

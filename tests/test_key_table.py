@@ -52,6 +52,7 @@ NO_EFFECT = {
     "eval.batch_size": "windows per forward pass at evaluation",
     "fuse.save_model": "whether the whole model is also written",
     "fuse.format": "the written model's layout (the model artifact's own key carries it)",
+    "fuse.export_dtype": "the written model's floating-point tensors (the model artifact's own key carries it)",
     "logger.": "where metrics go",
     "quant.name": "a label",
     # keys carry the *resolved* clip ratio: the A6 entry of the recipes' {4: .., 6: ..} map changes nothing in these

@@ -15,7 +15,7 @@ from omegaconf import MISSING, OmegaConf
 
 from qllm_pipeline.core.settings import Check, checks, setting
 from qllm_pipeline.data.corpora import CORPORA
-from qllm_pipeline.export.export_ct import MODEL_FORMATS
+from qllm_pipeline.export.export_ct import EXPORT_DTYPES, MODEL_FORMATS
 from qllm_pipeline.methods.e2e_tuning import SCALE_LR, E2EConfig
 from qllm_pipeline.methods.lowrank import LowRankConfig
 from qllm_pipeline.methods.theta_search import GRID_SPACINGS
@@ -154,6 +154,9 @@ class FuseConfig:
 
     save_model: bool = True
     format: str = setting("compressed-tensors", choices=MODEL_FORMATS)
+    # compressed-tensors: the floating-point tensors beside the integer codes (embeddings, norms, head, weight
+    # scales) and the dtype config.json loads the model in; float32 reloads to the pipeline's perplexity bit for bit
+    export_dtype: str = setting("float16", choices=tuple(EXPORT_DTYPES))
 
 
 @dataclass

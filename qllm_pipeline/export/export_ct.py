@@ -35,6 +35,7 @@ from qllm_pipeline.quantized.quantizer import activation_clip_ratio
 
 FORMAT_NAME = "compressed-tensors"
 MODEL_FORMATS = (PACKED_FORMAT, FORMAT_NAME)  # fuse.format choices
+EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # fuse.export_dtype
 PACK_FORMAT = "pack-quantized"  # codes packed into int32 (symmetric weights below 8 bits)
 INT_FORMAT = "int-quantized"  # one int8 per code (asymmetric or 8-bit weights; see weight_format)
 
@@ -113,14 +114,15 @@ def quantization_config(quant: dict, activations: bool = True, head: str = "lm_h
 
 
 def compressed_projection(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme, dtype: torch.dtype) -> dict:
-    """One projection's tensors in compressed-tensors' layout, written by its own compressor for the scheme's format."""
+    """One projection's tensors in compressed-tensors' layout, written by its own compressor for the scheme's format
+    (from float32, so it recovers our codes exactly), its scale then stored in `dtype`."""
     from compressed_tensors.compressors import IntQuantizationCompressor, PackedQuantizationCompressor
 
     from qllm_pipeline.quantized.quantizer import dequantize_weight
 
     args = scheme.weights
-    weight = dequantize_weight(codes, scale, zero)  # exactly on the grid, so the compressor recovers our codes
-    state = {"weight": weight.to(dtype), "weight_scale": scale.to(dtype)}
+    weight = dequantize_weight(codes.float(), scale.float(), zero.float())  # on the grid: the compressor recovers the codes
+    state = {"weight": weight, "weight_scale": scale.float()}
     if not args.symmetric:
         # Our asymmetric grid is unsigned, theirs signed: shift the zero point. A row of one sign has its zero point
         # outside the code range; int-quantized stores it in int8 all the same (and only symmetric weights are packed).
@@ -129,7 +131,9 @@ def compressed_projection(codes: torch.Tensor, scale: torch.Tensor, zero: torch.
             raise ValueError("a zero point does not fit in int8; compressed-tensors cannot store it")
         state["weight_zero_point"] = shifted.to(torch.int8)
     compressor = PackedQuantizationCompressor if scheme.format == PACK_FORMAT else IntQuantizationCompressor
-    return compressor.compress(state, scheme)
+    packed = compressor.compress(state, scheme)
+    packed["weight_scale"] = packed["weight_scale"].to(dtype)
+    return packed
 
 
 def _transform_buffers(transforms: list) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -170,11 +174,15 @@ def _runtime_layer(block: dict[str, torch.Tensor], names: list[str], head_dim: i
 
 
 def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, out_dir, runtime: bool = False,
-                                  sharded: bool = False) -> dict:
+                                  sharded: bool = False, dtype: torch.dtype | None = None) -> dict:
     """Write the compressed-tensors directory from the fused blocks; returns sizes in bytes (file, and FP16).
     `block_tensors`: block i's fused tensors in order (any iterable: a streamed model's are read one at a time);
     `runtime`: the method has run-time parts (see `runtime_parts`), so the checkpoint ships modeling_qllm.py;
-    `sharded`: one safetensors shard per block (plus one for the rest), so the writer holds one block at a time."""
+    `sharded`: one safetensors shard per block (plus one for the rest), so the writer holds one block at a time;
+    `dtype` (fuse.export_dtype; default: the model's): what the floating-point tensors outside the integer codes are
+    written in (embeddings, norms, biases, the head, weight scales) and what config.json says to load the model in.
+    The run-time parts' buffers (reassembly maps, Hadamard factors) stay as computed: the shipped modeling code
+    applies them in float32, and they are a few kB."""
     import shutil
 
     from compressed_tensors.compressors import ModelCompressor
@@ -188,13 +196,13 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
     family = family_of(model)
     config = quantization_config(quant, not runtime, family.head) if quant.get("wbits") is not None else None
     scheme = config.config_groups["group_0"] if config is not None else None
-    dtype = next(model.parameters()).dtype
+    dtype = dtype or next(model.parameters()).dtype
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     n_blocks = model.config.num_hidden_layers
     writer = ShardWriter(out_dir, parts=n_blocks + 1 if sharded else None, metadata={"format": "pt"})
     block_prefix = f"{family.layers}."
     skeleton = skeleton_tensors(model, block_prefix)
-    writer.add(skeleton)
+    writer.add({k: v.to(dtype) if v.is_floating_point() else v for k, v in skeleton.items()})
     layers, block_params = [], 0
     for i, block in enumerate(block_tensors):
         tensors = {}
@@ -227,6 +235,7 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
         writer.add(tensors)
     file_bytes = writer.close()
     hf_config = copy.deepcopy(model.config)
+    hf_config.dtype = dtype  # what from_pretrained(dtype="auto") loads it in
     if runtime:
         abits = quant.get("abits")
         hf_config.qllm_runtime = {

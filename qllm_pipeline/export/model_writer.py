@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 
 from qllm_pipeline.core.cache import artifact_key
+from qllm_pipeline.export.export_ct import EXPORT_DTYPES, PACKED_FORMAT, runtime_parts, save_compressed_tensors_model
 from qllm_pipeline.export.export_ct import FORMAT_NAME as CT_FORMAT
-from qllm_pipeline.export.export_ct import PACKED_FORMAT, runtime_parts, save_compressed_tensors_model
 from qllm_pipeline.export.packed import save_quantized_model
 from qllm_pipeline.model.streaming import is_streamed
 
@@ -23,8 +23,10 @@ def write_model(ctx, runner) -> None:
     if not ctx.cfg["fuse"].get("save_model", True):
         return
     fmt = model_format(ctx.cfg)
+    export_dtype = ctx.cfg["fuse"]["export_dtype"] if fmt == CT_FORMAT else None  # qllm-packed writes float32
     # version 2: 8-bit symmetric weights are written int-quantized (were pack-quantized)
-    key = artifact_key("model", 2, {"format": fmt}, {"fuse": ctx.keys["model"]})
+    settings = {"format": fmt, **({"export_dtype": export_dtype} if export_dtype else {})}
+    key = artifact_key("model", 2, settings, {"fuse": ctx.keys["model"]})
 
     def write(writer):
         # Read one block at a time; a streamed model is written one shard per block, so the export never holds it whole.
@@ -36,7 +38,7 @@ def write_model(ctx, runner) -> None:
                 log.info("the checkpoint ships modeling_qllm.py (load it with trust_remote_code=True) for: %s",
                          "; ".join(parts))
             sizes = save_compressed_tensors_model(ctx.model, ctx.tokenizer, blocks, ctx.cfg["quant"], writer.tmp,
-                                                  runtime=bool(parts), sharded=sharded)
+                                                  runtime=bool(parts), sharded=sharded, dtype=EXPORT_DTYPES[export_dtype])
         else:
             sizes = save_quantized_model(ctx.model, ctx.tokenizer, blocks, ctx.cfg["quant"], writer.tmp, sharded=sharded)
         writer.save_json("sizes.json", sizes)
@@ -48,7 +50,7 @@ def write_model(ctx, runner) -> None:
     if not link.exists():
         link.symlink_to(model_dir.path, target_is_directory=True)
     sizes = model_dir.json("sizes.json")
-    ctx.checkpoint = {"format": fmt, "path": str(model_dir.path), "checkpoint_bytes": sizes["file_bytes"],
+    ctx.checkpoint = {"format": fmt, **({"dtype": export_dtype} if export_dtype else {}), "path": str(model_dir.path), "checkpoint_bytes": sizes["file_bytes"],
                       "fp16_bytes": sizes["fp16_bytes"]}
     log.info("quantized model (%s): %s (%.1f MB; the same model in FP16: %.1f MB)", fmt, model_dir.path, sizes["file_bytes"] / 1e6,
              sizes["fp16_bytes"] / 1e6)
