@@ -134,7 +134,8 @@ def pipeline_overrides(model_dir: Path, run_dir: Path, text_dir: Path | None) ->
             "model.gguf_file=null", "model.hub_id=null", "calibrate.n_samples=4", "calibrate.seq_len=32", "eval.seq_len=32",
             "eval.max_windows=8", "search_theta.steps=10", "search_theta.n_samples=2", "train_lowrank.epochs=1",
             "pipeline.progress=false", f"pipeline.device={DEVICE}", f"pipeline.cache_dir={run_dir.parent / 'cache'}",
-            f"hydra.run.dir={run_dir}", "fuse.format=compressed-tensors", *data]
+            f"hydra.run.dir={run_dir}", "fuse.format=compressed-tensors",
+            "fuse.export_dtype=float32", *data]  # float32: the check is exact (float16 adds its rounding)
 
 
 def run_pipelines(cases: list[str], model_dir: Path, work: Path, text_dir: Path | None, jobs: int) -> dict[str, str]:

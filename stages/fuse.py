@@ -35,7 +35,7 @@ class Fuse(BlockStage):
     def validate(self, cfg: dict) -> None:
         weight_rounding(cfg).validate(cfg)
         fmt = model_format(cfg)
-        if fmt == CT_FORMAT and cfg["fuse"].get("save_model", True):
+        if fmt == CT_FORMAT and cfg["fuse"]["save_model"]:
             blockers = export_blockers(cfg)
             if blockers:
                 raise PipelineError(f"fuse.format={CT_FORMAT} cannot hold {'; '.join(blockers)}; use fuse.format={PACKED_FORMAT}")

@@ -17,7 +17,7 @@ class Reassemble(BlockStage):
     spec = StageSpec("reassemble", version=1, config_keys=("reassemble",), upstream=("search_theta",), label="cra")
 
     def enabled(self, cfg) -> bool:
-        return bool(cfg["reassemble"].get("enabled", True)) and cfg["quant"].get("abits") is not None
+        return bool(cfg["reassemble"]["enabled"]) and cfg["quant"].get("abits") is not None
 
     def run(self, ctx, state, writer) -> None:
         thetas = state.artifacts["search_theta"].json("theta.json")

@@ -36,7 +36,7 @@ class Rotate(OnceStage):
 
     def key_config(self, cfg: dict) -> dict:
         part = super().key_config(cfg)
-        if not part["rotate"].get("online_inputs", False):  # off: the keys of runs made before it existed
+        if not part["rotate"]["online_inputs"]:  # off: the keys of runs made before it existed
             part["rotate"] = {k: v for k, v in part["rotate"].items() if k != "online_inputs"}
         return part
 

@@ -24,7 +24,7 @@ class SearchTheta(BlockStage):
                      upstream=("collect_activations",))
 
     def enabled(self, cfg) -> bool:
-        return bool(cfg["search_theta"].get("enabled", True)) and cfg["quant"].get("abits") is not None
+        return bool(cfg["search_theta"]["enabled"]) and cfg["quant"].get("abits") is not None
 
     def disabled_reason(self, cfg) -> str:
         return "disabled by config (search_theta.enabled=false or no activation quantization)"
@@ -51,7 +51,7 @@ class SearchTheta(BlockStage):
         inputs, block = search_inputs(ctx, state)
         assemble = bool(cfg["reassemble"]["assemble"])
         steps, ratio = cfg["search_theta"]["steps"], float(cfg["search_theta"]["channel_ratio"])
-        spacing = cfg["search_theta"].get("spacing", "linear")
+        spacing = cfg["search_theta"]["spacing"]
         results = {}
         try:
             for point in enabled_points(cfg):

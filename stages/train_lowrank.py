@@ -22,12 +22,12 @@ class TrainLowrank(BlockStage):
 
     def key_config(self, cfg: dict) -> dict:
         part = super().key_config(cfg)
-        if not part["train_lowrank"].get("learn_act_clip", False):  # off: the keys of runs made before it existed
+        if not part["train_lowrank"]["learn_act_clip"]:  # off: the keys of runs made before it existed
             part["train_lowrank"] = {k: v for k, v in part["train_lowrank"].items() if k not in ("learn_act_clip", "act_clip_lr", "act_clip_shared")}
         return {**part, **weight_rounding(cfg).key(cfg)}  # GPTQ rounds the base LRC refines
 
     def enabled(self, cfg) -> bool:
-        return bool(cfg["train_lowrank"].get("enabled", True)) and cfg["quant"].get("wbits") is not None
+        return bool(cfg["train_lowrank"]["enabled"]) and cfg["quant"].get("wbits") is not None
 
     def disabled_reason(self, cfg) -> str:
         return "disabled by config (train_lowrank.enabled=false or no quantization)"

@@ -163,6 +163,6 @@ def resolved_settings(cfg: dict) -> dict:
 
 def e2e_config(cfg: dict) -> E2EConfig:
     try:
-        return E2EConfig(**resolved_settings(cfg), mode=cfg["tune_e2e"].get("mode", "streamed"))
+        return E2EConfig(**resolved_settings(cfg), mode=cfg["tune_e2e"]["mode"])
     except (ValueError, TypeError) as exc:
         raise PipelineError(str(exc)) from exc

@@ -308,7 +308,7 @@ def test_weight_rounding_registry():
     from qllm_pipeline.methods.weight_rounding import GPTQ_ARITHMETIC_VERSION, WEIGHT_ALGORITHMS, weight_rounding
 
     gptq_settings = {"damp": 0.01, "block_size": 128, "act_order": True, "clip": True, "fp_target": 0.0}
-    rtn = weight_rounding({"quant": {}, "gptq": gptq_settings})
+    rtn = weight_rounding({"quant": {"weight_algorithm": "rtn"}, "gptq": gptq_settings})
     assert WEIGHT_ALGORITHMS == ("rtn", "gptq") and rtn.name == "rtn" and rtn.label is None
     assert rtn.key({}) == {} and not rtn.reads_inputs and not rtn.needs_fp_stream({})
     with pytest.raises(NotImplementedError):

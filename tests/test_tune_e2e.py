@@ -266,7 +266,8 @@ def test_scale_lr_per_weight_bit_width_keys_by_the_rate_it_resolves_to():
     key for another width's rate, and the resolved rate is the one trained with."""
     from qllm_pipeline.stages.tune_e2e import TuneE2E, e2e_config
 
-    settings = {"epochs": 2, "batch_size": 1, "scale_lr": 0.004, "act_clip_lr": 0.005, "norm_lr": 0.0, "seed": 0}
+    settings = {"epochs": 2, "batch_size": 1, "scale_lr": 0.004, "act_clip_lr": 0.005, "norm_lr": 0.0, "seed": 0,
+                "mode": "streamed"}
     stage = TuneE2E()
 
     def cfg(scale_lr, wbits):

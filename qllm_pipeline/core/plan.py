@@ -101,7 +101,7 @@ def arch_from_config(config) -> dict:
 
 def dtype_bytes(cfg: dict) -> int:
     """Bytes per weight and stream element in the model's dtype."""
-    return 2 if cfg["model"].get("dtype", "float16") in ("float16", "bfloat16") else 4
+    return 2 if cfg["model"]["dtype"] in ("float16", "bfloat16") else 4
 
 
 def _e2e_settings(cfg: dict) -> dict:
@@ -159,11 +159,11 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True, hos
     ranks = plan_ranks(cfg)
     # Under data parallelism each rank streams its shard of the windows (the largest shard: qllm_pipeline.core.distributed)
     n_all, seq = cfg["calibrate"]["n_samples"], cfg["calibrate"]["seq_len"]
-    n = largest_shard(n_all, int(cfg["pipeline"].get("batch_size", 1)), ranks)
+    n = largest_shard(n_all, int(cfg["pipeline"]["batch_size"]), ranks)
     h = arch["hidden_size"]
     block = block_params(arch) * nbytes
     quantized = quant.get("wbits") is not None or quant.get("abits") is not None
-    lrc_on = "train_lowrank" in stages and cfg["train_lowrank"].get("enabled", True) and quant.get("wbits") is not None
+    lrc_on = "train_lowrank" in stages and cfg["train_lowrank"]["enabled"] and quant.get("wbits") is not None
     gptq_on = weight_rounding(cfg).reads_inputs and quant.get("wbits") is not None
     gptq_fp = gptq_on and bool((cfg.get("gptq") or {}).get("fp_target") or 0)
     stream = n * seq * h * nbytes
@@ -173,7 +173,7 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True, hos
         "streams": (3 if lrc_on or gptq_fp else 2) * stream,  # quantized stream, FP targets, the next block's output
         "blocks held whole": 0 if streamed else arch["num_hidden_layers"] * block,
     }
-    batch_tokens = int(cfg["pipeline"].get("batch_size", 1)) * seq
+    batch_tokens = int(cfg["pipeline"]["batch_size"]) * seq
     lrc = cfg["train_lowrank"]
     lrc_plan = memory_plan(h, arch["intermediate_size"], arch["num_attention_heads"], arch["num_key_value_heads"], n, seq,
                            lrc["rank"], weight_bytes=nbytes, act_bytes=nbytes, batch_size=lrc["batch_size"],

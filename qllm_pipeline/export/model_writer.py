@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from qllm_pipeline.core.cache import artifact_key
-from qllm_pipeline.export.export_ct import EXPORT_DTYPES, PACKED_FORMAT, runtime_parts, save_compressed_tensors_model
+from qllm_pipeline.export.export_ct import EXPORT_DTYPES, runtime_parts, save_compressed_tensors_model
 from qllm_pipeline.export.export_ct import FORMAT_NAME as CT_FORMAT
 from qllm_pipeline.export.packed import save_quantized_model
 from qllm_pipeline.model.streaming import is_streamed
@@ -15,12 +15,12 @@ log = logging.getLogger(__name__)
 
 
 def model_format(cfg: dict) -> str:
-    return cfg["fuse"].get("format", PACKED_FORMAT)
+    return cfg["fuse"]["format"]
 
 
 def write_model(ctx, runner) -> None:
     """Write the whole final quantized model once per final key (cached like any artifact)."""
-    if not ctx.cfg["fuse"].get("save_model", True):
+    if not ctx.cfg["fuse"]["save_model"]:
         return
     fmt = model_format(ctx.cfg)
     export_dtype = ctx.cfg["fuse"]["export_dtype"] if fmt == CT_FORMAT else None  # qllm-packed writes float32

@@ -239,7 +239,7 @@ WEIGHT_ALGORITHMS = tuple(WEIGHT_ROUNDINGS)
 
 def weight_rounding(cfg: dict) -> WeightRounding:
     """The rounding `quant.weight_algorithm` names (round-to-nearest when unset)."""
-    name = cfg["quant"].get("weight_algorithm", "rtn")
+    name = cfg["quant"]["weight_algorithm"]
     if name not in WEIGHT_ROUNDINGS:
         raise PipelineError(f"quant.weight_algorithm={name!r} is not one of {list(WEIGHT_ALGORITHMS)}")
     return WEIGHT_ROUNDINGS[name]
