@@ -41,13 +41,8 @@ class Rotate(OnceStage):
         return part
 
     def validate(self, cfg: dict) -> None:
-        rot = cfg["rotate"]
-        if not isinstance(rot.get("seed"), int) or isinstance(rot.get("seed"), bool):
-            raise PipelineError(f"rotate.seed={rot.get('seed')!r} must be an integer")
-        for part in PARTS:
-            if not isinstance(rot.get(part), bool):
-                raise PipelineError(f"rotate.{part}={rot.get(part)!r} must be true or false")
-        if not any(rot.get(p) for p in PARTS):
+        rot = cfg["rotate"]  # each key's type: core/config.py (RotateConfig), checked before
+        if not any(rot[p] for p in PARTS):
             raise PipelineError("rotate: every part is off (rotate.residual/value_heads/online_down/online_o/online_qk/"
                                 "online_inputs); "
                                 "turn one on or drop the rotate stage")

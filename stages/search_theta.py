@@ -11,7 +11,7 @@ import logging
 from qllm_pipeline.core.errors import PipelineError
 from qllm_pipeline.core.stage import BlockStage, StageSpec
 from qllm_pipeline.methods.reassembly_inputs import channel_max, score_tokens, search_inputs
-from qllm_pipeline.methods.theta_search import GRID_SPACINGS, search_theta, theta_grid
+from qllm_pipeline.methods.theta_search import search_theta, theta_grid
 from qllm_pipeline.model.arch import block_family, family_of
 from qllm_pipeline.quantized.reassembly import build_reassembly
 from qllm_pipeline.quantized.subblock import POINTS, point_activations, point_loss_fn, point_weights
@@ -30,20 +30,10 @@ class SearchTheta(BlockStage):
         return "disabled by config (search_theta.enabled=false or no activation quantization)"
 
     def validate(self, cfg: dict) -> None:
+        """The points and a fixed θ's shape (the other keys' types and ranges: core/config.py, checked before)."""
         enabled_points(cfg)
         for point in POINTS:
             fixed_theta(cfg, point)
-        st = cfg["search_theta"]
-        ratio = st["channel_ratio"]
-        if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-            raise PipelineError(f"search_theta.channel_ratio={ratio!r} must be a number in [0, 1)")
-        steps = st["steps"]
-        if steps is not None and (not isinstance(steps, int) or steps < 1):
-            raise PipelineError(f"search_theta.steps={steps!r} must be a positive integer, or null for the reference grid")
-        if st.get("spacing", "linear") not in GRID_SPACINGS:
-            raise PipelineError(f"search_theta.spacing={st.get('spacing')!r} is not one of {list(GRID_SPACINGS)}")
-        if not isinstance(st["n_samples"], int) or st["n_samples"] < 1:
-            raise PipelineError(f"search_theta.n_samples={st['n_samples']!r} must be a positive integer")
 
     def run(self, ctx, state, writer) -> None:
         cfg = ctx.cfg

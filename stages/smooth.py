@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import copy
 
-from qllm_pipeline.core.errors import PipelineError
 from qllm_pipeline.core.stage import BlockStage, StageSpec
 from qllm_pipeline.methods.smoothquant import apply_smoothing, block_smoothing_scales
 
 
 class Smooth(BlockStage):
     spec = StageSpec("smooth", version=1, config_keys=("smooth",), upstream=("collect_activations",), label="smoothquant")
-
-    def validate(self, cfg: dict) -> None:
-        alpha = cfg["smooth"].get("alpha")
-        if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise PipelineError(f"smooth.alpha={alpha!r} must be a number in [0, 1] (0.5 balances activations and weights)")
 
     def run(self, ctx, state, writer) -> None:
         stats = state.artifacts["collect_activations"].tensors("channel_max.safetensors")

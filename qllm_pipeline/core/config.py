@@ -21,8 +21,9 @@ from qllm_pipeline.methods.lowrank import LowRankConfig
 from qllm_pipeline.methods.theta_search import GRID_SPACINGS
 from qllm_pipeline.methods.weight_rounding import WEIGHT_ALGORITHMS, GPTQConfig
 from qllm_pipeline.model.model_loading import DTYPES, LOAD_MODES
+from qllm_pipeline.quantized.quantizer import MAX_BITS, MIN_BITS
 
-BITS = dict(lo=2, hi=16, hint="an integer in 2..16, or null for full precision")
+BITS = dict(lo=MIN_BITS, hi=MAX_BITS, hint=f"an integer in {MIN_BITS}..{MAX_BITS}, or null for full precision")
 SEQ_LEN = dict(lo=2, hint="an integer >= 2 (a window predicts its next tokens)")
 
 
