@@ -151,7 +151,7 @@ class FuseConfig:
 
     compressed-tensors: a Hugging Face checkpoint that AutoModelForCausalLM.from_pretrained loads (methods with
     run-time parts ship modeling_qllm.py, trust_remote_code=True); qllm-packed: our packed layout + qllm_quant.json
-    (qllm_pipeline.export.export.load_quantized_model)."""
+    (qllm_pipeline.export.packed.load_quantized_model)."""
 
     save_model: bool = True
     format: str = setting("compressed-tensors", choices=MODEL_FORMATS)
@@ -217,13 +217,9 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _section(cls):
-    return field(default_factory=cls)
-
-
 QLLMConfig = dataclass(type("QLLMConfig", (), {
     "__annotations__": dict(SECTIONS), "__doc__": "The whole configuration: one typed section per group.",
-    **{name: _section(cls) for name, cls in SECTIONS.items()}}))
+    **{name: field(default_factory=cls) for name, cls in SECTIONS.items()}}))
 
 SCHEMA: dict[str, dict[str, Check]] = {section: checks(cls) for section, cls in SECTIONS.items()}
 CHECKED_ELSEWHERE = {(section, f.name) for section, cls in SECTIONS.items() for f in fields(cls)

@@ -81,24 +81,24 @@ def _values(override: Override) -> list:
 
 def validate_combinations(cfg: dict) -> None:
     """Settings that are fine alone and wrong together."""
-    quant, reassemble = cfg["quant"], cfg.get("reassemble", {})
+    quant, reassemble = cfg["quant"], cfg["reassemble"]
     stages = cfg["pipeline"]["stages"]
-    if quant.get("group_size") and "reassemble" in stages and reassemble.get("enabled", True) \
-            and not reassemble.get("assemble", True) and quant.get("abits") is not None:
+    if quant["group_size"] and "reassemble" in stages and reassemble["enabled"] and not reassemble["assemble"] \
+            and quant["abits"] is not None:
         raise PipelineError(
             f"quant.group_size={quant['group_size']} needs reassemble.assemble=true: disassembly alone adds channels, "
             "so the input width changes and no group size divides it; set reassemble.assemble=true or quant.group_size=null"
         )
-    ratio = cfg["search_theta"].get("channel_ratio")
-    if "search_theta" in stages and reassemble.get("assemble", True) and ratio is not None and ratio > MAX_ASSEMBLED_RATIO:
+    ratio = cfg["search_theta"]["channel_ratio"]
+    if "search_theta" in stages and reassemble["assemble"] and ratio > MAX_ASSEMBLED_RATIO:
         raise PipelineError(
             f"search_theta.channel_ratio={ratio} is too large for channel assembly: merging that many pairs needs more "
             f"ordinary channels than remain; use at most {MAX_ASSEMBLED_RATIO} (QLLM: 0.2), or reassemble.assemble=false"
         )
     data = cfg["data"]
-    if data.get("name") == "text_files":
+    if data["name"] == "text_files":
         for key in ("calib_path", "eval_path"):
-            path = data.get(key)
+            path = data[key]
             if path is None:
                 raise PipelineError(f"data.{key} must be set for data=text_files: add data.{key}=PATH")
             if not path or not os.path.isfile(path) or not os.access(path, os.R_OK):
@@ -110,12 +110,12 @@ def validate_combinations(cfg: dict) -> None:
     for name in cfg["eval"]["datasets"]:
         if name not in known:
             raise PipelineError(f"unknown eval.datasets entry {name!r}; choose from {sorted(known)}")
-        if name == "text_files" and data.get("name") != "text_files":
+        if name == "text_files" and data["name"] != "text_files":
             raise PipelineError("eval.datasets has text_files but data is not text_files; set data=text_files with "
                                 "data.calib_path and data.eval_path")
     if not cfg["eval"]["datasets"] and not cfg["eval"]["tasks"]:
         raise PipelineError("eval.datasets and eval.tasks are both empty: nothing to evaluate; list a dataset, "
                             "e.g. eval.datasets=[wiki_sample]")
-    limit = cfg["eval"].get("limit")
+    limit = cfg["eval"]["limit"]
     if isinstance(limit, float) and limit >= 1 and not limit.is_integer():
         raise PipelineError(f"eval.limit={limit!r} must be null, a positive count or a fraction in (0, 1)")
