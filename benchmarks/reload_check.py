@@ -64,7 +64,8 @@ def run(args) -> dict:
             ppl = results["ppl"]["wiki_sample"]
             row = {"case": case, "overrides": CASES[case][0], "fp": ppl["fp"], "pipeline": ppl[CASES[case][1]],
                    "remote_code": (model_dir / "modeling_qllm.py").is_file(),
-                   "transformers": reloaded_by_transformers(model_dir, windows), "seconds": 0.0}
+                   "transformers": reloaded_by_transformers(model_dir, windows), "seconds": 0.0,
+                   "checkpoint_bytes": results["checkpoint"]["checkpoint_bytes"], "fp16_bytes": results["checkpoint"]["fp16_bytes"]}
             row["seconds"] = round(time.perf_counter() - start, 1)
             rows.append(row)
             log(f"{case}: pipeline {row['pipeline']:.4f}, reloaded {row['transformers']:.4f}")
@@ -79,17 +80,22 @@ def markdown(result: dict) -> str:
              f"{result['model']}, {result['windows']} tokens, the pipeline in float32, the checkpoints written with "
              f"`fuse.export_dtype={dtype}` and reloaded (in that dtype) in a fresh process by `tests/ct_reload.py`. "
              f"Command: `python benchmarks/reload_check.py --cases {cases} --export-dtype {dtype}`.", "",
-             "| case | overrides | modeling_qllm.py | FP ppl | pipeline ppl | reloaded ppl | reloaded vs pipeline |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             "| case | overrides | modeling_qllm.py | FP ppl | pipeline ppl | reloaded ppl | reloaded vs pipeline | "
+             "checkpoint MB | × FP16 |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
+        size = (f"{r['checkpoint_bytes'] / 1e6:.1f} | {r['checkpoint_bytes'] / r['fp16_bytes']:.3f}"
+                if "checkpoint_bytes" in r else "| ")  # rows measured before sizes were recorded
         lines.append(f"| {r['case']} | `{' '.join(r['overrides']) or '(defaults)'}` | {'yes' if r['remote_code'] else 'no'} | "
                      f"{r['fp']:.4f} | {r['pipeline']:.4f} | {r['transformers']:.4f} | "
-                     f"{(r['transformers'] / r['pipeline'] - 1) * 100:+.3f} % |")
+                     f"{(r['transformers'] / r['pipeline'] - 1) * 100:+.3f} % | {size} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
-    run_benchmark("reload_check", parse_args, run, markdown, argv)
+    # float32 (the exact round trip) is the main table; another dtype gets its own files
+    run_benchmark(lambda args: "reload_check" + ("" if args.export_dtype == "float32" else f"_{args.export_dtype}"),
+                  parse_args, run, markdown, argv)
 
 
 if __name__ == "__main__":

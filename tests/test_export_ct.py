@@ -59,8 +59,10 @@ def test_checkpoint_reloads_with_stock_transformers(method, tiny_model_dir, tmp_
     assert variant == VARIANT[method]
     model_dir = run / "quantized_model"
     config = json.loads((model_dir / "config.json").read_text())["quantization_config"]
-    assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
-    assert config["config_groups"]["group_0"]["input_activations"]["strategy"] == "token"
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    for group in config["config_groups"].values():  # asymmetric W4: each row one block, so zero points stay unpacked
+        assert group["input_activations"]["strategy"] == "token" and group["weights"]["strategy"] == "block"
+        assert group["weights"]["block_structure"][0] == 1
     assert not (model_dir / "qllm_quant.json").exists()
     # results.json gives the checkpoint's size on disk (its weight files) beside the FP16 size
     checkpoint = read_results(run)["checkpoint"]
@@ -183,3 +185,34 @@ def test_export_dtype_writes_the_float_tensors_smaller_and_reloads_near(method, 
     for dtype, band in (("float32", 1e-5), ("float16", 2e-3)):
         reloaded = reload(tmp_path / dtype / "quantized_model", eval_windows, tmp_path)
         assert reloaded["ppl"] == pytest.approx(pipeline[variant], rel=band), dtype
+
+
+@pytest.mark.parametrize("quant, strategy, n_groups", [
+    ({"wbits": 4, "abits": 4}, "block", 3),  # asymmetric: one block a row, a group per row width
+    ({"wbits": 4, "abits": 4, "group_size": 32}, "block", 1),  # one block a row's group: one width for all
+    ({"wbits": 4, "abits": 8, "w_symmetric": True}, "channel", 1),  # symmetric: packed per channel
+    ({"wbits": 8, "abits": 8}, "channel", 1),  # 8-bit: int-quantized
+])
+def test_every_projection_is_in_exactly_one_config_group_of_its_width(quant, strategy, n_groups):
+    """Rows whose width differs (QLLM's disassembly widens some projections in some blocks) each get a config group
+    whose block is their row; compressed-tensors' own matcher finds each projection in exactly one group."""
+    from compressed_tensors.utils.match import match_name
+
+    from qllm_pipeline.export.export_ct import quantization_config
+
+    widths = {f"model.layers.{i}.{name}": width for i in range(3) for name, width in
+              (("self_attn.q_proj", 64), ("self_attn.o_proj", 64), ("mlp.down_proj", 128))}
+    widths["model.layers.1.self_attn.q_proj"] = 70  # disassembled in block 1 only
+    config = quantization_config(quant, widths)
+    groups = config.config_groups.values()
+    assert len(groups) == n_groups and {g.weights.strategy for g in groups} == {strategy}
+    assert config.format == ("int-quantized" if quant["wbits"] == 8 else "pack-quantized")
+    if n_groups == 1:
+        assert next(iter(groups)).targets == ["Linear"]
+        return
+    for name, width in widths.items():
+        found = [g for g in groups if any(match_name(name, t) for t in g.targets)]
+        assert len(found) == 1, name
+        assert found[0].weights.block_structure == [1, width]
+    assert "model.layers.1.self_attn.q_proj" in {t for g in groups for t in g.targets}  # named, not by suffix
+    assert any(t.startswith("re:") and t.endswith("down_proj$") for g in groups for t in g.targets)

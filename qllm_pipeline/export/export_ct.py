@@ -2,9 +2,10 @@
 transformers loads with the `compressed-tensors` package installed (the format vLLM reads; not tested here).
 
 The directory holds `config.json` with a `quantization_config` (`quant_method: compressed-tensors`, format
-`pack-quantized` or `int-quantized`, one config group for the seven projections of every block: integer weights per channel or per
-group, input activations per token, dynamic), `model.safetensors` with each projection's packed codes
-(`weight_packed`, `weight_scale`, `weight_zero_point`, `weight_shape`, written by compressed-tensors' own compressor)
+`pack-quantized` below 8 bits or `int-quantized` at 8, config groups for the seven projections of every block: integer
+weights per channel or per group, input activations per token, dynamic), `model.safetensors` with each projection's
+codes (`weight_packed` or `weight`, `weight_scale`, `weight_zero_point`, `weight_shape`, written by compressed-tensors'
+own compressor)
 and everything else (embeddings, norms, lm_head) in the model's dtype, and the tokenizer files. A streamed model is
 written as one shard per block (`model.safetensors.index.json`), so the export holds one block at a time. Full-precision
 weights (`quant.wbits=null`) give a plain checkpoint without a quantization_config.
@@ -36,8 +37,8 @@ from qllm_pipeline.quantized.quantizer import activation_clip_ratio
 FORMAT_NAME = "compressed-tensors"
 MODEL_FORMATS = (PACKED_FORMAT, FORMAT_NAME)  # fuse.format choices
 EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # fuse.export_dtype
-PACK_FORMAT = "pack-quantized"  # codes packed into int32 (symmetric weights below 8 bits)
-INT_FORMAT = "int-quantized"  # one int8 per code (asymmetric or 8-bit weights; see weight_format)
+PACK_FORMAT = "pack-quantized"  # codes packed into int32 (weights below 8 bits)
+INT_FORMAT = "int-quantized"  # one int8 per code (8-bit weights; see weight_format)
 
 
 REMOTE_FILE = "modeling_qllm.py"
@@ -82,55 +83,98 @@ def runtime_parts(cfg: dict) -> list[str]:
 
 
 def weight_format(quant: dict) -> str:
-    """pack-quantized for symmetric weights below 8 bits; int-quantized (codes unpacked in int8) otherwise:
-    - asymmetric weights, because transformers (5.24, compressed-tensors 0.20) cannot load packed asymmetric zero
-      points: it sizes them unpacked on load (llm-compressor issue #1618);
-    - 8-bit weights, whose codes packing cannot shrink: int-quantized is the W8A8 layout of llm-compressor, and the one
-      vLLM maps to its int8 kernels (packed, it looks for mixed-precision kernels instead)."""
-    packed = quant.get("w_symmetric", False) and int(quant.get("wbits") or 16) < 8
-    return PACK_FORMAT if packed else INT_FORMAT
+    """pack-quantized below 8 bits (codes packed into int32); int-quantized (one int8 per code) for 8-bit weights,
+    whose codes packing cannot shrink: int-quantized is the W8A8 layout of llm-compressor, and the one vLLM maps to its
+    int8 kernels (packed, it looks for mixed-precision kernels instead)."""
+    return PACK_FORMAT if int(quant.get("wbits") or 16) < 8 else INT_FORMAT
 
 
-def quantization_config(quant: dict, activations: bool = True, head: str = "lm_head"):
-    """The compressed-tensors QuantizationConfig of our scheme (one group: every Linear except the head); without
-    `activations` the scheme holds the weights only (the shipped modeling code quantizes the activations)."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+def rows_as_blocks(quant: dict) -> bool:
+    """Asymmetric weights below 8 bits are written with compressed-tensors' block strategy, one block a row (or a
+    row's group): the same numbers as per channel (or per group), but its zero points are stored unpacked. The
+    channel and group strategies pack them, and transformers (5.24, compressed-tensors 0.20.1) sizes them unpacked
+    on load, so such a checkpoint does not load (llm-compressor issue #1618)."""
+    return not quant.get("w_symmetric", False) and weight_format(quant) == PACK_FORMAT
+
+
+def weight_args(quant: dict, in_features: int):
+    """The compressed-tensors QuantizationArgs of one projection's weights (its width matters only for a whole row
+    written as one block)."""
+    from compressed_tensors.quantization import QuantizationArgs
 
     group_size = quant.get("group_size")
-    weights = QuantizationArgs(
-        num_bits=int(quant["wbits"]), type="int", symmetric=bool(quant.get("w_symmetric", False)),
-        strategy="group" if group_size else "channel", group_size=group_size, dynamic=False,
-    )
+    common = {"num_bits": int(quant["wbits"]), "type": "int", "symmetric": bool(quant.get("w_symmetric", False)),
+              "dynamic": False}
+    if rows_as_blocks(quant):
+        return QuantizationArgs(**common, strategy="block", block_structure=[1, group_size or in_features])
+    return QuantizationArgs(**common, strategy="group" if group_size else "channel", group_size=group_size)
+
+
+def quantization_config(quant: dict, widths: dict[str, int], activations: bool = True, head: str = "lm_head"):
+    """The compressed-tensors QuantizationConfig of our scheme: every quantized projection's weights per channel (or
+    group), and, with `activations`, its inputs per token, dynamic (without them the shipped modeling code quantizes
+    the activations). `widths`: each quantized projection's module name -> in_features. One config group targets every
+    Linear but the head, unless whole rows written as blocks differ in width: then one group per width, each naming
+    its projections (by a suffix where every block agrees)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
     acts = None
     if activations and quant.get("abits") is not None:
         acts = QuantizationArgs(
             num_bits=int(quant["abits"]), type="int", symmetric=bool(quant.get("a_symmetric", False)), strategy="token",
             dynamic=True,
         )
-    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts, format=weight_format(quant))
-    return QuantizationConfig(
-        config_groups={"group_0": scheme}, format=weight_format(quant), quantization_status="compressed", ignore=[head],
-    )
+    by_args: dict[str, list[str]] = {}  # weight args (as JSON) -> the projections written with them
+    for name, width in widths.items():
+        by_args.setdefault(weight_args(quant, width).model_dump_json(), []).append(name)
+    groups = {
+        f"group_{i}": QuantizationScheme(targets=["Linear"] if len(by_args) == 1 else _targets(names, widths),
+                                         weights=QuantizationArgs.model_validate_json(args), input_activations=acts,
+                                         format=weight_format(quant))
+        for i, (args, names) in enumerate(sorted(by_args.items(), key=lambda item: min(widths[n] for n in item[1])))
+    }
+    return QuantizationConfig(config_groups=groups, format=weight_format(quant), quantization_status="compressed",
+                              ignore=[head])
 
 
-def compressed_projection(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme, dtype: torch.dtype) -> dict:
-    """One projection's tensors in compressed-tensors' layout, written by its own compressor for the scheme's format
-    (from float32, so it recovers our codes exactly), its scale then stored in `dtype`."""
+def _targets(names: list[str], widths: dict[str, int]) -> list[str]:
+    """compressed-tensors targets naming exactly `names`: a suffix regex for a projection whose every block is among
+    them, its full module names otherwise."""
+    import re
+
+    def suffix(name: str) -> str:  # model.layers.3.mlp.down_proj -> mlp.down_proj
+        return re.sub(r"^.*?\.\d+\.", "", name)
+
+    chosen, out = set(names), []
+    for tail in sorted({suffix(n) for n in names}):
+        every = [n for n in widths if suffix(n) == tail]
+        if all(n in chosen for n in every):
+            out.append(f"re:.*\\.{re.escape(tail)}$")
+        else:
+            out.extend(sorted(n for n in every if n in chosen))
+    return out
+
+
+def compressed_projection(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args, fmt: str,
+                          dtype: torch.dtype) -> dict:
+    """One projection's tensors in compressed-tensors' layout, written by its own compressor for the format (from
+    float32, so it recovers our codes exactly), its scale then stored in `dtype`."""
     from compressed_tensors.compressors import IntQuantizationCompressor, PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
 
     from qllm_pipeline.quantized.quantizer import dequantize_weight
 
-    args = scheme.weights
     weight = dequantize_weight(codes.float(), scale.float(), zero.float())  # on the grid: the compressor recovers the codes
     state = {"weight": weight, "weight_scale": scale.float()}
     if not args.symmetric:
         # Our asymmetric grid is unsigned, theirs signed: shift the zero point. A row of one sign has its zero point
-        # outside the code range; int-quantized stores it in int8 all the same (and only symmetric weights are packed).
+        # outside the code range; compressed-tensors stores it in int8 all the same.
         shifted = zero - 2 ** (args.num_bits - 1)
         if shifted.min() < -128 or shifted.max() > 127:
             raise ValueError("a zero point does not fit in int8; compressed-tensors cannot store it")
         state["weight_zero_point"] = shifted.to(torch.int8)
-    compressor = PackedQuantizationCompressor if scheme.format == PACK_FORMAT else IntQuantizationCompressor
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, format=fmt)
+    compressor = PackedQuantizationCompressor if fmt == PACK_FORMAT else IntQuantizationCompressor
     packed = compressor.compress(state, scheme)
     packed["weight_scale"] = packed["weight_scale"].to(dtype)
     return packed
@@ -192,10 +236,9 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Full-precision weights (quant.wbits=null): a plain checkpoint, no quantization_config
     family = family_of(model)
-    config = quantization_config(quant, not runtime, family.head) if quant.get("wbits") is not None else None
-    scheme = config.config_groups["group_0"] if config is not None else None
+    quantized = quant.get("wbits") is not None  # full-precision weights (quant.wbits=null): a plain checkpoint
+    widths: dict[str, int] = {}  # each quantized projection's module name -> in_features (for the config's groups)
     dtype = dtype or next(model.parameters()).dtype
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     n_blocks = model.config.num_hidden_layers
@@ -214,7 +257,9 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
             raise ValueError(f"block {i} has run-time transforms, but the checkpoint is being written without its modeling code")
         for name in names:
             try:
-                packed = compressed_projection(block[f"{name}.codes"], block[f"{name}.scale"], block[f"{name}.zero"], scheme, dtype)
+                codes = block[f"{name}.codes"]
+                packed = compressed_projection(codes, block[f"{name}.scale"], block[f"{name}.zero"],
+                                               weight_args(quant, codes.shape[1]), weight_format(quant), dtype)
             except ValueError as exc:
                 # A weight row of one sign: min-max without 0 puts its zero point off the grid (the stages' artifacts
                 # are kept, so writing another format resumes from the cache)
@@ -223,6 +268,7 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
                     f"sign); write fuse.format={PACKED_FORMAT} (the run resumes from the cache) or quantize the weights "
                     "symmetrically (quant.w_symmetric=true)") from exc
             tensors.update({f"{prefix}{name}.{k}": v.contiguous() for k, v in packed.items()})
+            widths[prefix + name] = int(codes.shape[1])
             block_params += block[f"{name}.codes"].numel()
         for key, value in block.items():
             if key.rsplit(".", 1)[0] not in names and ".transforms." not in key and not key.endswith("qk_hadamard"):
@@ -247,7 +293,8 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
         hf_config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_FILE.removesuffix('.py')}.{remote_class(family)}"}
         shutil.copyfile(Path(__file__).with_name("remote_modeling.py"), out_dir / REMOTE_FILE)
     hf_config.save_pretrained(out_dir)
-    if config is not None:
+    if quantized:
+        config = quantization_config(quant, widths, not runtime, family.head)
         ModelCompressor(quantization_config=config).update_config(str(out_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
