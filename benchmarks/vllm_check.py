@@ -42,6 +42,8 @@ CASES = {
     "rtn_w4a8_sym": (["method=rtn", "quant=w4a8", *SYMMETRIC], "rtn"),
     "rtn_w4a4_sym": (["method=rtn", "quant=w4a4", *SYMMETRIC], "rtn"),
     "rtn_w8a8_asym": (["method=rtn", "quant=w8a8"], "rtn"),
+    # our default weights at 4 bits: packed, one block a row (compressed-tensors' block strategy)
+    "rtn_w4a8_asym": (["method=rtn", "quant=w4a8"], "rtn"),
 }
 TINY = ["model.name=tiny", "model.package=null", "model.gguf_file=null", "model.hub_id=null", "calibrate.n_samples=4",
         "calibrate.seq_len=32", "eval.seq_len=32", "eval.max_windows=8", "train_lowrank.epochs=1", "tune_e2e.epochs=1"]
