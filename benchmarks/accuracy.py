@@ -38,9 +38,11 @@ TOOL = "qllm-pipeline"
 DEFAULT_MODEL = "smollm2_135m"  # the model of rows written before rows named theirs
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
 QUANTS = sorted(p.stem for p in (REPO / "conf" / "quant").glob("*.yaml"))
-# The default job's settings, minus the exported model (the table does not need it); every run is also evaluated on
-# held-out calibration windows (calib_heldout), on which the best recipe is chosen: never on the evaluation windows.
-BENCH_OVERRIDES = ["fuse.save_model=false", "pipeline.progress=false", "eval.datasets=[wiki_sample,calib_heldout]"]
+# The default job's settings (the exported model too: its size goes in the row), evaluated on both corpora's evaluation
+# windows, calibrated on wiki_sample; every run is also evaluated on held-out calibration windows (calib_heldout), on
+# which the best recipe is chosen: never on the evaluation windows.
+EVAL_DATASETS = ("wiki_sample", "lee_news")
+BENCH_OVERRIDES = ["pipeline.progress=false", f"eval.datasets=[{','.join(EVAL_DATASETS)},calib_heldout]"]
 TINY_OVERRIDES = [
     "calibrate.n_samples=2", "calibrate.seq_len=32", "eval.seq_len=32", "eval.max_windows=4",
     "search_theta.steps=5", "search_theta.n_samples=1", "train_lowrank.epochs=1",
@@ -80,14 +82,21 @@ def own_row(ppl: dict) -> str:
     return names[0]
 
 
-def row_from(run: dict, tag: str = "") -> dict:
-    """Our row of one run: ppl on the evaluation windows (the first eval dataset); `dev` holds every other dataset's
-    ratio to FP (e.g. calib_heldout, the held-out calibration windows the best recipe is chosen on)."""
+def rows_from(run: dict, tag: str = "") -> list[dict]:
+    """Our rows of one run: one per evaluation corpus (EVAL_DATASETS' order first; results.json sorts its keys)."""
+    datasets = [d for d in run["results"]["ppl"] if d != HELDOUT]
+    order = {d: i for i, d in enumerate(EVAL_DATASETS)}
+    return [row_from(run, d, tag) for d in sorted(datasets, key=lambda d: (order.get(d, len(order)), d))]
+
+
+def row_from(run: dict, dataset: str, tag: str = "") -> dict:
+    """Our row of one run on one corpus's evaluation windows; `dev` holds the ratio to FP on the held-out calibration
+    windows (calib_heldout), the windows the best recipe is chosen on."""
     results = run["results"]
-    dataset = next(name for name in results["ppl"] if name != HELDOUT)
     ppl = results["ppl"][dataset]
     label = own_row(ppl)
-    dev = {name: other[label] / other["fp"] for name, other in results["ppl"].items() if name != dataset}
+    dev = {name: other[label] / other["fp"] for name, other in results["ppl"].items() if name == HELDOUT}
+    checkpoint = results.get("checkpoint") or {}
     attn = next((int(o.split("=")[1]) for o in run["extra"] if o.startswith("quant.attn_bits=")), None)
     return {
         "tool": TOOL,
@@ -97,6 +106,7 @@ def row_from(run: dict, tag: str = "") -> dict:
         "quant": run["quant"],
         "attn_bits": attn,
         "dataset": dataset,
+        "windows": results.get("windows", {}).get(dataset),  # how many, how long, chosen by which rule
         "ppl": ppl[label],
         "fp": ppl["fp"],
         # the 95 % paired-bootstrap interval of ppl / fp over the evaluation windows (qllm_pipeline/evaluation/intervals.py)
@@ -110,6 +120,8 @@ def row_from(run: dict, tag: str = "") -> dict:
         "commit": code_commit(),
         "act_quantizer": ACTIVATION_QUANTIZER_VERSION,
         "cpu_capability": results["meta"].get("cpu_capability"),  # quantized numbers move with the CPU's kernels
+        # the written checkpoint's size on disk (fuse.format, fuse.export_dtype) and the same model's in FP16
+        **{k: checkpoint[k] for k in ("checkpoint_bytes", "fp16_bytes", "format", "dtype") if k in checkpoint},
     }
 
 
@@ -122,36 +134,51 @@ def model_of(row: dict) -> str:
     return row.get("model", DEFAULT_MODEL)
 
 
+def dataset_of(row: dict) -> str:
+    return row.get("dataset") or "wiki_sample"  # rows written before rows named theirs
+
+
 def merge(path: Path, rows: list[dict]) -> list[dict]:
-    """Upsert `rows` into the json file's rows, keyed by (tool, model, method, quant); other rows are kept in order."""
+    """Upsert `rows` into the json file's rows, keyed by (tool, model, dataset, method, quant); other rows are kept in
+    order."""
     old = json.loads(path.read_text()).get("rows", []) if path.exists() else []
-    key = lambda r: (r.get("tool", TOOL), model_of(r), r["method"], r["quant"])  # noqa: E731
+    key = lambda r: (r.get("tool", TOOL), model_of(r), dataset_of(r), r["method"], r["quant"])  # noqa: E731
     new = {key(r): r for r in rows}
     kept = [r for r in old if key(r) not in new and "tool" in r]  # rows without a tool predate this format
     return kept + rows
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    lines = ["# Accuracy: perplexity on the evaluation windows (wiki_sample, 32 × 512 tokens)", "",
+    lines = ["# Accuracy: perplexity on the evaluation windows (32 × 512 tokens)", "",
              f"Last command: `{command}`. Cells are ppl (× FP, and its 95 % paired-bootstrap interval over the windows where the "
              "row has one). Attention inputs stay 16-bit unless the method says "
-             "`attn A<n>`. One table per model."]
-    for model in dict.fromkeys(model_of(r) for r in rows):
-        lines += ["", f"## {model}", "", *model_table([r for r in rows if model_of(r) == model])]
+             "`attn A<n>`. One table per model and evaluation corpus; every row is calibrated on wiki_sample."]
+    for model, dataset in dict.fromkeys((model_of(r), dataset_of(r)) for r in rows):
+        table = [r for r in rows if model_of(r) == model and dataset_of(r) == dataset]
+        windows = next((r["windows"] for r in table if r.get("windows")), None)
+        how = (f"{windows['count']} × {windows['seq_len']} tokens, {windows['rule']}" if windows
+               else "the first 32 × 512 tokens of the text (rows before windows were spread over the documents)")
+        lines += ["", f"## {model}: {dataset} ({how})", "", *model_table(table)]
     if any(earlier_quantizer(r) for r in rows):
         lines += ["", f"† measured with an earlier activation quantizer (before version {ACTIVATION_QUANTIZER_VERSION}, "
                   "compressed-tensors' arithmetic: qllm_pipeline/quantized/quantizer.py); not re-run since. The change is in the "
                   "asymmetric activation quantizer only: `[symmetric]` rows would give the same numbers."]
     ours = [r for r in rows if r.get("tool", TOOL) == TOOL and r.get("stages")]
     lines += ["", "## Our runs: held-out calibration windows (× FP, what settings are chosen on) and cost of every stage", "",
-              "| model | quant | method | config | calib_heldout × FP | wall (s) | stages: s / MiB |",
-              "|---|---|---|---|---|---:|---|"]
+              "| model | quant | method | config | calib_heldout × FP | checkpoint (× FP16) | wall (s) | stages: s / MiB |",
+              "|---|---|---|---|---|---:|---:|---|"]
     for r in ours:
+        if dataset_of(r) != EVAL_DATASETS[0] and any(dataset_of(o) == EVAL_DATASETS[0] and o["config"] == r["config"]
+                                                     and o["quant"] == r["quant"] for o in ours):
+            continue  # the run's other corpus: the same run, listed once
         stages = ", ".join(f"{k} {v['seconds']:.0f} s / {v['peak_rss_mib']:.0f}" for k, v in r["stages"].items())
         dev = ", ".join(f"{v:.3f}" for v in r.get("dev_ratio", {}).values()) or "-"
         wall = "-" if r.get("wall_s") is None else f"{r['wall_s']:.0f}"
         mark = " †" if earlier_quantizer(r) else ""
-        lines.append(f"| {model_of(r)} | {r['quant']} | {r['method']}{mark} | `{r['config']}` | {dev} | {wall} | {stages} |")
+        size = (f"{r['checkpoint_bytes'] / 1e6:.1f} MB ({r['checkpoint_bytes'] / r['fp16_bytes']:.2f}×)"
+                if r.get("checkpoint_bytes") else "-")
+        lines.append(f"| {model_of(r)} | {r['quant']} | {r['method']}{mark} | `{r['config']}` | {dev} | {size} | {wall} | "
+                     f"{stages} |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,6 +193,7 @@ def against_best_peer(row: dict, rows: list[dict]) -> str:
     """Our row against the other tool's best row at its bit width, paired on the evaluation windows: "lead",
     "behind" or "tie" by the 95 % interval of the perplexity difference (a lead inside it is a tie)."""
     peers = [r for r in rows if r.get("tool", TOOL) != TOOL and r["quant"] == row["quant"] and r.get("ppl")
+             and dataset_of(r) == dataset_of(row)
              and len(r.get("window_nll", [])) == len(row.get("window_nll", [])) > 1]
     if not peers:
         return "-"
@@ -247,7 +275,7 @@ def main() -> None:
             if attn_methods:
                 runs += sweep(args, quant, attn_methods, [f"quant.attn_bits={abits(quant)}"], cache, root / f"{quant}-attn")
         total_s = time.perf_counter() - started
-        rows = merge(args.out / "accuracy.json", [row_from(r, args.tag) for r in runs])
+        rows = merge(args.out / "accuracy.json", [row for r in runs for row in rows_from(r, args.tag)])
         (args.out / "accuracy.json").write_text(json.dumps({"command": command, "total_wall_s": round(total_s, 1), "rows": rows},
                                                            indent=2))
         text = markdown(rows, command) + f"\nWall time of the last invocation: {total_s / 60:.1f} min.\n"

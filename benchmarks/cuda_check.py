@@ -179,14 +179,14 @@ def reload_on(model_dir: Path, windows: torch.Tensor, device: str) -> tuple[floa
 def remote_code_lines(args, work: Path) -> list[str]:
     from transformers import AutoTokenizer
 
-    from qllm_pipeline.data.corpora import evaluation_windows, load_corpus, tokenize
+    from qllm_pipeline.data.corpora import corpus_windows, load_corpus
 
     model_dir = tiny_model_dir(args.tokenizer, work / "tiny_llama")
     failed = run_pipelines(args.cases, model_dir, work, args.text_dir, args.jobs)
     corpus = (load_corpus("text_files", {"calib_path": str(args.text_dir / "calib.txt"),
                                          "eval_path": str(args.text_dir / "eval.txt")})
               if args.text_dir else load_corpus("wiki_sample"))
-    windows = evaluation_windows(tokenize(AutoTokenizer.from_pretrained(model_dir), corpus.eval_text), 32, 8)
+    windows = corpus_windows(AutoTokenizer.from_pretrained(model_dir), corpus, 32, 8)
     lines = [f"Checkpoints with run-time parts (`modeling_qllm.py`, `trust_remote_code=True`): each method run by the "
              f"pipeline on {DEVICE} (random 3-block LLaMA, hidden 64, SmolLM2 tokenizer, {corpus.name} 8 × 32 tokens), "
              "then reloaded in this process on the CPU and on the device:", "",

@@ -157,9 +157,9 @@ def run(args) -> dict:
         prompt = prompt.to(args.device)
         windows = None
         if tokenizer is not None:
-            from qllm_pipeline.data.corpora import evaluation_windows, load_corpus, tokenize
+            from qllm_pipeline.data.corpora import corpus_windows, load_corpus
 
-            windows = evaluation_windows(tokenize(tokenizer, load_corpus("wiki_sample").eval_text), 512, args.eval_windows)
+            windows = corpus_windows(tokenizer, load_corpus("wiki_sample"), 512, args.eval_windows)
             windows = windows.to(args.device)
 
         def measure(variant: str, quant: str, build):

@@ -6,7 +6,8 @@ uses, so our results table can show peers beside our rows:
 * model: SmolLM2-135M-Instruct in fp32 through our own loader (`qllm_pipeline.model.model_loading`, conf/model/smollm2_135m.yaml);
 * calibration: `calibration_windows(tokenize(wiki_sample calibration text), n, seq_len, seed)` with n, seq_len and seed
   from conf/calibrate/default.yaml (16 × 512, seed 0), i.e. exactly the windows of our `calibrate` stage;
-* evaluation: `evaluation_windows(tokenize(wiki_sample evaluation text), seq_len, max_windows)` with conf/eval/default.yaml
+* evaluation: `corpus_windows(tokenizer, wiki_sample, seq_len, max_windows)` (the pipeline's windows, spread over the
+  held-out articles) with conf/eval/default.yaml
   (512 tokens, 32 windows); ppl = exp(mean next-token NLL over all predicted positions of all windows), the loss of
   qllm_pipeline/evaluation/perplexity.py, computed here with a full-model forward (4 windows per batch);
 * scheme: ours (conf/quant/<quant>.yaml): integer weights per output channel, asymmetric min-max (static); input
@@ -427,14 +428,8 @@ def run(args, command: str) -> dict:
     import llmcompressor
     import transformers
 
-    from qllm_pipeline.data.corpora import (
-        calibration_windows,
-        evaluation_windows,
-        load_corpus,
-        start_with,
-        tokenize,
-        window_bos,
-    )
+    from qllm_pipeline.data.corpora import corpus_windows, load_corpus, tokenize
+    from qllm_pipeline.data.windows import calibration_windows, start_with, window_bos
     from qllm_pipeline.evaluation.intervals import ratio_interval
     from qllm_pipeline.model.model_loading import ModelSource, load_config, load_model, load_tokenizer
 
@@ -463,8 +458,7 @@ def run(args, command: str) -> dict:
     bos = window_bos(pristine.config, tokenizer)  # the windows start as the pipeline's do (Gemma: with BOS)
     calib = start_with(calibration_windows(tokenize(tokenizer, corpus.calib_text), settings["calib_samples"],
                                            settings["calib_seq_len"], seed=settings["calib_seed"]), bos)
-    evals = start_with(evaluation_windows(tokenize(tokenizer, corpus.eval_text), settings["eval_seq_len"],
-                                          settings["eval_windows"]), bos)
+    evals = start_with(corpus_windows(tokenizer, corpus, settings["eval_seq_len"], settings["eval_windows"]), bos)
     settings["eval_windows"] = int(evals.shape[0])
     log(f"calibration {tuple(calib.shape)}, evaluation {tuple(evals.shape)}; FP evaluation")
     fp_nlls = window_nlls(pristine, evals, desc="eval fp")

@@ -78,9 +78,11 @@ def worker_env() -> dict:
 
 def run_pipeline(case: str, run_dir: Path, cache: Path, model: list[str], overrides: list[str] | None = None) -> dict:
     overrides = CASES[case][0] if overrides is None else overrides
-    # float32 checkpoints: the table was measured so (the default float16 adds its own rounding band)
-    args = [sys.executable, "-m", "qllm_pipeline", *model, *overrides, "fuse.format=compressed-tensors",
-            "fuse.export_dtype=float32", "pipeline.progress=false", "pipeline.device=cpu", f"pipeline.cache_dir={cache}", f"hydra.run.dir={run_dir}"]
+    # float32 checkpoints unless the overrides say otherwise: the table was measured so (the default float16 adds its
+    # own rounding band)
+    args = [sys.executable, "-m", "qllm_pipeline", *model, "fuse.export_dtype=float32", *overrides,
+            "fuse.format=compressed-tensors", "pipeline.progress=false", "pipeline.device=cpu", f"pipeline.cache_dir={cache}",
+            f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -92,13 +94,12 @@ def evaluation_windows(model_dir: Path, corpus: str, seq_len: int, max_windows: 
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from qllm_pipeline.data.corpora import evaluation_windows as windows
-    from qllm_pipeline.data.corpora import load_corpus, start_with, tokenize, window_bos
+    from qllm_pipeline.data.corpora import corpus_windows, load_corpus
+    from qllm_pipeline.data.windows import start_with, window_bos
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokens = tokenize(tokenizer, load_corpus(corpus).eval_text)
     bos = window_bos(AutoConfig.from_pretrained(model_dir), tokenizer)  # as the pipeline's windows start
-    torch.save(start_with(windows(tokens, seq_len, max_windows), bos), path)
+    torch.save(start_with(corpus_windows(tokenizer, load_corpus(corpus), seq_len, max_windows), bos), path)
     return path
 
 

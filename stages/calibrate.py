@@ -6,7 +6,8 @@ import logging
 from qllm_pipeline.core.errors import PipelineError
 from qllm_pipeline.core.identity import tensor_digest, text_digest
 from qllm_pipeline.core.stage import ONCE, OnceStage, StageSpec
-from qllm_pipeline.data.corpora import TOKENS_DIR, calibration_windows, load_corpus, start_with, tokenize, window_bos
+from qllm_pipeline.data.corpora import TOKENS_DIR, load_corpus, tokenize
+from qllm_pipeline.data.windows import calibration_windows, start_with, window_bos
 
 log = logging.getLogger(__name__)
 

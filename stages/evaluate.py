@@ -9,15 +9,13 @@ import logging
 
 from qllm_pipeline.core.identity import tensor_digest
 from qllm_pipeline.core.stage import FINAL, FinalStage, StageSpec
-from qllm_pipeline.data.corpora import (
+from qllm_pipeline.data.corpora import TOKENS_DIR, corpus_windows, document_token_starts, load_corpus, tokenize
+from qllm_pipeline.data.windows import (
     HELDOUT,
-    TOKENS_DIR,
+    WINDOWS_RULE,
     calibration_starts,
-    evaluation_windows,
     heldout_windows,
-    load_corpus,
     start_with,
-    tokenize,
     window_bos,
 )
 from qllm_pipeline.evaluation.intervals import ratio_interval
@@ -84,8 +82,10 @@ def evaluate(ctx, runner, artifacts) -> dict:
     table: dict[str, dict[str, float]] = {}
     intervals: dict[str, dict[str, list[float]]] = {}
     window_nll: dict[str, dict[str, list[float]]] = {}
+    chosen: dict[str, dict] = {}  # how each dataset's windows were chosen
     for dataset in cfg["datasets"]:
         windows = _windows(ctx, dataset, cfg)
+        chosen[dataset] = {"count": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "rule": WINDOWS_RULE}
         # Keyed by the tokens evaluated and the model, so a row is never reused for another text or model.
         source = {"windows": tensor_digest(windows), "model": ctx.model_id}
         keys = {name: runner.key("evaluate", {**deps, **source}, extra={"variant": name}) for name, (deps, *_) in plan.items()}
@@ -103,7 +103,7 @@ def evaluate(ctx, runner, artifacts) -> dict:
         intervals[dataset] = ratio_intervals({name: results[name] for name in plan})
         window_nll[dataset] = {name: results[name]["window_nll"] for name in plan}
     # the windows' NLLs go out too: a row compared with another tool's on the same windows is paired through them
-    out = {"ppl": table, "ppl_ci": intervals, "window_nll": window_nll}
+    out = {"ppl": table, "ppl_ci": intervals, "window_nll": window_nll, "windows": chosen}
     if cfg.get("tasks"):
         out["zeroshot"] = zeroshot(ctx, runner, plan, cfg)
     return out
@@ -183,11 +183,11 @@ def _windows(ctx, dataset: str, cfg: dict):
 
 def _text_windows(ctx, dataset: str, cfg: dict):
     if dataset == HELDOUT:  # the calibration split's windows that calibrate did not draw
-        cal = ctx.cfg["calibrate"]
-        tokens = tokenize(ctx.tokenizer, load_corpus(ctx.cfg["data"]["name"], ctx.cfg["data"]).calib_text,
-                          ctx.cache.root / TOKENS_DIR)
+        cal, cache_dir = ctx.cfg["calibrate"], ctx.cache.root / TOKENS_DIR
+        corpus = load_corpus(ctx.cfg["data"]["name"], ctx.cfg["data"])
+        tokens = tokenize(ctx.tokenizer, corpus.calib_text, cache_dir)
         starts = calibration_starts(tokens.numel(), cal["n_samples"], cal["seq_len"], cal["seed"])
-        return heldout_windows(tokens, starts, cal["seq_len"], cfg["seq_len"], cfg.get("max_windows"))
+        docs = document_token_starts(ctx.tokenizer, corpus.calib_text, corpus.calib_docs, cache_dir)
+        return heldout_windows(tokens, starts, cal["seq_len"], cfg["seq_len"], cfg["max_windows"], docs)
     corpus = load_corpus(dataset, ctx.cfg["data"])
-    tokens = tokenize(ctx.tokenizer, corpus.eval_text, ctx.cache.root / TOKENS_DIR)
-    return evaluation_windows(tokens, cfg["seq_len"], cfg.get("max_windows"))
+    return corpus_windows(ctx.tokenizer, corpus, cfg["seq_len"], cfg["max_windows"], ctx.cache.root / TOKENS_DIR)

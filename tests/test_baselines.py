@@ -105,14 +105,14 @@ def test_smoothquant_and_rotation_qllm_run_cache_and_export(tiny_model_dir, tmp_
     assert r_rot["meta"]["keys"]["rotate"]
 
     # The exported model carries the rotated embeddings and untied head: its HF forward gives the pipeline's number.
-    from qllm_pipeline.data.corpora import evaluation_windows, load_corpus, tokenize
+    from qllm_pipeline.data.corpora import corpus_windows, load_corpus
     from qllm_pipeline.export.packed import load_quantized_model
     from qllm_pipeline.model.model_loading import ModelSource, load_tokenizer
 
     loaded = load_quantized_model(tmp_path / "rot" / "quantized_model")
     tokenizer = load_tokenizer(ModelSource(name="tiny", path=str(tiny_model_dir)))
     corpus = load_corpus("wiki_sample", {"name": "wiki_sample"})
-    windows = evaluation_windows(tokenize(tokenizer, corpus.eval_text), 32, 8)
+    windows = corpus_windows(tokenizer, corpus, 32, 8)
     with torch.no_grad():
         ppl = math.exp(loaded(windows, labels=windows).loss.item())
     assert ppl == pytest.approx(row["rotation+cra+lrc"], rel=1e-4)

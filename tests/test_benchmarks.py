@@ -18,11 +18,24 @@ def test_accuracy_benchmark_tiny(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "accuracy.json").read_text())["rows"]
     assert rows[0] == peer
-    ours = rows[1:]
-    assert [(r["quant"], r["method"]) for r in ours] == [
-        ("w4a4", "smoothquant"), ("w4a4", "rotation+cra+lrc+gptq"), ("w4a4", "rotation+gptq (attn A4)"),
-        ("w8a8", "smoothquant"), ("w8a8", "rotation+cra+lrc+gptq"), ("w8a8", "rotation+gptq (attn A8)"),
+    # one row per run and evaluation corpus, both corpora from the same run (calibrated on wiki_sample)
+    assert [(r["quant"], r["method"], r["dataset"]) for r in rows[1:]] == [
+        (quant, method, dataset)
+        for quant, attn in (("w4a4", "A4"), ("w8a8", "A8"))
+        for method in ("smoothquant", "rotation+cra+lrc+gptq", f"rotation+gptq (attn {attn})")
+        for dataset in ("wiki_sample", "lee_news")
     ]
+    lee = [r for r in rows[1:] if r["dataset"] == "lee_news"]
+    ours = [r for r in rows[1:] if r["dataset"] == "wiki_sample"]
+    assert [r["ppl"] for r in lee] != [r["ppl"] for r in ours] and all(r["ppl"] > 0 for r in lee)
+    assert all(r["windows"]["count"] == 4 and r["windows"]["seq_len"] == 32 and "spread" in r["windows"]["rule"]
+               for r in rows[1:])
+    # every row carries the size of its written checkpoint (compressed-tensors, float16 beside the codes; the tiny
+    # model is mostly its embeddings, so it is not smaller than FP16), the same for both corpora of a run
+    assert all(r["checkpoint_bytes"] > 0 and r["fp16_bytes"] > 0 and r["dtype"] == "float16" for r in rows[1:])
+    assert [r["checkpoint_bytes"] for r in lee] == [r["checkpoint_bytes"] for r in ours]
+    w4, w8 = (next(r for r in ours if r["quant"] == q and r["method"] == "smoothquant") for q in ("w4a4", "w8a8"))
+    assert w4["checkpoint_bytes"] < w8["checkpoint_bytes"]  # 4-bit codes packed
     assert all(r["tool"] == "qllm-pipeline" and r["ppl"] > 0 and r["fp"] == ours[0]["fp"] for r in ours)
     assert {r["model"] for r in ours} == {"tiny"}
     assert all(r["ci_low"] <= r["ppl"] / r["fp"] <= r["ci_high"] for r in ours)  # the interval of each ratio
@@ -35,9 +48,9 @@ def test_accuracy_benchmark_tiny(tiny_model_dir, tmp_path):
     assert all(s["peak_rss_mib"] > 0 for r in ours for s in r["stages"].values())
     md = (tmp_path / "accuracy.md").read_text()
     assert "| qllm-pipeline | rotation+cra+lrc+gptq |" in md and "| llm-compressor | gptq |" in md and "w8a8" in md
-    # one table per model: the peer row (no model: SmolLM2's) and ours (the tiny model) apart
-    assert md.index("## smollm2_135m") < md.index("| llm-compressor | gptq |") < md.index("## tiny") \
-        < md.index("| qllm-pipeline | rotation+cra+lrc+gptq |")
+    # one table per model and corpus: the peer row (no model: SmolLM2's) and ours (the tiny model) apart
+    assert md.index("## smollm2_135m: wiki_sample") < md.index("| llm-compressor | gptq |") < md.index("## tiny: wiki_sample") \
+        < md.index("| qllm-pipeline | rotation+cra+lrc+gptq |") < md.index("## tiny: lee_news")
 
 
 def test_scaling_benchmark_tiny(tmp_path):

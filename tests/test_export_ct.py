@@ -39,11 +39,10 @@ def eval_windows(tiny_model_dir, tmp_path_factory):
     """The evaluation windows of the tiny runs (wiki_sample, 8 × 32), built with the pipeline's own data functions."""
     from transformers import AutoTokenizer
 
-    from qllm_pipeline.data.corpora import evaluation_windows, load_corpus, tokenize
+    from qllm_pipeline.data.corpora import corpus_windows, load_corpus
 
-    tokens = tokenize(AutoTokenizer.from_pretrained(tiny_model_dir), load_corpus("wiki_sample").eval_text)
     path = tmp_path_factory.mktemp("ct") / "windows.pt"
-    torch.save(evaluation_windows(tokens, 32, 8), path)
+    torch.save(corpus_windows(AutoTokenizer.from_pretrained(tiny_model_dir), load_corpus("wiki_sample"), 32, 8), path)
     return path
 
 

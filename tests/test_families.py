@@ -73,13 +73,14 @@ def family_windows(tiny_family_dir, tmp_path_factory):
     (Gemma's start with BOS)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from qllm_pipeline.data.corpora import evaluation_windows, load_corpus, start_with, tokenize, window_bos
+    from qllm_pipeline.data.corpora import corpus_windows, load_corpus
+    from qllm_pipeline.data.windows import start_with, window_bos
 
     def get(family: str):
         model_dir = tiny_family_dir(family)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        tokens = tokenize(tokenizer, load_corpus("wiki_sample").eval_text)
-        windows = start_with(evaluation_windows(tokens, 32, 8), window_bos(AutoConfig.from_pretrained(model_dir), tokenizer))
+        windows = start_with(corpus_windows(tokenizer, load_corpus("wiki_sample"), 32, 8),
+                             window_bos(AutoConfig.from_pretrained(model_dir), tokenizer))
         path = tmp_path_factory.mktemp(f"windows_{family}") / "windows.pt"
         torch.save(windows, path)
         return windows, path

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from qllm_pipeline.core.runner import validate_config
 from qllm_pipeline.core.stage import BLOCK, FINAL, ONCE, BlockStage, FinalStage, OnceStage, StageSpec, registry
-from qllm_pipeline.data.corpora import calibration_starts, calibration_windows, heldout_windows
+from qllm_pipeline.data.windows import calibration_starts, calibration_windows, heldout_windows
 from qllm_pipeline.methods.theta_search import reference_steps, theta_grid
 from qllm_pipeline.stages import STAGES
 
@@ -64,9 +64,10 @@ def test_heldout_windows_never_overlap_the_calibration_windows():
     assert held.shape == (8, 256)
     used = set(torch.cat(list(calib)).tolist())
     assert not used & set(held.flatten().tolist())
-    # deterministic, and taken from the end of the text backwards
+    # deterministic, on the grid of 256-token windows, spread over the text (no documents: evenly)
     assert torch.equal(held, heldout_windows(tokens, starts, 512, 256, max_windows=8))
-    assert int(held.max()) >= 20_000 - 256 * 9
+    assert all(int(w[0]) % 256 == 0 for w in held)
+    assert int(held.min()) < 20_000 // 8 and int(held.max()) > 20_000 * 7 // 8
 
 
 def test_reference_theta_grid_when_steps_is_null():

@@ -287,7 +287,7 @@ def test_the_stage_is_cached_evaluated_and_exported(tiny_model_dir, tmp_path):
     blocks (it reloads to the same perplexity), and the blocks before it are shared with the run without it."""
     from transformers import AutoTokenizer
 
-    from qllm_pipeline.data.corpora import evaluation_windows, load_corpus, tokenize
+    from qllm_pipeline.data.corpora import corpus_windows, load_corpus
     from qllm_pipeline.export.packed import load_quantized_model
 
     cache = tmp_path / "cache"
@@ -312,7 +312,7 @@ def test_the_stage_is_cached_evaluated_and_exported(tiny_model_dir, tmp_path):
     # The written model is the tuned one.
     model = load_quantized_model(tmp_path / "run" / "quantized_model")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    windows = evaluation_windows(tokenize(tokenizer, load_corpus("wiki_sample", {"name": "wiki_sample"}).eval_text), 32, 8)
+    windows = corpus_windows(tokenizer, load_corpus("wiki_sample", {"name": "wiki_sample"}), 32, 8)
     with torch.no_grad():
         nll = sum(torch.nn.functional.cross_entropy(model(w[None]).logits[0, :-1], w[1:]).item() for w in windows)
     assert math.exp(nll / len(windows)) == pytest.approx(ppl["rotation+lrc+e2e+gptq"], rel=1e-4)

@@ -192,7 +192,8 @@ def check_ranks(c: dict) -> None:
 def check_datasets(c: dict) -> None:
     """Load every corpus the run will read (calibration, evaluation) now, so a missing dataset fails before the
     weights are read rather than after the block walk (loaded corpora are kept for the stages)."""
-    from qllm_pipeline.data.corpora import HELDOUT, load_corpus
+    from qllm_pipeline.data.corpora import load_corpus
+    from qllm_pipeline.data.windows import HELDOUT
 
     names = {c["data"]["name"]} | {d for d in c["eval"]["datasets"] if d != HELDOUT and "evaluate" in c["pipeline"]["stages"]}
     for name in sorted(names):

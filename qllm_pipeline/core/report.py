@@ -48,6 +48,9 @@ def write_results(run_dir: Path, results: dict) -> str:
     if results.get("ppl"):
         md += ["## Perplexity", "", *ppl_table(results["ppl"], results.get("ppl_ci")), "",
                "The interval: a paired bootstrap over the evaluation windows (qllm_pipeline/evaluation/intervals.py).", ""]
+        if results.get("windows"):
+            md += ["Windows: " + "; ".join(f"{name} {w['count']} × {w['seq_len']} tokens ({w['rule']})"
+                                           for name, w in results["windows"].items()) + ".", ""]
     if results.get("zeroshot"):
         md += ["## Zero-shot accuracy (lm-eval)", "", *zeroshot_table(results["zeroshot"]), ""]
     if results.get("checkpoint"):

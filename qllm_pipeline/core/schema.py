@@ -16,7 +16,8 @@ from hydra.core.override_parser.types import Override
 
 from qllm_pipeline.core.config import CHECKED_ELSEWHERE, SCHEMA
 from qllm_pipeline.core.errors import PipelineError
-from qllm_pipeline.data.corpora import CORPORA, HELDOUT
+from qllm_pipeline.data.corpora import CORPORA
+from qllm_pipeline.data.windows import HELDOUT
 
 FREE = {"hydra"}  # sections the schema does not own
 # Assembly merges as many pairs as disassembly added, among the channels that were not split: k split channels and n

@@ -40,6 +40,22 @@ class Corpus:
     calib_text: str
     eval_text: str
     source: str
+    # where each document starts in the text (character offsets), or None for a text without document boundaries
+    calib_docs: list[int] | None = None
+    eval_docs: list[int] | None = None
+
+    @classmethod
+    def of_documents(cls, name: str, calib: list[str], evals: list[str], source: str, sep: str = "\n\n") -> "Corpus":
+        """The two splits' documents joined by `sep`, each document's start kept."""
+        return cls(name, sep.join(calib), sep.join(evals), source, _starts(calib, sep), _starts(evals, sep))
+
+
+def _starts(documents: list[str], sep: str) -> list[int]:
+    out, at = [], 0
+    for doc in documents:
+        out.append(at)
+        at += len(doc) + len(sep)
+    return out
 
 
 PARSE_VERSION = 1  # bump when _parse_wiki changes: the parsed-text cache is keyed by it
@@ -108,7 +124,7 @@ def _wiki_sample() -> Corpus:
     path, gensim_version = _wiki_fixture()
     articles = _cached_articles(path, f"wiki parse v{PARSE_VERSION}, gensim {gensim_version}", _parse_wiki)
     calib, evals = split_documents(articles)
-    return Corpus("wiki_sample", "\n\n".join(calib), "\n\n".join(evals), f"gensim test fixture {WIKI_FIXTURE}")
+    return Corpus.of_documents("wiki_sample", calib, evals, f"gensim test fixture {WIKI_FIXTURE}")
 
 
 def split_documents(documents: list[str], every: int = EVAL_EVERY) -> tuple[list[str], list[str]]:
@@ -126,7 +142,7 @@ def _lee_news() -> Corpus:
     lines = (line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines())
     stories = list(dict.fromkeys(line for line in lines if line))  # 7 lines repeat a story: each kept once, on one side
     calib, evals = split_documents(stories)
-    return Corpus("lee_news", "\n\n".join(calib), "\n\n".join(evals), f"gensim test fixture {LEE_FIXTURE}")
+    return Corpus.of_documents("lee_news", calib, evals, f"gensim test fixture {LEE_FIXTURE}")
 
 
 def _hub(name: str, loader):
@@ -171,7 +187,7 @@ def _text_files(calib_path: str | None = None, eval_path: str | None = None, **_
         if not path or not Path(path).is_file():
             raise PipelineError(f"{key}={path} is not a readable file; point it at a UTF-8 text file")
         texts.append(Path(path).read_text(encoding="utf-8"))
-    return Corpus("text_files", texts[0], texts[1], f"files {calib_path}, {eval_path}")
+    return Corpus("text_files", texts[0], texts[1], f"files {calib_path}, {eval_path}", [0], [0])
 
 
 CORPORA = {"wiki_sample": _wiki_sample, "lee_news": _lee_news, "wikitext2": _wikitext2, "c4": _c4,
@@ -222,72 +238,39 @@ def tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
-def calibration_windows(tokens: torch.Tensor, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """`n_samples` windows of `seq_len` tokens at seeded random starts (the GPTQ/QLLM calibration protocol)."""
-    if n_samples <= 0 or seq_len <= 1:
-        raise PipelineError(f"calibrate.n_samples={n_samples} and calibrate.seq_len={seq_len} must be positive (seq_len >= 2)")
-    if tokens.numel() <= seq_len:
-        raise PipelineError(
-            f"the calibration text has {tokens.numel()} tokens, too few for calibrate.seq_len={seq_len}; "
-            "use a longer corpus or a smaller seq_len"
-        )
-    starts = calibration_starts(tokens.numel(), n_samples, seq_len, seed)
-    return torch.stack([tokens[s : s + seq_len] for s in starts])
-
-
-def calibration_starts(n_tokens: int, n_samples: int, seq_len: int, seed: int) -> list[int]:
-    """The seeded start positions `calibration_windows` draws."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, n_tokens - seq_len, (n_samples,), generator=gen).tolist()
-
-
-HELDOUT = "calib_heldout"  # eval.datasets entry: held-out windows of the calibration split (for choosing settings)
-
-
-def heldout_windows(tokens: torch.Tensor, calib_starts: list[int], calib_len: int, seq_len: int, max_windows: int | None) -> torch.Tensor:
-    """Non-overlapping windows of the calibration text that overlap no calibration window, taken from the end of the
-    text backwards: a development set drawn from the calibration split, so settings can be chosen without ever
-    looking at the evaluation text."""
-    taken = sorted((s, s + calib_len) for s in calib_starts)
-    out, end = [], tokens.numel()
-    while end - seq_len >= 0 and (not max_windows or len(out) < int(max_windows)):
-        start = end - seq_len
-        if any(a < end and start < b for a, b in taken):
-            end -= seq_len
-            continue
-        out.append(tokens[start:end])
-        end = start
-    if not out:
-        raise PipelineError(f"no held-out calibration window of eval.seq_len={seq_len} tokens is left; lower it")
-    return torch.stack(out[::-1])
-
-
-def window_bos(config, tokenizer) -> int | None:
-    """The token each window must start with for this model's family (Gemma: BOS), or None."""
-    from qllm_pipeline.model.arch import family_of
-
-    if not family_of(config).bos_per_window:
+def document_token_starts(tokenizer, text: str, char_starts: list[int] | None, cache_dir: Path | None = None) -> list[int] | None:
+    """The token index at which each document of `text` starts (its first token whose characters reach into it), as
+    `tokenize(tokenizer, text)` cuts it; None for a text without document boundaries. Kept beside the token ids."""
+    if char_starts is None:
         return None
-    if tokenizer.bos_token_id is None:
-        raise PipelineError(f"{config.model_type} models expect each window to start with BOS, and the tokenizer has none")
-    return int(tokenizer.bos_token_id)
+    if len(char_starts) <= 1:
+        return [0] * len(char_starts)
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(f"{tokenizer_digest(tokenizer)}|{text_digest(text)}|{char_starts}".encode())
+    path = Path(cache_dir) / f"{key.hexdigest()[:32]}.docs.safetensors" if cache_dir is not None else None
+    if path is not None:
+        try:
+            return load_file(str(path))["doc_starts"].tolist()
+        except Exception:  # noqa: BLE001 - absent or damaged: compute again
+            pass
+    if not getattr(tokenizer, "is_fast", False):
+        raise PipelineError(f"{type(tokenizer).__name__} gives no character offsets; a fast tokenizer is needed to place "
+                            "windows on documents")
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    token_ends = torch.tensor([end for _, end in offsets])
+    starts = torch.searchsorted(token_ends, torch.tensor(char_starts), right=True)
+    if path is not None and not write_file_atomically(path, lambda tmp: save_file({"doc_starts": starts}, str(tmp))):
+        log.debug("document starts not cached: %s is not writable", path.parent)
+    return starts.tolist()
 
 
-def start_with(windows: torch.Tensor, token: int | None) -> torch.Tensor:
-    """Each window with `token` in front and its last token dropped (same length, the same text positions), or the
-    windows as they are when `token` is None."""
-    if token is None:
-        return windows
-    return torch.cat([torch.full_like(windows[:, :1], token), windows[:, :-1]], dim=1)
+def corpus_windows(tokenizer, corpus: Corpus, seq_len: int, max_windows: int | None,
+                   cache_dir: Path | None = None) -> torch.Tensor:
+    """The evaluation windows of a corpus's test split, as the pipeline evaluates them (before any BOS): every caller
+    that compares with the pipeline's numbers takes them from here."""
+    from qllm_pipeline.data.windows import evaluation_windows
 
-
-def evaluation_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of `seq_len` over the concatenated test text (the standard perplexity protocol)."""
-    n = tokens.numel() // seq_len
-    if n == 0:
-        raise PipelineError(
-            f"the evaluation text has {tokens.numel()} tokens, fewer than eval.seq_len={seq_len}; use a longer corpus or a smaller seq_len"
-        )
-    if max_windows:
-        n = min(n, int(max_windows))
-    return tokens[: n * seq_len].view(n, seq_len)
+    tokens = tokenize(tokenizer, corpus.eval_text, cache_dir)
+    docs = document_token_starts(tokenizer, corpus.eval_text, corpus.eval_docs, cache_dir)
+    return evaluation_windows(tokens, seq_len, max_windows, docs)
