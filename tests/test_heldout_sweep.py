@@ -27,8 +27,9 @@ def test_heldout_sweep_tiny_chooses_on_heldout_windows(tiny_model_dir, tmp_path)
     assert data["rows"][0] == other
     rows = data["rows"][1:]
     assert [(r["value"], r["method"], r["quant"]) for r in rows] == [("1.0", "rtn", "w4a4"), ("0.5", "rtn", "w4a4")]
-    for r in rows:
-        assert r["calib_heldout"]["variant"] == "rtn" and r["wiki_sample"]["variant"] == "rtn"
+    for r in rows:  # chosen on held-out windows; the evaluation windows are not even evaluated
+        assert r["calib_heldout"]["variant"] == "rtn" and "wiki_sample" not in r
+        assert r["calib_heldout"]["windows"]["count"] == 2
         assert r["calib_heldout"]["ratio"] == pytest.approx(r["calib_heldout"]["ppl"] / r["calib_heldout"]["fp"], rel=1e-3)
     # the clip changes the quantized model, not the FP reference
     assert rows[0]["calib_heldout"]["fp"] == rows[1]["calib_heldout"]["fp"]
@@ -37,6 +38,7 @@ def test_heldout_sweep_tiny_chooses_on_heldout_windows(tiny_model_dir, tmp_path)
     md = (tmp_path / "heldout_quant_a_clip_ratio.md").read_text()
     # the header's "**bold**" note, the other method's only row (chosen within its group) and this sweep's choice
     assert f"| **{best['value']}** |" in md and md.count("**") == 6
+    assert "wiki_sample" not in md and "| **1.0** ‡ |" in md  # the old row (no windows recorded) is marked
 
 
 @pytest.mark.parametrize("args, needle", [
