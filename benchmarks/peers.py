@@ -6,18 +6,21 @@ uses, so our results table can show peers beside our rows:
 * model: SmolLM2-135M-Instruct in fp32 through our own loader (`qllm_pipeline.model.model_loading`, conf/model/smollm2_135m.yaml);
 * calibration: `calibration_windows(tokenize(wiki_sample calibration text), n, seq_len, seed)` with n, seq_len and seed
   from conf/calibrate/default.yaml (16 × 512, seed 0), i.e. exactly the windows of our `calibrate` stage;
-* evaluation: `corpus_windows(tokenizer, wiki_sample, seq_len, max_windows)` (the pipeline's windows, spread over the
-  held-out articles) with conf/eval/default.yaml
-  (512 tokens, 32 windows); ppl = exp(mean next-token NLL over all predicted positions of all windows), the loss of
-  qllm_pipeline/evaluation/perplexity.py, computed here with a full-model forward (4 windows per batch);
+* evaluation: on every corpus of `--corpora` (default wiki_sample and lee_news, as benchmarks/accuracy.py),
+  `corpus_windows(tokenizer, load_corpus(name), seq_len, max_windows)` (the pipeline's windows, spread over the corpus's
+  held-out documents: qllm_pipeline/data/windows.py) with conf/eval/default.yaml (512 tokens, 32 windows); each
+  `oneshot` result is evaluated on every corpus. ppl = exp(mean next-token NLL over all predicted positions of all
+  windows), the loss of qllm_pipeline/evaluation/perplexity.py, computed here with a full-model forward (4 windows per
+  batch);
 * scheme: ours (conf/quant/<quant>.yaml): integer weights per output channel, asymmetric min-max (static); input
   activations per token, dynamic, asymmetric; every Linear of the decoder blocks (q, k, v, o, gate, up, down), lm_head
   left in fp32.
 
 After `oneshot` the model is evaluated as llm-compressor leaves it (status FROZEN: compressed-tensors fake-quantizes
 the weights and the dynamic per-token input activations in every Linear's forward; SpinQuant's R4 and QuIP's V are
-online Hadamard hooks that run before the input quantizer). For every row the first evaluation windows are also
-evaluated with the input quantizers switched off (weights only), which shows that activation quantization is active.
+online Hadamard hooks that run before the input quantizer). For every run the first evaluation windows of the first
+corpus are also evaluated with the input quantizers switched off (weights only), which shows that activation
+quantization is active.
 
 Recipes (llm-compressor's own recommended settings for each modifier, from its docstrings and examples; only the
 quantization scheme is ours):
@@ -50,6 +53,7 @@ Usage:
 
     .venv-peers/bin/python benchmarks/peers.py                      # 5 recipes × 3 bit widths, W4A4 first
     .venv-peers/bin/python benchmarks/peers.py --quants w4a4 --recipes rtn --eval-windows 4 --calib-samples 2   # smoke
+    .venv-peers/bin/python benchmarks/peers.py --corpora wiki_sample    # evaluate on wiki_sample only
     .venv-peers/bin/python benchmarks/peers.py --merge benchmarks/results/accuracy.json   # run, then upsert the rows
     python benchmarks/peers.py --merge-only --merge some.json       # upsert <out>/peers.json's rows, no run (no llmcompressor needed)
 
@@ -58,9 +62,11 @@ Another model: `--model gemma3_270m --model-path DIR`, where DIR holds the model
 it is loaded whole, the windows start with BOS as the pipeline's do for Gemma, and the reports are
 <out>/peers-<model>.json/.md. Rows carry "model" (rows without one are SmolLM2's).
 
-Writes <out>/peers.json and <out>/peers.md after every row, so a killed run keeps its finished rows. `--merge PATH`
-upserts the successful rows into an accuracy.json-style file ({"rows": [...]}), keyed by (tool, method, quant); rows of
-other tools (ours have no "tool" key) are left as they are. Bad command-line input ends with one `error: ...` line and
+Writes <out>/peers.json and <out>/peers.md after every run, so a killed run keeps its finished rows: one row per
+(recipe, quant, corpus), with "dataset" and its "windows" (count, seq_len, rule) as benchmarks/accuracy.py's rows; the
+json's "fp" and "fp_window_nll" are per corpus. `--merge PATH` upserts the successful rows into an accuracy.json-style
+file ({"rows": [...]}), keyed by (tool, model, dataset, method, quant) (rows without a dataset are wiki_sample's); rows
+of other tools (ours have no "tool" key) are left as they are. Bad command-line input ends with one `error: ...` line and
 exit code 2.
 
 Two things the script does for llm-compressor that are not part of any recipe: our loader reads a GGUF file, so the
@@ -89,7 +95,11 @@ from _cli import CliError, Parser, logger  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 TOOL = "llm-compressor"
 DEFAULT_MODEL = "smollm2_135m"  # rows without a "model" key are this model's
-QUANTS = ("w4a4", "w4a8", "w6a6")
+QUANTS = ("w4a4", "w4a8", "w6a6")  # the default grid
+KNOWN_QUANTS = (*QUANTS, "w8a8")  # conf/quant entries with integer activations
+CALIB_CORPUS = "wiki_sample"  # every run is calibrated on it, as the pipeline's benchmark rows
+DEFAULT_CORPORA = ("wiki_sample", "lee_news")  # benchmarks/accuracy.py's EVAL_DATASETS
+DEFAULT_DATASET = "wiki_sample"  # rows without a "dataset" key are this corpus's (accuracy.py's dataset_of)
 RECIPES = ("rtn", "gptq", "smoothquant_gptq", "spinquant_gptq", "quip_gptq")
 RECIPE_TEXT = {
     "rtn": 'QuantizationModifier(config_groups={ours}, ignore=["lm_head"])',
@@ -112,10 +122,22 @@ def group_config(group: str, option: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------- CLI
+def eval_corpora() -> list[str]:
+    """The corpora --corpora accepts: the pipeline's named corpora but text_files, whose file paths this script has no
+    options for (wikitext2 and c4 need hub access)."""
+    from qllm_pipeline.data.corpora import CORPORA
+
+    return [name for name in CORPORA if name != "text_files"]
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--quants", default=",".join(QUANTS), help=f"comma-separated, run in this order: {','.join(QUANTS)}")
+    p.add_argument("--quants", default=",".join(QUANTS),
+                   help=f"comma-separated, run in this order: {','.join(QUANTS)} (also: {','.join(KNOWN_QUANTS[len(QUANTS):])})")
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated: {','.join(RECIPES)}")
+    p.add_argument("--corpora", default=",".join(DEFAULT_CORPORA),
+                   help=f"evaluation corpora, comma-separated (calibration stays {CALIB_CORPUS}); the first one also "
+                        "gets the activation check")
     p.add_argument("--eval-windows", type=int, help="evaluation windows (default: conf/eval/default.yaml max_windows, 32)")
     p.add_argument("--calib-samples", type=int, help="calibration windows (default: conf/calibrate/default.yaml n_samples, 16)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for peers.json and peers.md")
@@ -131,18 +153,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.quants = [q.strip() for q in args.quants.split(",") if q.strip()]
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    args.corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
     if not args.quants:
         raise CliError("--quants is empty; give e.g. --quants w4a4,w4a8")
     if not args.recipes:
         raise CliError("--recipes is empty; give e.g. --recipes rtn,gptq")
-    bad = [q for q in args.quants if q not in QUANTS]
+    if not args.corpora:
+        raise CliError("--corpora is empty; give e.g. --corpora wiki_sample,lee_news")
+    bad = [q for q in args.quants if q not in KNOWN_QUANTS]
     if bad:
-        raise CliError(f"unknown quant(s) {bad}; choose from {list(QUANTS)}")
+        raise CliError(f"unknown quant(s) {bad}; choose from {list(KNOWN_QUANTS)}")
     bad = [r for r in args.recipes if r not in RECIPES]
     if bad:
         raise CliError(f"unknown recipe(s) {bad}; choose from {list(RECIPES)}")
-    if len(set(args.quants)) != len(args.quants) or len(set(args.recipes)) != len(args.recipes):
-        raise CliError("--quants and --recipes must not repeat an entry")
+    bad = [c for c in args.corpora if c not in eval_corpora()]
+    if bad:
+        raise CliError(f"unknown corpus(es) {bad}; choose from {eval_corpora()}")
+    if any(len(set(items)) != len(items) for items in (args.quants, args.recipes, args.corpora)):
+        raise CliError("--quants, --recipes and --corpora must not repeat an entry")
     for name in ("eval_windows", "calib_samples", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -177,12 +205,18 @@ def load_rows_file(path: Path) -> dict:
     return data
 
 
+def dataset_of(row: dict) -> str:
+    return row.get("dataset") or DEFAULT_DATASET  # rows written before rows named their corpus
+
+
 def row_key(row: dict) -> tuple:
-    return row.get("tool"), row.get("model", DEFAULT_MODEL), row.get("method"), row.get("quant")
+    """accuracy.py's merge key: a lee_news row never replaces a wiki_sample row of the same run."""
+    return row.get("tool"), row.get("model", DEFAULT_MODEL), dataset_of(row), row.get("method"), row.get("quant")
 
 
 def upsert_rows(data: dict, rows: list[dict]) -> tuple[dict, int, int]:
-    """Replace the rows of `data` with the same (tool, method, quant) as a row of `rows` in place, append the others.
+    """Replace the rows of `data` with the same (tool, model, dataset, method, quant) as a row of `rows` in place,
+    append the others.
 
     Returns (data, replaced, added). Rows of other tools, or of ours with no "tool" key, are never touched."""
     new = {row_key(r): r for r in rows}
@@ -207,7 +241,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 def merge_into(path: Path, rows: list[dict]) -> None:
     ok = [r for r in rows if r.get("status", "ok") == "ok"]
-    skipped = [f"{r['method']}/{r['quant']}" for r in rows if r.get("status", "ok") != "ok"]
+    # one failed oneshot fails the run's row on every corpus: named once
+    skipped = list(dict.fromkeys(f"{r['method']}/{r['quant']}" for r in rows if r.get("status", "ok") != "ok"))
     data = load_rows_file(path) if path.exists() else {"rows": []}
     data, replaced, added = upsert_rows(data, ok)
     write_atomic(path, json.dumps(data, indent=2) + "\n")
@@ -224,11 +259,58 @@ def cell(row: dict | None) -> str:
     return f"{row['ppl']:.2f} ({row['ratio']:.2f}×)"
 
 
+def per_corpus(value) -> dict:
+    """A per-corpus value of the result ({corpus: value}); a peers.json from before --corpora holds wiki_sample's alone."""
+    if value is None:
+        return {}
+    return value if isinstance(value, dict) else {DEFAULT_DATASET: value}
+
+
+def corpora_of(result: dict) -> list[str]:
+    return list(result.get("corpora") or per_corpus(result["fp"]))
+
+
+def windows_text(result: dict, dataset: str) -> str:
+    w = (result.get("windows") or {}).get(dataset)
+    if w is None:  # a peers.json from before the windows were spread over the documents
+        s = result["settings"]
+        return f"the first {s['eval_windows']} windows of {s['eval_seq_len']} tokens"
+    return f"{w['count']} × {w['seq_len']} tokens, {w['rule']}"
+
+
+def corpus_table(result: dict, dataset: str) -> list[str]:
+    """One corpus's perplexity table: a row per recipe, a column per bit width, FP first."""
+    quants, recipes = list(result["quants"]), list(result["recipes"])  # the requested ones: "-" = not run (yet)
+    by = {(r["method"], r["quant"]): r for r in result["rows"] if dataset_of(r) == dataset}
+    fp, blockwise = per_corpus(result["fp"])[dataset], per_corpus(result.get("fp_blockwise")).get(dataset)
+    lines = [
+        f"## {dataset} ({windows_text(result, dataset)})",
+        "",
+        "| method | " + " | ".join(quants) + " |",
+        "|---|" + "---:|" * len(quants),
+        "| fp | " + " | ".join(f"{fp:.2f} (1.00×)" for _ in quants) + " |",
+    ]
+    lines += [f"| {m} | " + " | ".join(cell(by.get((m, q))) for q in quants) + " |" for m in recipes]
+    lines += ["", f"FP perplexity through this script's path (full-model forward): {fp:.3f}."]
+    if blockwise is not None:
+        lines[-1] += f" Our pipeline's block-by-block `qllm_pipeline.evaluation.perplexity` on the same windows: {blockwise:.3f}."
+    return lines
+
+
+def run_line(r: dict) -> str:
+    """A row of the "Every run" table: oneshot's time is the run's, shared by its corpora."""
+    if r.get("status") != "ok":
+        secs = f"{r['seconds']:.1f}" if r.get("seconds") is not None else "-"
+        return f"| {r['quant']} | {r['method']} | {dataset_of(r)} | failed: {r.get('error', '?')} | - | - | {secs} | - | - | - |"
+    chk = r.get("act_check")  # the first corpus's rows only
+    check = f"{chk['ppl_quantized']:.2f} | {chk['ppl_weights_only']:.2f}" if chk else "- | -"
+    return (f"| {r['quant']} | {r['method']} | {dataset_of(r)} | ok | {r['ppl']:.3f} | {r['ratio']:.2f} | {r['seconds']:.1f} | "
+            f"{r['eval_seconds']:.1f} | {check} |")
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
-    quants, recipes = list(result["quants"]), list(result["recipes"])  # the requested ones: "-" = not run (yet)
-    by = {(r["method"], r["quant"]): r for r in rows}
-    fp = result["fp"]
+    recipes, corpora = list(result["recipes"]), corpora_of(result)
     s = result["settings"]
     lines = [
         "# Peers: llm-compressor on our model, calibration windows and evaluation windows",
@@ -238,43 +320,30 @@ def markdown(result: dict) -> str:
         f"run from `benchmarks/peers.py` in its own virtual environment.",
         "",
         f"Model {result.get('model', DEFAULT_MODEL)} (fp32, our loader). Calibration: {s['calib_samples']} × {s['calib_seq_len']} tokens of "
-        f"`wiki_sample` (`calibration_windows`, seed {s['calib_seed']}: our `calibrate` stage's windows). Evaluation: the "
-        f"first {s['eval_windows']} windows of {s['eval_seq_len']} tokens of the held-out articles. Cells are perplexity "
+        f"`{CALIB_CORPUS}` (`calibration_windows`, seed {s['calib_seed']}: our `calibrate` stage's windows). Evaluation, "
+        f"on each of {', '.join(corpora)}: up to {s['eval_windows']} windows of {s['eval_seq_len']} tokens spread over the "
+        "corpus's held-out documents (one window in each document first, then evenly over the rest: "
+        "`qllm_pipeline/data/windows.py`); each table's title gives its windows. Cells are perplexity "
         "(× FP). Scheme (ours): int weights per output channel, asymmetric min-max; int input activations per token, "
         "dynamic, asymmetric; all seven Linear layers of every decoder block, lm_head in fp32.",
         "",
         f"Command: `{result['command']}` (torch threads: {s['threads']})",
-        "",
-        "| method | " + " | ".join(quants) + " |",
-        "|---|" + "---:|" * len(quants),
-        "| fp | " + " | ".join(f"{fp:.2f} (1.00×)" for _ in quants) + " |",
     ]
-    for m in recipes:
-        lines.append(f"| {m} | " + " | ".join(cell(by.get((m, q))) for q in quants) + " |")
-    lines += ["", f"FP perplexity through this script's path (full-model forward): {fp:.3f}."]
-    if result.get("fp_blockwise") is not None:
-        lines[-1] += f" Our pipeline's block-by-block `qllm_pipeline.evaluation.perplexity` on the same windows: {result['fp_blockwise']:.3f}."
+    for dataset in corpora:
+        lines += ["", *corpus_table(result, dataset)]
     lines += [
         "",
         "## Every run",
         "",
-        f"oneshot = wall time of `llmcompressor.oneshot` (calibration + algorithm); eval = the {s['eval_windows']}-window "
-        f"evaluation. The last two columns evaluate the first {ACT_CHECK_WINDOWS} windows again with the input "
-        "quantizers switched off (weights only): different numbers show that activation quantization is active.",
+        "oneshot = wall time of `llmcompressor.oneshot` (calibration + algorithm), one per quant and method; eval = the "
+        f"evaluation on that corpus's windows. The last two columns evaluate the first {ACT_CHECK_WINDOWS} windows of "
+        f"{corpora[0]} again with the input quantizers switched off (weights only): different numbers show that "
+        "activation quantization is active.",
         "",
-        f"| quant | method | status | ppl | × FP | oneshot (s) | eval (s) | ppl, first {ACT_CHECK_WINDOWS} windows: W+A | weights only |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| quant | method | dataset | status | ppl | × FP | oneshot (s) | eval (s) | ppl, first {ACT_CHECK_WINDOWS} windows: W+A | weights only |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        *[run_line(r) for r in rows],
     ]
-    for r in rows:
-        if r.get("status") == "ok":
-            chk = r.get("act_check") or {}
-            lines.append(
-                f"| {r['quant']} | {r['method']} | ok | {r['ppl']:.3f} | {r['ratio']:.2f} | {r['seconds']:.1f} | "
-                f"{r['eval_seconds']:.1f} | {chk.get('ppl_quantized', float('nan')):.2f} | {chk.get('ppl_weights_only', float('nan')):.2f} |"
-            )
-        else:
-            secs = f"{r['seconds']:.1f}" if r.get("seconds") is not None else "-"
-            lines.append(f"| {r['quant']} | {r['method']} | failed: {r.get('error', '?')} | - | - | {secs} | - | - | - |")
     lines += ["", "## Recipes", ""]
     lines += [f"* `{m}`: `{RECIPE_TEXT[m]}`" for m in recipes]
     lines += [
@@ -299,7 +368,8 @@ def markdown(result: dict) -> str:
         lines += ["", f"Total wall time: {result['total_wall_s'] / 60:.1f} min ({result['total_wall_s']:.0f} s), "
                       "including loading the model and the FP evaluation."]
     else:
-        lines += ["", f"Partial results: {len(rows)} of {len(result['quants']) * len(result['recipes'])} runs finished so far."]
+        runs = {(r["method"], r["quant"]) for r in rows}  # a run's rows: one per corpus
+        lines += ["", f"Partial results: {len(runs)} of {len(result['quants']) * len(result['recipes'])} runs finished so far."]
     return "\n".join(lines) + "\n"
 
 
@@ -389,7 +459,8 @@ def count_quantized(model) -> int:
     return sum(1 for m in model.modules() if getattr(m, "quantization_scheme", None) is not None)
 
 
-def run_one(pristine, tokenizer, recipe: str, quant: str, calib, evals, settings: dict) -> dict:
+def run_one(pristine, tokenizer, recipe: str, quant: str, calib, evals: dict) -> dict:
+    """One `oneshot` on a fresh copy of the model, evaluated on every corpus's windows (`evals`: corpus -> windows)."""
     from datasets import Dataset
     from llmcompressor import oneshot
 
@@ -404,20 +475,73 @@ def run_one(pristine, tokenizer, recipe: str, quant: str, calib, evals, settings
     n_quant = count_quantized(model)
     if n_quant != 7 * model.config.num_hidden_layers:
         raise RuntimeError(f"{n_quant} modules quantized, expected {7 * model.config.num_hidden_layers}")
-    started = time.perf_counter()
-    nlls = window_nlls(model, evals, desc=f"eval {recipe} {quant}")
-    eval_seconds = time.perf_counter() - started
-    k = min(ACT_CHECK_WINDOWS, evals.shape[0])
-    act_check = {"windows": k, "ppl_quantized": ppl_of(nlls[:k]), "ppl_weights_only": weights_only_ppl(model, evals[:k])}
-    if act_check["ppl_quantized"] == act_check["ppl_weights_only"]:
+    nlls, eval_seconds = {}, {}
+    for dataset, windows in evals.items():
+        started = time.perf_counter()
+        nlls[dataset] = window_nlls(model, windows, desc=f"eval {recipe} {quant} {dataset}")
+        eval_seconds[dataset] = round(time.perf_counter() - started, 1)
+    return {"nlls": nlls, "seconds": round(seconds, 1), "eval_seconds": eval_seconds,
+            "act_check": act_check(model, *next(iter(evals.items())), nlls), "quantized_modules": n_quant}
+
+
+def act_check(model, dataset: str, windows, nlls: dict) -> dict:
+    """The first windows of one corpus again with the input quantizers off: W+A must differ from weights only."""
+    k = min(ACT_CHECK_WINDOWS, windows.shape[0])
+    check = {"dataset": dataset, "windows": k, "ppl_quantized": ppl_of(nlls[dataset][:k]),
+             "ppl_weights_only": weights_only_ppl(model, windows[:k])}
+    if check["ppl_quantized"] == check["ppl_weights_only"]:
         raise RuntimeError("activation quantization is not active: W+A and weights-only perplexities are equal")
-    return {"ppl": ppl_of(nlls), "nlls": nlls, "seconds": round(seconds, 1), "eval_seconds": round(eval_seconds, 1), "act_check": act_check,
-            "quantized_modules": n_quant}
+    return check
+
+
+def run_head(base: dict, dataset: str, result: dict) -> dict:
+    """What every row of one run on one corpus carries, whether the run succeeded or not."""
+    windows = result["windows"][dataset]
+    return {**base, "dataset": dataset, "windows": windows, "eval_windows": windows["count"], "fp": result["fp"][dataset]}
+
+
+def ok_row(base: dict, dataset: str, out: dict, result: dict) -> dict:
+    """One run's row on one corpus: ppl, its ratio to that corpus's FP and the ratio's paired 95 % interval."""
+    from qllm_pipeline.evaluation.intervals import ratio_interval
+
+    row = run_head(base, dataset, result)
+    nll, ppl = [n for n, _ in out["nlls"][dataset]], ppl_of(out["nlls"][dataset])
+    low, high = ratio_interval(nll, result["fp_window_nll"][dataset], row["windows"]["seq_len"] - 1)
+    row.update({"status": "ok", "ppl": ppl, "ratio": ppl / row["fp"], "ci_low": low, "ci_high": high, "window_nll": nll,
+                "seconds": out["seconds"], "eval_seconds": out["eval_seconds"][dataset]})
+    if out["act_check"]["dataset"] == dataset:
+        row["act_check"] = out["act_check"]
+    return row
+
+
+def failed_row(base: dict, dataset: str, error: str, result: dict) -> dict:
+    return {**run_head(base, dataset, result), "status": "failed", "error": error, "ppl": None, "ratio": None,
+            "seconds": None}
 
 
 def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or exc.__class__.__name__
     return f"{exc.__class__.__name__}: {text}"[:300]
+
+
+def eval_windows_of(tokenizer, corpora: list[str], seq_len: int, max_windows: int, bos) -> dict:
+    """Each corpus's evaluation windows, as the pipeline evaluates them (spread over its held-out documents)."""
+    from qllm_pipeline.data.corpora import corpus_windows, load_corpus
+    from qllm_pipeline.data.windows import start_with
+
+    return {name: start_with(corpus_windows(tokenizer, load_corpus(name), seq_len, max_windows), bos) for name in corpora}
+
+
+def fp_blockwise_ppl(model, evals: dict) -> dict:
+    """FP through our pipeline's block-by-block perplexity on the same windows, per corpus (--fp-check)."""
+    import torch
+
+    from qllm_pipeline.evaluation.perplexity import blockwise_perplexity
+    from qllm_pipeline.quantized.blocks import decoder_layers
+
+    layers = decoder_layers(model)
+    return {name: blockwise_perplexity(model, windows, {"fp": lambda i: layers[i]}, torch.device("cpu"), 4,
+                                       desc=f"fp blockwise {name}")["fp"] for name, windows in evals.items()}
 
 
 def run(args, command: str) -> dict:
@@ -428,9 +552,8 @@ def run(args, command: str) -> dict:
     import llmcompressor
     import transformers
 
-    from qllm_pipeline.data.corpora import corpus_windows, load_corpus, tokenize
-    from qllm_pipeline.data.windows import calibration_windows, start_with, window_bos
-    from qllm_pipeline.evaluation.intervals import ratio_interval
+    from qllm_pipeline.data.corpora import load_corpus, tokenize
+    from qllm_pipeline.data.windows import WINDOWS_RULE, calibration_windows, start_with, window_bos
     from qllm_pipeline.model.model_loading import ModelSource, load_config, load_model, load_tokenizer
 
     t0 = time.perf_counter()
@@ -438,7 +561,7 @@ def run(args, command: str) -> dict:
     settings = {
         "calib_samples": args.calib_samples or int(cal_cfg["n_samples"]), "calib_seq_len": int(cal_cfg["seq_len"]),
         "calib_seed": int(cal_cfg["seed"]), "eval_seq_len": int(eval_cfg["seq_len"]), "threads": args.threads,
-        "eval_windows": args.eval_windows or int(eval_cfg["max_windows"]),
+        "eval_windows": args.eval_windows or int(eval_cfg["max_windows"]),  # the most per corpus: "windows" has each one's
     }
     model_cfg = group_config("model", args.model)
     if args.model_path is not None:
@@ -454,56 +577,47 @@ def run(args, command: str) -> dict:
     pristine.config.save_pretrained(config_dir)
     pristine.config._name_or_path = config_dir
     pristine.name_or_path = config_dir
-    corpus = load_corpus("wiki_sample")
     bos = window_bos(pristine.config, tokenizer)  # the windows start as the pipeline's do (Gemma: with BOS)
-    calib = start_with(calibration_windows(tokenize(tokenizer, corpus.calib_text), settings["calib_samples"],
-                                           settings["calib_seq_len"], seed=settings["calib_seed"]), bos)
-    evals = start_with(corpus_windows(tokenizer, corpus, settings["eval_seq_len"], settings["eval_windows"]), bos)
-    settings["eval_windows"] = int(evals.shape[0])
-    log(f"calibration {tuple(calib.shape)}, evaluation {tuple(evals.shape)}; FP evaluation")
-    fp_nlls = window_nlls(pristine, evals, desc="eval fp")
-    fp = ppl_of(fp_nlls)
-    log(f"FP ppl {fp:.3f}")
-    fp_blockwise = None
-    if args.fp_check:
-        from qllm_pipeline.evaluation.perplexity import blockwise_perplexity
-        from qllm_pipeline.quantized.blocks import decoder_layers
-
-        layers = decoder_layers(pristine)
-        fp_blockwise = blockwise_perplexity(pristine, evals, {"fp": lambda i: layers[i]}, torch.device("cpu"), 4,
-                                            desc="fp blockwise")["fp"]
-        log(f"FP ppl through qllm_pipeline.evaluation.perplexity (block by block): {fp_blockwise:.3f}")
+    calib = start_with(calibration_windows(tokenize(tokenizer, load_corpus(CALIB_CORPUS).calib_text),
+                                           settings["calib_samples"], settings["calib_seq_len"], seed=settings["calib_seed"]), bos)
+    evals = eval_windows_of(tokenizer, args.corpora, settings["eval_seq_len"], settings["eval_windows"], bos)
+    windows = {name: {"count": int(w.shape[0]), "seq_len": int(w.shape[1]), "rule": WINDOWS_RULE} for name, w in evals.items()}
+    log(f"calibration {tuple(calib.shape)}, evaluation " + ", ".join(f"{n} {tuple(w.shape)}" for n, w in evals.items()))
+    fp_nlls = {name: window_nlls(pristine, w, desc=f"eval fp {name}") for name, w in evals.items()}
+    fp = {name: ppl_of(nlls) for name, nlls in fp_nlls.items()}
+    log("FP ppl " + ", ".join(f"{name} {ppl:.3f}" for name, ppl in fp.items()))
+    fp_blockwise = fp_blockwise_ppl(pristine, evals) if args.fp_check else None
+    if fp_blockwise:
+        log("FP ppl through qllm_pipeline.evaluation.perplexity (block by block): "
+            + ", ".join(f"{name} {ppl:.3f}" for name, ppl in fp_blockwise.items()))
     result = {
         "tool": TOOL, "tool_version": llmcompressor.__version__, "command": command, "model": args.model,
         "versions": {"llmcompressor": llmcompressor.__version__, "compressed-tensors": compressed_tensors.__version__,
                      "transformers": transformers.__version__, "torch": torch.__version__},
-        "settings": settings, "quants": args.quants, "recipes": args.recipes, "fp": fp, "fp_blockwise": fp_blockwise,
-        "fp_window_nll": [n for n, _ in fp_nlls],
+        "settings": settings, "quants": args.quants, "recipes": args.recipes, "corpora": args.corpora, "windows": windows,
+        "fp": fp, "fp_blockwise": fp_blockwise, "fp_window_nll": {name: [n for n, _ in nlls] for name, nlls in fp_nlls.items()},
         "recipe_text": {m: RECIPE_TEXT[m] for m in args.recipes}, "total_wall_s": None, "rows": [],
     }
     write_reports(args.out, result)
     runs = [(q, m) for q in args.quants for m in args.recipes]
     for i, (quant, recipe) in enumerate(runs, 1):
         log(f"run {i}/{len(runs)}: {recipe} {quant}")
-        row = {"tool": TOOL, "tool_version": llmcompressor.__version__, "model": args.model, "method": recipe, "quant": quant,
-               "calib": f"{settings['calib_samples']}x{settings['calib_seq_len']}", "eval_windows": settings["eval_windows"]}
+        base = {"tool": TOOL, "tool_version": llmcompressor.__version__, "model": args.model, "method": recipe, "quant": quant,
+                "calib": f"{settings['calib_samples']}x{settings['calib_seq_len']}"}
         try:
-            out = run_one(pristine, tokenizer, recipe, quant, calib, evals, settings)
+            out = run_one(pristine, tokenizer, recipe, quant, calib, evals)
         except Exception as exc:  # one recipe failing must not stop the grid
             traceback.print_exc()
-            row.update({"status": "failed", "error": one_line(exc), "ppl": None, "fp": fp, "ratio": None, "seconds": None})
-            log(f"run {i}/{len(runs)}: {recipe} {quant} FAILED: {row['error']}")
+            result["rows"] += [failed_row(base, name, one_line(exc), result) for name in args.corpora]
+            log(f"run {i}/{len(runs)}: {recipe} {quant} FAILED: {one_line(exc)}")
         else:
-            nll = [n for n, _ in out["nlls"]]
-            low, high = ratio_interval(nll, result["fp_window_nll"], settings["eval_seq_len"] - 1)
-            row.update({"status": "ok", "ppl": out["ppl"], "fp": fp, "ratio": out["ppl"] / fp, "ci_low": low,
-                        "ci_high": high, "window_nll": nll, "seconds": out["seconds"],
-                        "eval_seconds": out["eval_seconds"], "act_check": out["act_check"]})
+            rows = [ok_row(base, name, out, result) for name in args.corpora]
+            result["rows"] += rows
             chk = out["act_check"]
-            log(f"run {i}/{len(runs)}: {recipe} {quant}: ppl {out['ppl']:.3f} ({row['ratio']:.2f}× FP), oneshot {out['seconds']:.1f} s, "
-                f"eval {out['eval_seconds']:.1f} s; first {chk['windows']} windows W+A {chk['ppl_quantized']:.2f} vs weights "
-                f"only {chk['ppl_weights_only']:.2f}")
-        result["rows"].append(row)
+            log(f"run {i}/{len(runs)}: {recipe} {quant}: oneshot {out['seconds']:.1f} s; "
+                + "; ".join(f"{r['dataset']} ppl {r['ppl']:.3f} ({r['ratio']:.2f}× FP, eval {r['eval_seconds']:.1f} s)" for r in rows)
+                + f"; first {chk['windows']} windows of {chk['dataset']} W+A {chk['ppl_quantized']:.2f} vs weights only "
+                f"{chk['ppl_weights_only']:.2f}")
         write_reports(args.out, result)
     result["total_wall_s"] = round(time.perf_counter() - t0, 1)
     write_reports(args.out, result)
