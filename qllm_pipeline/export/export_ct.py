@@ -180,6 +180,31 @@ def compressed_projection(codes: torch.Tensor, scale: torch.Tensor, zero: torch.
     return packed
 
 
+HEAD_KEY = "qllm_head"  # the rotation and norm lm_head is rebuilt from (`head_from_embeddings`)
+
+
+def rebuilt_head(embed: torch.Tensor, rotation: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """lm_head of a tied model after the residual rotation Q with the final norm's scale g folded in: E diag(g) Q,
+    where E = (E Q) Qᵀ comes back from the rotated embeddings (modeling_qllm.py computes the same on load)."""
+    q = rotation.double()
+    return ((embed.double() @ q.T) * norm.double()) @ q
+
+
+def _omit_rebuildable_head(skeleton: dict, family, head_from_embeddings: dict | None) -> dict[str, torch.Tensor]:
+    """Drop lm_head from the skeleton when the shipped modeling code can rebuild it from the embeddings (the tied
+    head the residual rotation had to untie: half the floating-point bytes of a small model); returns the tensors
+    it is rebuilt from, or {} when it is written as it is. Checked here: the head must be what the rebuild gives."""
+    head = skeleton.get(f"{family.head}.weight")
+    if head_from_embeddings is None or head is None:
+        return {}
+    rotation, norm = head_from_embeddings["rotation"].float(), head_from_embeddings["norm"].float()
+    rebuilt = rebuilt_head(skeleton[f"{family.embeddings}.weight"], rotation, norm)
+    if not torch.allclose(rebuilt, head.double(), rtol=1e-5, atol=1e-5 * float(head.abs().max())):
+        return {}  # the head changed after the rotation: written as it is
+    del skeleton[f"{family.head}.weight"]
+    return {f"{HEAD_KEY}.rotation": rotation, f"{HEAD_KEY}.norm": norm}
+
+
 def _transform_buffers(transforms: list) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Kinds and tensors (`t<i>_<field>`) of an ordered list of input transforms, as remote_modeling reads them:
     each kind gives its own (`runtime_buffers`)."""
@@ -218,7 +243,8 @@ def _runtime_layer(block: dict[str, torch.Tensor], names: list[str], head_dim: i
 
 
 def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, out_dir, runtime: bool = False,
-                                  sharded: bool = False, dtype: torch.dtype | None = None) -> dict:
+                                  sharded: bool = False, dtype: torch.dtype | None = None,
+                                  head_from_embeddings: dict | None = None) -> dict:
     """Write the compressed-tensors directory from the fused blocks; returns sizes in bytes (file, and FP16).
     `block_tensors`: block i's fused tensors in order (any iterable: a streamed model's are read one at a time);
     `runtime`: the method has run-time parts (see `runtime_parts`), so the checkpoint ships modeling_qllm.py;
@@ -226,7 +252,10 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
     `dtype` (fuse.export_dtype; default: the model's): what the floating-point tensors outside the integer codes are
     written in (embeddings, norms, biases, the head, weight scales) and what config.json says to load the model in.
     The run-time parts' buffers (reassembly maps, Hadamard factors) stay as computed: the shipped modeling code
-    applies them in float32, and they are a few kB."""
+    applies them in float32, and they are a few kB.
+    `head_from_embeddings` ({"rotation": Q, "norm": g}; with `runtime` only): the model's lm_head is its embeddings
+    rotated back, scaled by g and rotated again (a tied model after the residual rotation); then the head is not
+    written, and the shipped modeling code rebuilds it on load (`rebuilt_head`)."""
     import shutil
 
     from compressed_tensors.compressors import ModelCompressor
@@ -245,7 +274,8 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
     writer = ShardWriter(out_dir, parts=n_blocks + 1 if sharded else None, metadata={"format": "pt"})
     block_prefix = f"{family.layers}."
     skeleton = skeleton_tensors(model, block_prefix)
-    writer.add({k: v.to(dtype) if v.is_floating_point() else v for k, v in skeleton.items()})
+    head_tensors = _omit_rebuildable_head(skeleton, family, head_from_embeddings if runtime else None)
+    writer.add({**{k: v.to(dtype) if v.is_floating_point() else v for k, v in skeleton.items()}, **head_tensors})
     layers, block_params = [], 0
     for i, block in enumerate(block_tensors):
         tensors = {}
@@ -288,6 +318,7 @@ def save_compressed_tensors_model(model, tokenizer, block_tensors, quant: dict, 
             "activations": {"bits": abits, "symmetric": bool(quant.get("a_symmetric", False)),
                             "clip": activation_clip_ratio(quant) if abits is not None else 1.0},
             "attn_bits": quant.get("attn_bits"), "layers": layers,
+            **({"head": {"from_embeddings": HEAD_KEY}} if head_tensors else {}),
         }
         hf_config.architectures = [remote_class(family)]
         hf_config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_FILE.removesuffix('.py')}.{remote_class(family)}"}

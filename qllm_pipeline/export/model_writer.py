@@ -9,6 +9,7 @@ from qllm_pipeline.core.cache import artifact_key
 from qllm_pipeline.export.export_ct import EXPORT_DTYPES, runtime_parts, save_compressed_tensors_model
 from qllm_pipeline.export.export_ct import FORMAT_NAME as CT_FORMAT
 from qllm_pipeline.export.packed import save_quantized_model
+from qllm_pipeline.model.arch import family_of, final_norm
 from qllm_pipeline.model.streaming import is_streamed
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,18 @@ def model_format(cfg: dict) -> str:
     return cfg["fuse"]["format"]
 
 
+def head_rotation(ctx) -> dict | None:
+    """The residual rotation Q and the final norm's scale g folded into lm_head, when the loaded model ties its head
+    to its embeddings (the rotation unties them): the export then lets the modeling code rebuild the head."""
+    if ("rotate" not in ctx.cfg["pipeline"]["stages"] or not ctx.cfg["rotate"]["residual"]
+            or not getattr(ctx.fp_model.config, "tie_word_embeddings", False)):
+        return None
+    family = family_of(ctx.fp_model)
+    rotation = ctx.cache.get("rotate", ctx.keys["rotate"]).tensors("rotation.safetensors")["Q"]
+    return {"rotation": rotation,
+            "norm": final_norm(ctx.fp_model).weight.detach().float().cpu() + family.norm_offset}
+
+
 def write_model(ctx, runner) -> None:
     """Write the whole final quantized model once per final key (cached like any artifact)."""
     if not ctx.cfg["fuse"]["save_model"]:
@@ -25,9 +38,9 @@ def write_model(ctx, runner) -> None:
     fmt = model_format(ctx.cfg)
     export_dtype = ctx.cfg["fuse"]["export_dtype"] if fmt == CT_FORMAT else None  # qllm-packed writes float32
     # version 2: 8-bit symmetric weights are written int-quantized (were pack-quantized); 3: asymmetric weights below
-    # 8 bits are packed (rows as blocks; were int-quantized)
+    # 8 bits are packed (rows as blocks; were int-quantized); 4: a rotated tied head is rebuilt on load (not written)
     settings = {"format": fmt, **({"export_dtype": export_dtype} if export_dtype else {})}
-    key = artifact_key("model", 3, settings, {"fuse": ctx.keys["model"]})
+    key = artifact_key("model", 4, settings, {"fuse": ctx.keys["model"]})
 
     def write(writer):
         # Read one block at a time; a streamed model is written one shard per block, so the export never holds it whole.
@@ -39,7 +52,8 @@ def write_model(ctx, runner) -> None:
                 log.info("the checkpoint ships modeling_qllm.py (load it with trust_remote_code=True) for: %s",
                          "; ".join(parts))
             sizes = save_compressed_tensors_model(ctx.model, ctx.tokenizer, blocks, ctx.cfg["quant"], writer.tmp,
-                                                  runtime=bool(parts), sharded=sharded, dtype=EXPORT_DTYPES[export_dtype])
+                                                  runtime=bool(parts), sharded=sharded, dtype=EXPORT_DTYPES[export_dtype],
+                                                  head_from_embeddings=head_rotation(ctx))
         else:
             sizes = save_quantized_model(ctx.model, ctx.tokenizer, blocks, ctx.cfg["quant"], writer.tmp, sharded=sharded)
         writer.save_json("sizes.json", sizes)

@@ -6,8 +6,9 @@ It imports only torch and transformers (never qllm_pipeline): a user of the chec
 our config. compressed-tensors stores and decompresses the integer weights (already transformed: the reassembly and
 the Hadamards are folded into their columns); this file applies, before each projection, its ordered input transforms
 and the per-token activation quantizer, and quantizes Q, K (after RoPE and the optional per-head Hadamard) and V
-when the checkpoint says so. Everything it needs is in `config.json` (`qllm_runtime`) and in the weights file
-(`model.layers.<i>.qllm_transforms.*`). One class per family (`QLLM<its transformers class>`), all sharing
+when the checkpoint says so. A tied model's head, untied by the residual rotation, is left out of the checkpoint and
+rebuilt from the embeddings before its first use (`qllm_head.*`: the rotation and the folded norm scale). Everything
+it needs is in `config.json` (`qllm_runtime`) and in the weights file (`model.layers.<i>.qllm_transforms.*`). One class per family (`QLLM<its transformers class>`), all sharing
 `install_runtime`.
 """
 from __future__ import annotations
@@ -109,10 +110,40 @@ def prepare_config(config) -> None:
         config._attn_implementation = ATTENTION
 
 
+class HeadFromEmbeddings(nn.Module):
+    """What lm_head is rebuilt from when the checkpoint leaves it out (a tied model after the residual rotation Q,
+    the final norm's scale g folded into the head): W = (E Qᵀ) diag(g) Q, E the (rotated) embeddings."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.register_buffer("rotation", torch.zeros(hidden, hidden))
+        self.register_buffer("norm", torch.zeros(hidden))
+
+    @torch.no_grad()
+    def rebuild(self, head: nn.Linear, embed: torch.Tensor) -> None:
+        work = torch.float64 if embed.device.type == "cpu" else torch.float32
+        q = self.rotation.to(embed.device, work)
+        head.weight.data = (((embed.to(work) @ q.T) * self.norm.to(embed.device, work)) @ q).to(head.weight.dtype)
+
+
+def _rebuild_head_once(model: nn.Module):
+    """A pre-hook on lm_head: its weight is rebuilt from the loaded embeddings before its first use."""
+    def hook(module, args):
+        if not getattr(module, "qllm_rebuilt", False):
+            model.qllm_head.rebuild(module, model.get_input_embeddings().weight)
+            module.qllm_rebuilt = True
+
+    return hook
+
+
 def install_runtime(model: nn.Module) -> None:
-    """After the model is built: every projection runs its input transforms and activation quantizer first."""
+    """After the model is built: every projection runs its input transforms and activation quantizer first, and a
+    head the checkpoint leaves out is rebuilt from the embeddings."""
     runtime = model.config.qllm_runtime
     act = runtime["activations"]
+    if runtime.get("head"):
+        model.qllm_head = HeadFromEmbeddings(model.config.hidden_size)
+        model.get_output_embeddings().register_forward_pre_hook(_rebuild_head_once(model))
     for i, layer in enumerate(model.model.layers):
         spec = runtime["layers"][i]
         transforms = nn.ModuleDict()
@@ -158,6 +189,8 @@ def _with_runtime(base: type) -> type:
 
     name = f"QLLM{base.__name__}"
     return type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name,
+                                # a head rebuilt from the embeddings is not in the checkpoint
+                                "_keys_to_ignore_on_load_missing": [r"lm_head\.weight"],
                                 "__doc__": f"{base.__name__} with the checkpoint's run-time parts (qllm_runtime)."})
 
 
