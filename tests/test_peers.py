@@ -22,6 +22,13 @@ def load_peers():
     return module
 
 
+def load_report():
+    load_peers()  # puts benchmarks/ on sys.path
+    import peers_report
+
+    return peers_report
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
@@ -75,13 +82,13 @@ def test_malformed_merge_target_is_refused(tmp_path):
 
 
 def test_upsert_keeps_other_tools_rows():
-    peers = load_peers()
+    merging = load_report()
     ours = {"quant": "w4a4", "method": "rtn", "ppl": 1157.5, "fp": 15.5}  # our rows have no "tool" key
     other = {"tool": "other-tool", "quant": "w4a4", "method": "rtn", "ppl": 1.0}
     old = peer_row("rtn", "w4a4", 999.0)
     data = {"command": "python benchmarks/accuracy.py", "rows": [ours, old, other]}
     new_rtn, new_gptq = peer_row("rtn", "w4a4", 1200.0), peer_row("gptq", "w4a4", 900.0)
-    data, replaced, added = peers.upsert_rows(data, [new_rtn, new_gptq])
+    data, replaced, added = merging.upsert_rows(data, [new_rtn, new_gptq])
     assert (replaced, added) == (1, 1)
     assert data["rows"] == [ours, new_rtn, other, new_gptq]
     assert data["command"] == "python benchmarks/accuracy.py"
@@ -108,12 +115,12 @@ def test_merge_only_upserts_successful_rows(tmp_path):
 def test_rows_of_another_corpus_are_kept_apart():
     """A lee_news row and a wiki_sample row of the same recipe and quant both survive a merge; each replaces only its
     own corpus's row (a row without a dataset is wiki_sample's)."""
-    peers = load_peers()
+    merging = load_report()
     old_wiki, old_lee = peer_row("gptq", "w4a4", 30.0), peer_row("gptq", "w4a4", 45.0, dataset="lee_news")
     wiki, lee = peer_row("gptq", "w4a4", 29.0, dataset="wiki_sample"), peer_row("gptq", "w4a4", 44.0, dataset="lee_news")
-    data, replaced, added = peers.upsert_rows({"rows": [old_wiki]}, [wiki, lee])
+    data, replaced, added = merging.upsert_rows({"rows": [old_wiki]}, [wiki, lee])
     assert (replaced, added) == (1, 1) and data["rows"] == [wiki, lee]
-    data, replaced, added = peers.upsert_rows({"rows": [old_wiki, old_lee]}, [lee])
+    data, replaced, added = merging.upsert_rows({"rows": [old_wiki, old_lee]}, [lee])
     assert (replaced, added) == (1, 0) and data["rows"] == [old_wiki, lee]
 
 
@@ -193,12 +200,12 @@ def test_markdown_reads_a_single_corpus_report():
 
 def test_rows_of_another_model_are_kept_apart(tmp_path):
     """Gemma-3 270M's rows sit beside SmolLM2's (rows without a model are SmolLM2's), in their own report files."""
-    peers = load_peers()
+    peers, merging = load_peers(), load_report()
     smol, gemma = peer_row("gptq", "w4a4", 30.0), {**peer_row("gptq", "w4a4", 40.0), "model": "gemma3_270m"}
-    data, replaced, added = peers.upsert_rows({"rows": [smol]}, [gemma])
+    data, replaced, added = merging.upsert_rows({"rows": [smol]}, [gemma])
     assert (replaced, added) == (0, 1) and data["rows"] == [smol, gemma]
     newer = {**gemma, "ppl": 39.0}
-    data, replaced, added = peers.upsert_rows(data, [newer])
+    data, replaced, added = merging.upsert_rows(data, [newer])
     assert (replaced, added) == (1, 0) and data["rows"] == [smol, newer]
     assert peers.report_stem("smollm2_135m") == "peers" and peers.report_stem("gemma3_270m") == "peers-gemma3_270m"
 
