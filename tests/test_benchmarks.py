@@ -188,3 +188,25 @@ def test_e2e_streaming_benchmark_tiny(tiny_model_dir, tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/e2e_streaming.py", "--quant", "w3a3"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --quant=w3a3 is not in conf/quant"
+
+
+def test_calib_size_benchmark_tiny(tiny_model_dir, tmp_path):
+    """Two calibration sizes of one method: a row each with its interval, cost and the plot; a re-run of one size keeps
+    the other's row."""
+    args = [sys.executable, "benchmarks/calib_size.py", "--tiny", f"--tiny-model-dir={tiny_model_dir}", f"--out={tmp_path}",
+            "--methods=lrc", f"--cache={tmp_path / 'cache'}"]
+    proc = subprocess.run([*args, "--sizes=2,4", "--seq-lens=32"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "calib_size.json").read_text())["rows"]
+    assert [(r["n_samples"], r["tokens"]) for r in rows] == [(2, 64), (4, 128)]
+    assert all(r["ci_low"] <= r["ratio"] <= r["ci_high"] and r["wall_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+    assert rows[0]["ppl"] != rows[1]["ppl"] and rows[0]["fp"] == rows[1]["fp"]  # the windows change the model only
+    assert (tmp_path / "calib_size.png").stat().st_size > 0
+    assert "| lrc | 2 × 32 | 64 |" in (tmp_path / "calib_size.md").read_text()
+    again = subprocess.run([*args, "--sizes=4", "--seq-lens=32"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = json.loads((tmp_path / "calib_size.json").read_text())["rows"]
+    assert [r["n_samples"] for r in rerun] == [2, 4] and rerun[1]["ppl"] == rows[1]["ppl"]  # cached: the same number
+    bad = subprocess.run([sys.executable, "benchmarks/calib_size.py", "--sizes=8,8"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --sizes='8,8' must be distinct positive integers"

@@ -1,0 +1,169 @@
+"""Calibration size: how the number (and length) of calibration windows trades cost for accuracy (the QLLM paper's
+first open question), for the default job's method and the best recipe at W4A4.
+
+One Hydra multirun of the ordinary pipeline per method over `calibrate.n_samples` (and `calibrate.seq_len` where
+given), all in one artifact cache, so the FP and RTN rows are computed once. Each run is evaluated on the evaluation
+windows (wiki_sample 32 × 512, with the paired 95 % interval of its ratio to FP). Reports perplexity, wall time and
+peak RSS per size, and a plot (ratio to FP against the number of calibration tokens). Writes
+benchmarks/results/calib_size.{json,md,png} (or --out DIR), keeping rows of sizes not re-run.
+
+    python benchmarks/calib_size.py --methods qllm --sizes 8,16,32,64,128
+    python benchmarks/calib_size.py --methods rotation_lrc_gptq --sizes 8,16,32 --seq-lens 512,2048
+    python benchmarks/calib_size.py --tiny --tiny-model-dir DIR --out DIR --sizes 2,4   # smoke mode (the tests)
+
+Published anchors, for comparison: QLLM (Table F, error correction alone, LLaMA-1-7B W4A4, WikiText2): 128 / 256 /
+512 samples -> 16.64 / 14.94 / 12.35; DuQuant (Table E19, LLaMA-2-7B W4A4): flat from 16 to 256 samples.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+from _cli import CliError, Parser, code_commit, logger, run_benchmark  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
+DATASET = "wiki_sample"
+TINY = ["model.name=tiny", "model.package=null", "model.gguf_file=null", "model.hub_id=null", "eval.seq_len=32",
+        "eval.max_windows=4", "search_theta.steps=5", "search_theta.n_samples=1", "train_lowrank.epochs=1",
+        "tune_e2e.epochs=1"]
+ANCHORS = [
+    "QLLM (arXiv 2310.08041, Table F; error correction alone, LLaMA-1-7B W4A4, WikiText2): 128 / 256 / 512 samples "
+    "give 16.64 / 14.94 / 12.35.",
+    "DuQuant (Table E19; LLaMA-2-7B W4A4): flat from 16 to 256 samples.",
+]
+log = logger("calib_size")
+
+
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="qllm,rotation_lrc_gptq", help="conf/method options, comma-separated")
+    parser.add_argument("--sizes", default="8,16,32,64,128", help="calibrate.n_samples values, comma-separated")
+    parser.add_argument("--seq-lens", default="512", help="calibrate.seq_len values, comma-separated")
+    parser.add_argument("--quant", default="w4a4")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--cache", type=Path, help="artifact cache (default: a fresh temporary one, so stages are timed)")
+    parser.add_argument("--tiny", action="store_true", help="smoke mode: the tiny random model in --tiny-model-dir")
+    parser.add_argument("--tiny-model-dir", type=Path)
+    args = parser.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if not args.methods or unknown:
+        raise CliError(f"--methods: unknown or none {unknown}; choose from {', '.join(METHODS)}")
+    args.sizes, args.seq_lens = positive_ints("--sizes", args.sizes), positive_ints("--seq-lens", args.seq_lens)
+    if not (REPO / "conf" / "quant" / f"{args.quant}.yaml").is_file():
+        raise CliError(f"--quant={args.quant} is not a conf/quant option")
+    if args.tiny and not (args.tiny_model_dir and (args.tiny_model_dir / "config.json").is_file()):
+        raise CliError("--tiny needs --tiny-model-dir, a saved tiny LLaMA (a directory with config.json)")
+    return args
+
+
+def positive_ints(option: str, value: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise CliError(f"{option}={value!r} must be comma-separated positive integers") from None
+    if not items or min(items) < 1 or len(set(items)) != len(items):
+        raise CliError(f"{option}={value!r} must be distinct positive integers")
+    return items
+
+
+def sweep(args, method: str, seq_len: int, cache: Path, sweep_dir: Path) -> list[dict]:
+    model = [f"model.path={args.tiny_model_dir}", *TINY] if args.tiny else []
+    cmd = [sys.executable, "-m", "qllm_pipeline", "-m", f"method={method}", f"quant={args.quant}", *model,
+           f"calibrate.seq_len={seq_len}", f"calibrate.n_samples={','.join(map(str, args.sizes))}",
+           f"eval.datasets=[{DATASET}]", "fuse.save_model=false", "pipeline.progress=false",
+           f"pipeline.cache_dir={cache}", f"hydra.sweep.dir={sweep_dir}"]
+    log(" ".join(cmd[2:]))
+    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
+        raise SystemExit(f"error: the sweep of {method} at seq_len {seq_len} failed; see the log above")
+    rows = []
+    for results_file in sorted(sweep_dir.glob("*/results.json"), key=lambda f: int(f.parent.name)):
+        results = json.loads(results_file.read_text())
+        n = int(dict(o.split("=", 1) for o in results["meta"]["overrides"])["calibrate.n_samples"])
+        ppl, ci = results["ppl"][DATASET], results["ppl_ci"][DATASET]
+        label = max((v for v in ppl if v not in ("fp", "rtn")), key=lambda v: v.count("+"))
+        rows.append({"method": method, "variant": label, "n_samples": n, "seq_len": seq_len, "tokens": n * seq_len,
+                     "ppl": ppl[label], "fp": ppl["fp"], "ratio": ppl[label] / ppl["fp"], "ci_low": ci[label][0],
+                     "ci_high": ci[label][1], "windows": results["windows"][DATASET],
+                     "wall_s": round(results["meta"]["wall_seconds"], 1),
+                     "peak_rss_mib": round(results["meta"]["peak_rss_mib"]),
+                     "stages_s": {s["stage"]: round(s["seconds"], 1) for s in results["stages"] if s["computed"]},
+                     "commit": code_commit()})
+    return rows
+
+
+def run(args) -> dict:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qllm-calib-size-") as tmp:
+        cache = args.cache or Path(tmp) / "cache"
+        for method in args.methods:
+            for seq_len in args.seq_lens:
+                sweep_dir = Path(tmp) / f"{method}_{seq_len}"
+                shutil.rmtree(sweep_dir, ignore_errors=True)
+                rows += sweep(args, method, seq_len, cache, sweep_dir)
+    model = "tiny" if args.tiny else "smollm2_135m"
+    old = args.out / "calib_size.json"
+    if old.is_file():  # keep the rows of sizes, lengths and methods not re-run
+        previous = json.loads(old.read_text())
+        fresh = {(r["method"], r["n_samples"], r["seq_len"]) for r in rows}
+        if previous.get("model") == model and previous.get("quant") == args.quant:
+            rows = [r for r in previous["rows"] if (r["method"], r["n_samples"], r["seq_len"]) not in fresh] + rows
+    rows.sort(key=lambda r: (r["method"], r["seq_len"], r["n_samples"]))
+    result = {"model": model, "quant": args.quant, "dataset": DATASET, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(result, args.out / "calib_size.png")
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (method, seq_len) in dict.fromkeys((r["method"], r["seq_len"]) for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["method"] == method and r["seq_len"] == seq_len]
+        x = [r["tokens"] for r in rows]
+        y = [r["ratio"] for r in rows]
+        err = [[r["ratio"] - r["ci_low"] for r in rows], [r["ci_high"] - r["ratio"] for r in rows]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{rows[0]['variant']} (windows of {seq_len})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("calibration tokens (windows × length)")
+    ax.set_ylabel(f"perplexity / FP on {result['dataset']} (95 % CI)")
+    ax.set_title(f"{result['model']} {result['quant']}: calibration size")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Calibration size: {result['model']} {result['quant']}", "",
+             f"Evaluation: {result['dataset']} (the pipeline's windows; interval: 95 % paired bootstrap of the ratio to "
+             "FP over the windows). Command: `python benchmarks/calib_size.py --methods ... --sizes ...`; the plot is "
+             "`calib_size.png`.", "",
+             "| method | windows × length | tokens | ppl | × FP (95 % CI) | wall (s) | peak RSS (MiB) | commit |",
+             "|---|---|---:|---:|---|---:|---:|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['variant']} | {r['n_samples']} × {r['seq_len']} | {r['tokens']} | {r['ppl']:.3f} | "
+                     f"{r['ratio']:.3f} ({r['ci_low']:.3f}–{r['ci_high']:.3f}) | {r['wall_s']:.0f} | "
+                     f"{r['peak_rss_mib']} | {r['commit']} |")
+    lines += ["", "Published anchors:", "", *[f"* {a}" for a in ANCHORS]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    run_benchmark("calib_size", parse_args, run, markdown, argv)
+
+
+if __name__ == "__main__":
+    main()
