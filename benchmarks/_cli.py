@@ -27,6 +27,15 @@ def logger(prefix: str):
     return log
 
 
+def add_run_options(parser, out: Path) -> None:
+    """The options of a benchmark that runs the pipeline: where results go, which artifact cache it uses, and its
+    smoke mode on a saved tiny model (the tests run it so)."""
+    parser.add_argument("--out", type=Path, default=out, help="directory for the results (.md, .json)")
+    parser.add_argument("--cache", type=Path, help="artifact cache to use (default: a fresh one, so stages are timed)")
+    parser.add_argument("--tiny", action="store_true", help="smoke mode: the tiny random model in --tiny-model-dir, few windows")
+    parser.add_argument("--tiny-model-dir", type=Path)
+
+
 def listed(option: str, value: str, known, noun: str) -> list[str]:
     """A comma-separated option's items, each one of `known` (else a CliError naming the option and the choices)."""
     items = [item for item in value.split(",") if item]

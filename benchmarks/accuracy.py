@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import code_commit  # noqa: E402
+from _cli import add_run_options, code_commit  # noqa: E402
 from qllm_pipeline.evaluation.intervals import difference_interval, verdict  # noqa: E402
 from qllm_pipeline.quantized.quantizer import ACTIVATION_QUANTIZER_VERSION  # noqa: E402
 
@@ -231,10 +231,7 @@ def main() -> None:
     parser.add_argument("--attn-methods", default="", help="methods to run again with the attention inputs quantized")
     parser.add_argument("--tag", default="", help="appended to this invocation's method names, e.g. for a setting variant")
     parser.add_argument("--model", default="smollm2_135m")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--cache", type=Path, help="artifact cache to use (default: a fresh temporary one, so stages are timed)")
-    parser.add_argument("--tiny", action="store_true", help="smoke mode: the tiny random model in --tiny-model-dir, few windows")
-    parser.add_argument("--tiny-model-dir", type=Path)
+    add_run_options(parser, REPO / "benchmarks" / "results")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     args.quants, args.methods = args.quants.split(","), [m for m in args.methods.split(",") if m]

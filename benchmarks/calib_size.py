@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import CliError, Parser, code_commit, logger, run_benchmark  # noqa: E402
+from _cli import CliError, Parser, add_run_options, code_commit, logger, run_benchmark  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
@@ -47,10 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--sizes", default="8,16,32,64,128", help="calibrate.n_samples values, comma-separated")
     parser.add_argument("--seq-lens", default="512", help="calibrate.seq_len values, comma-separated")
     parser.add_argument("--quant", default="w4a4")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--cache", type=Path, help="artifact cache (default: a fresh temporary one, so stages are timed)")
-    parser.add_argument("--tiny", action="store_true", help="smoke mode: the tiny random model in --tiny-model-dir")
-    parser.add_argument("--tiny-model-dir", type=Path)
+    add_run_options(parser, REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in args.methods if m not in METHODS]

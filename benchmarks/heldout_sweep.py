@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
-from _cli import CliError, Parser, logger  # noqa: E402
+from _cli import CliError, Parser, add_run_options, logger  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CHOOSE_BY = "calib_heldout"
@@ -47,10 +47,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--method", default="qllm", help="conf/method option (default qllm)")
     p.add_argument("--quant", default="w4a4", help="conf/quant option (default w4a4)")
     p.add_argument("--model", default="smollm2_135m", help="conf/model option")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="directory for heldout_<KEY>.md/.json")
-    p.add_argument("--cache", type=Path, help="artifact cache to use (default: a fresh one, so stages are timed)")
-    p.add_argument("--tiny", action="store_true", help="smoke mode: the tiny random model in --tiny-model-dir, few windows")
-    p.add_argument("--tiny-model-dir", type=Path)
+    add_run_options(p, REPO / "benchmarks" / "results")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (key=value)")
     args = p.parse_args(argv)
     key, sep, values = args.sweep.partition("=")
