@@ -17,7 +17,7 @@ from qllm_pipeline.methods.lowrank import LowRankConfig
 from qllm_pipeline.methods.weight_rounding import GPTQConfig
 
 CONF = REPO / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "method"))
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "method", "tuned"))
 FILES = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -59,6 +59,27 @@ def test_a_recipe_sets_only_declared_keys_to_new_values(method):
             assert set(values) == {"stages"}
             continue
         check_values(section, values, f"conf/method/{method}.yaml")
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "tuned").glob("*.yaml")))
+def test_a_models_tuned_settings_are_declared_keys_and_win_over_the_recipe_not_the_command_line(model):
+    """conf/tuned/<model>.yaml (settings chosen on that model's held-out windows) is a conf/model entry's, sets only
+    declared keys to new values, applies to that model alone, wins over a recipe, and loses to the command line."""
+    assert (CONF / "model" / f"{model}.yaml").is_file()
+    tuned = OmegaConf.to_container(OmegaConf.load(CONF / "tuned" / f"{model}.yaml"))
+    assert set(tuned) <= set(SECTIONS) - {"pipeline", "model"}
+    for section, values in tuned.items():
+        check_values(section, values, f"conf/tuned/{model}.yaml")
+    (section, values), = tuned.items()
+    key, value = next(iter(values.items()))
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        composed = lambda *o: OmegaConf.to_container(compose("config", overrides=list(o)))[section][key]  # noqa: E731
+        assert composed(f"model={model}") == value
+        assert composed(f"model={model}", "method=rotation_lrc_gptq") == value
+        other = next(p.stem for p in (CONF / "model").glob("*.yaml") if not (CONF / "tuned" / p.name).is_file())
+        assert composed(f"model={other}") == declared(section)[key] != value  # another model: the default
+        chosen = 0.123 if isinstance(value, float) else value
+        assert composed(f"model={model}", f"{section}.{key}={chosen}") == chosen
 
 
 def test_the_methods_configs_are_the_groups_schemas():
