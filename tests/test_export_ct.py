@@ -217,13 +217,16 @@ def test_every_projection_is_in_exactly_one_config_group_of_its_width(quant, str
     assert any(t.startswith("re:") and t.endswith("down_proj$") for g in groups for t in g.targets)
 
 
-def test_a_rotated_tied_head_is_left_out_only_when_the_rebuild_gives_it():
+def test_a_rotated_tied_head_is_left_out_only_when_the_rebuild_gives_it(monkeypatch):
     """A tied model after the residual rotation: lm_head = (E Q) Qᵀ diag(g) Q, so the checkpoint omits it and ships
     Q and g; a head that is not that (changed after the rotation) is written as it is."""
     from types import SimpleNamespace
 
+    from qllm_pipeline.export import export_ct
     from qllm_pipeline.export.export_ct import HEAD_KEY, _omit_rebuildable_head, rebuilt_head
     from qllm_pipeline.quantized.hadamard import random_hadamard
+
+    monkeypatch.setattr(export_ct, "HEAD_CHECK_ROWS", 16)  # 50 rows: compared in four slices
 
     gen = torch.Generator().manual_seed(0)
     embed, norm, q = torch.randn(50, 16, generator=gen), torch.rand(16, generator=gen) + 0.5, random_hadamard(16, 3)
@@ -235,7 +238,9 @@ def test_a_rotated_tied_head_is_left_out_only_when_the_rebuild_gives_it():
     skeleton = dict(rotated)
     extra = _omit_rebuildable_head(skeleton, family, {"rotation": q, "norm": norm})
     assert "lm_head.weight" not in skeleton and set(extra) == {f"{HEAD_KEY}.rotation", f"{HEAD_KEY}.norm"}
-    changed = {**rotated, "lm_head.weight": rotated["lm_head.weight"] * 1.01}
+    head = rotated["lm_head.weight"].clone()
+    head[-1] *= 1.01  # one row of the last slice changed
+    changed = {**rotated, "lm_head.weight": head}
     assert _omit_rebuildable_head(changed, family, {"rotation": q, "norm": norm}) == {}
     assert "lm_head.weight" in changed
     assert _omit_rebuildable_head(dict(rotated), family, None) == {}  # not asked (no rotation, or no modeling code)

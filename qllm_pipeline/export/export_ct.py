@@ -181,6 +181,7 @@ def compressed_projection(codes: torch.Tensor, scale: torch.Tensor, zero: torch.
 
 
 HEAD_KEY = "qllm_head"  # the rotation and norm lm_head is rebuilt from (`head_from_embeddings`)
+HEAD_CHECK_ROWS = 4096  # vocabulary rows compared at a time
 
 
 def rebuilt_head(embed: torch.Tensor, rotation: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -198,9 +199,11 @@ def _omit_rebuildable_head(skeleton: dict, family, head_from_embeddings: dict | 
     if head_from_embeddings is None or head is None:
         return {}
     rotation, norm = head_from_embeddings["rotation"].float(), head_from_embeddings["norm"].float()
-    rebuilt = rebuilt_head(skeleton[f"{family.embeddings}.weight"], rotation, norm)
-    if not torch.allclose(rebuilt, head.double(), rtol=1e-5, atol=1e-5 * float(head.abs().max())):
-        return {}  # the head changed after the rotation: written as it is
+    embed, atol = skeleton[f"{family.embeddings}.weight"], 1e-5 * float(head.abs().max())
+    for rows in range(0, head.shape[0], HEAD_CHECK_ROWS):  # a slice at a time: float64 copies of a whole vocabulary
+        part = slice(rows, rows + HEAD_CHECK_ROWS)      # are GBs at 70B
+        if not torch.allclose(rebuilt_head(embed[part], rotation, norm), head[part].double(), rtol=1e-5, atol=atol):
+            return {}  # the head changed after the rotation: written as it is
     del skeleton[f"{family.head}.weight"]
     return {f"{HEAD_KEY}.rotation": rotation, f"{HEAD_KEY}.norm": norm}
 

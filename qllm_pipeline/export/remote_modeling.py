@@ -120,10 +120,14 @@ class HeadFromEmbeddings(nn.Module):
         self.register_buffer("norm", torch.zeros(hidden))
 
     @torch.no_grad()
-    def rebuild(self, head: nn.Linear, embed: torch.Tensor) -> None:
+    def rebuild(self, head: nn.Linear, embed: torch.Tensor, rows: int = 4096) -> None:
+        """In place, a slice of the vocabulary at a time (a whole one in float64 is GBs at 70B)."""
         work = torch.float64 if embed.device.type == "cpu" else torch.float32
-        q = self.rotation.to(embed.device, work)
-        head.weight.data = (((embed.to(work) @ q.T) * self.norm.to(embed.device, work)) @ q).to(head.weight.dtype)
+        q, norm = self.rotation.to(embed.device, work), self.norm.to(embed.device, work)
+        weight = torch.empty(embed.shape, dtype=head.weight.dtype, device=embed.device)
+        for start in range(0, embed.shape[0], rows):
+            weight[start:start + rows] = (((embed[start:start + rows].to(work) @ q.T) * norm) @ q).to(weight.dtype)
+        head.weight.data = weight
 
 
 def _rebuild_head_once(model: nn.Module):
