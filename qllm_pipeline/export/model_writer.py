@@ -38,9 +38,10 @@ def write_model(ctx, runner) -> None:
     fmt = model_format(ctx.cfg)
     export_dtype = ctx.cfg["fuse"]["export_dtype"] if fmt == CT_FORMAT else None  # qllm-packed writes float32
     # version 2: 8-bit symmetric weights are written int-quantized (were pack-quantized); 3: asymmetric weights below
-    # 8 bits are packed (rows as blocks; were int-quantized); 4: a rotated tied head is rebuilt on load (not written)
+    # 8 bits are packed (rows as blocks; were int-quantized); 4: a rotated tied head is rebuilt on load (not written);
+    # 5: the shipped modeling file rebuilds it a slice at a time
     settings = {"format": fmt, **({"export_dtype": export_dtype} if export_dtype else {})}
-    key = artifact_key("model", 4, settings, {"fuse": ctx.keys["model"]})
+    key = artifact_key("model", 5, settings, {"fuse": ctx.keys["model"]})
 
     def write(writer):
         # Read one block at a time; a streamed model is written one shard per block, so the export never holds it whole.
