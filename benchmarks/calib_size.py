@@ -1,9 +1,9 @@
 """Calibration size: how the number (and length) of calibration windows trades cost for accuracy (the QLLM paper's
 first open question), for the default job's method and the best recipe at W4A4.
 
-One Hydra multirun of the ordinary pipeline per method over `calibrate.n_samples` (and `calibrate.seq_len` where
-given), all in one artifact cache, so the FP and RTN rows are computed once. Each run is evaluated on the evaluation
-windows (wiki_sample 32 × 512, with the paired 95 % interval of its ratio to FP). Reports perplexity, wall time and
+One run of the ordinary pipeline per method, length and size (`calibrate.n_samples`, `calibrate.seq_len`), all in one
+artifact cache, so the FP and RTN rows are computed once; the results are written after every run. Each run is
+evaluated on the evaluation windows (wiki_sample 32 × 512, with the paired 95 % interval of its ratio to FP). Reports perplexity, wall time and
 peak RSS per size, and a plot (ratio to FP against the number of calibration tokens). Writes
 benchmarks/results/calib_size.{json,md,png} (or --out DIR), keeping rows of sizes not re-run.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,53 +70,69 @@ def positive_ints(option: str, value: str) -> list[int]:
     return items
 
 
-def sweep(args, method: str, seq_len: int, cache: Path, sweep_dir: Path) -> list[dict]:
+def run_one(args, method: str, seq_len: int, n: int, cache: Path, run_dir: Path) -> dict:
+    """One pipeline run at `n` calibration windows of `seq_len` tokens; its row."""
     model = [f"model.path={args.tiny_model_dir}", *TINY] if args.tiny else []
-    cmd = [sys.executable, "-m", "qllm_pipeline", "-m", f"method={method}", f"quant={args.quant}", *model,
-           f"calibrate.seq_len={seq_len}", f"calibrate.n_samples={','.join(map(str, args.sizes))}",
-           f"eval.datasets=[{DATASET}]", "fuse.save_model=false", "pipeline.progress=false",
-           f"pipeline.cache_dir={cache}", f"hydra.sweep.dir={sweep_dir}"]
+    cmd = [sys.executable, "-m", "qllm_pipeline", f"method={method}", f"quant={args.quant}", *model,
+           f"calibrate.seq_len={seq_len}", f"calibrate.n_samples={n}", f"eval.datasets=[{DATASET}]",
+           "fuse.save_model=false", "pipeline.progress=false", f"pipeline.cache_dir={cache}",
+           f"hydra.run.dir={run_dir}"]
     log(" ".join(cmd[2:]))
     env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
-        raise SystemExit(f"error: the sweep of {method} at seq_len {seq_len} failed; see the log above")
-    rows = []
-    for results_file in sorted(sweep_dir.glob("*/results.json"), key=lambda f: int(f.parent.name)):
-        results = json.loads(results_file.read_text())
-        n = int(dict(o.split("=", 1) for o in results["meta"]["overrides"])["calibrate.n_samples"])
-        ppl, ci = results["ppl"][DATASET], results["ppl_ci"][DATASET]
-        label = max((v for v in ppl if v not in ("fp", "rtn")), key=lambda v: v.count("+"))
-        rows.append({"method": method, "variant": label, "n_samples": n, "seq_len": seq_len, "tokens": n * seq_len,
-                     "ppl": ppl[label], "fp": ppl["fp"], "ratio": ppl[label] / ppl["fp"], "ci_low": ci[label][0],
-                     "ci_high": ci[label][1], "windows": results["windows"][DATASET],
-                     "wall_s": round(results["meta"]["wall_seconds"], 1),
-                     "peak_rss_mib": round(results["meta"]["peak_rss_mib"]),
-                     "stages_s": {s["stage"]: round(s["seconds"], 1) for s in results["stages"] if s["computed"]},
-                     "commit": code_commit()})
-    return rows
+        raise SystemExit(f"error: the run of {method} at {n} × {seq_len} failed; see the log above (the rows of the "
+                         "sizes before it are written)")
+    return row_from_results(json.loads((run_dir / "results.json").read_text()), method, seq_len, code_commit())
+
+
+def row_from_results(results: dict, method: str, seq_len: int, commit: str) -> dict:
+    """A calib_size row from one run's results.json: its most complete variant against FP on DATASET."""
+    n = int(dict(o.split("=", 1) for o in results["meta"]["overrides"])["calibrate.n_samples"])
+    ppl, ci = results["ppl"][DATASET], results["ppl_ci"][DATASET]
+    label = max((v for v in ppl if v not in ("fp", "rtn")), key=lambda v: v.count("+"))
+    return {"method": method, "variant": label, "n_samples": n, "seq_len": seq_len, "tokens": n * seq_len,
+            "ppl": ppl[label], "fp": ppl["fp"], "ratio": ppl[label] / ppl["fp"], "ci_low": ci[label][0],
+            "ci_high": ci[label][1], "windows": results["windows"][DATASET],
+            "wall_s": round(results["meta"]["wall_seconds"], 1), "peak_rss_mib": round(results["meta"]["peak_rss_mib"]),
+            "stages_s": {s["stage"]: round(s["seconds"], 1) for s in results["stages"] if s["computed"]},
+            "commit": commit}
+
+
+def merged(args, rows: list[dict]) -> dict:
+    """`rows` beside the rows already in <out>/calib_size.json of the sizes, lengths and methods not re-run."""
+    model = "tiny" if args.tiny else "smollm2_135m"
+    old = args.out / "calib_size.json"
+    if old.is_file():
+        previous = json.loads(old.read_text())
+        fresh = {(r["method"], r["n_samples"], r["seq_len"]) for r in rows}
+        if previous.get("model") == model and previous.get("quant") == args.quant:
+            rows = [r for r in previous["rows"] if (r["method"], r["n_samples"], r["seq_len"]) not in fresh] + rows
+    rows = sorted(rows, key=lambda r: (r["method"], r["seq_len"], r["n_samples"]))
+    return {"model": model, "quant": args.quant, "dataset": DATASET, "rows": rows}
+
+
+def write(args, result: dict) -> None:
+    """The json, markdown and plot, each replaced whole (a stopped run leaves the rows of its finished sizes)."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("calib_size.json", json.dumps(result, indent=2)), ("calib_size.md", markdown(result))):
+        tmp = args.out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(args.out / name)
+    plot(result, args.out / "calib_size.png")
 
 
 def run(args) -> dict:
+    """One run per method, length and size, smallest first, all on one artifact cache (FP and RTN once); the
+    results are written after every run, so a long study stopped part-way keeps what it measured."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="qllm-calib-size-") as tmp:
         cache = args.cache or Path(tmp) / "cache"
         for method in args.methods:
             for seq_len in args.seq_lens:
-                sweep_dir = Path(tmp) / f"{method}_{seq_len}"
-                shutil.rmtree(sweep_dir, ignore_errors=True)
-                rows += sweep(args, method, seq_len, cache, sweep_dir)
-    model = "tiny" if args.tiny else "smollm2_135m"
-    old = args.out / "calib_size.json"
-    if old.is_file():  # keep the rows of sizes, lengths and methods not re-run
-        previous = json.loads(old.read_text())
-        fresh = {(r["method"], r["n_samples"], r["seq_len"]) for r in rows}
-        if previous.get("model") == model and previous.get("quant") == args.quant:
-            rows = [r for r in previous["rows"] if (r["method"], r["n_samples"], r["seq_len"]) not in fresh] + rows
-    rows.sort(key=lambda r: (r["method"], r["seq_len"], r["n_samples"]))
-    result = {"model": model, "quant": args.quant, "dataset": DATASET, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot(result, args.out / "calib_size.png")
-    return result
+                for n in sorted(args.sizes):
+                    rows.append(run_one(args, method, seq_len, n, cache, Path(tmp) / f"{method}_{seq_len}_{n}"))
+                    write(args, merged(args, rows))
+    return merged(args, rows)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -148,14 +163,21 @@ def markdown(result: dict) -> str:
              f"Evaluation: {result['dataset']} (the pipeline's windows; interval: 95 % paired bootstrap of the ratio to "
              "FP over the windows). Command: `python benchmarks/calib_size.py --methods ... --sizes ...`; the plot is "
              "`calib_size.png`.", "",
-             "| method | windows × length | tokens | ppl | × FP (95 % CI) | wall (s) | peak RSS (MiB) | commit |",
-             "|---|---|---:|---:|---|---:|---:|---|"]
+             "quantize (s): the stages computed for that size other than evaluate (the first size of a method also "
+             "computes what later sizes share); wall (s): the whole run, evaluation included.", "",
+             "| method | windows × length | tokens | ppl | × FP (95 % CI) | quantize (s) | wall (s) | peak RSS (MiB) | "
+             "commit |",
+             "|---|---|---:|---:|---|---:|---:|---:|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['variant']} | {r['n_samples']} × {r['seq_len']} | {r['tokens']} | {r['ppl']:.3f} | "
-                     f"{r['ratio']:.3f} ({r['ci_low']:.3f}–{r['ci_high']:.3f}) | {r['wall_s']:.0f} | "
-                     f"{r['peak_rss_mib']} | {r['commit']} |")
+                     f"{r['ratio']:.3f} ({r['ci_low']:.3f}–{r['ci_high']:.3f}) | {quantize_seconds(r):.0f} | "
+                     f"{r['wall_s']:.0f} | {r['peak_rss_mib']} | {r['commit']} |")
     lines += ["", "Published anchors:", "", *[f"* {a}" for a in ANCHORS]]
     return "\n".join(lines) + "\n"
+
+
+def quantize_seconds(row: dict) -> float:
+    return sum(t for stage, t in row["stages_s"].items() if stage != "evaluate")
 
 
 def main(argv=None) -> None:

@@ -97,8 +97,11 @@ def run_sweep(args, cache: Path, sweep_dir: Path) -> list[dict]:
                "stages_s": {s["stage"]: round(s["seconds"], 1) for s in results["stages"] if s["status"] != "disabled"}}
         ppl = results["ppl"][CHOOSE_BY]
         label = method_row(ppl)
+        windows = results["windows"][CHOOSE_BY]
+        # the windows' NLLs: two values of a sweep are compared paired, on the same windows (heldout_rule.py)
         row[CHOOSE_BY] = {"variant": label, "ppl": round(ppl[label], 3), "fp": round(ppl["fp"], 3),
-                          "ratio": round(ppl[label] / ppl["fp"], 4), "windows": results.get("windows", {}).get(CHOOSE_BY)}
+                          "ratio": round(ppl[label] / ppl["fp"], 4), "windows": windows,
+                          "window_nll": results["window_nll"][CHOOSE_BY][label], "tokens_per_window": windows["seq_len"] - 1}
         rows.append(row)
     return rows
 
@@ -133,12 +136,8 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> None:
-    try:
-        args = parse_args(argv)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+def sweep_and_write(args) -> tuple[dict, list[dict]]:
+    """Run the sweep and merge its rows into <out>/heldout_<key>.json (and .md): the merged data, and the new rows."""
     runs = args.out / "runs" / "heldout_sweep"
     cache = args.cache or runs / "cache"
     sweep_dir = runs / f"{args.method}_{args.quant}_{args.key}_{time.strftime('%Y%m%d-%H%M%S')}"
@@ -151,7 +150,16 @@ def main(argv: list[str]) -> None:
     stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(data))
     log(f"wrote {stem}.md and .json")
-    print(markdown(data))
+    return data, rows
+
+
+def main(argv: list[str]) -> None:
+    try:
+        args = parse_args(argv)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+    print(markdown(sweep_and_write(args)[0]))
 
 
 if __name__ == "__main__":
