@@ -191,22 +191,24 @@ def test_e2e_streaming_benchmark_tiny(tiny_model_dir, tmp_path):
 
 
 def test_calib_size_benchmark_tiny(tiny_model_dir, tmp_path):
-    """Two calibration sizes of one method: a row each with its interval, cost and the plot; a re-run of one size keeps
-    the other's row."""
+    """Two calibration sizes of one method: a row each with its interval, cost and the plot; the rows of a size not
+    re-run (here one from an earlier invocation) stay, a re-run size's row is replaced."""
+    kept = {"method": "lrc", "variant": "lrc", "n_samples": 8, "seq_len": 32, "tokens": 256, "ppl": 9.0, "fp": 3.0,
+            "ratio": 3.0, "ci_low": 2.0, "ci_high": 4.0, "wall_s": 1.0, "peak_rss_mib": 1, "stages_s": {}, "commit": "x"}
+    replaced = {**kept, "n_samples": 4, "tokens": 128}
+    (tmp_path / "calib_size.json").write_text(json.dumps({"model": "tiny", "quant": "w4a4", "rows": [kept, replaced]}))
     args = [sys.executable, "benchmarks/calib_size.py", "--tiny", f"--tiny-model-dir={tiny_model_dir}", f"--out={tmp_path}",
-            "--methods=lrc", f"--cache={tmp_path / 'cache'}"]
-    proc = subprocess.run([*args, "--sizes=2,4", "--seq-lens=32"], cwd=REPO, capture_output=True, text=True, timeout=600)
+            "--methods=lrc", "--sizes=2,4", "--seq-lens=32"]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "calib_size.json").read_text())["rows"]
-    assert [(r["n_samples"], r["tokens"]) for r in rows] == [(2, 64), (4, 128)]
-    assert all(r["ci_low"] <= r["ratio"] <= r["ci_high"] and r["wall_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
-    assert rows[0]["ppl"] != rows[1]["ppl"] and rows[0]["fp"] == rows[1]["fp"]  # the windows change the model only
+    assert [(r["n_samples"], r["tokens"]) for r in rows] == [(2, 64), (4, 128), (8, 256)] and rows[2] == kept
+    new = rows[:2]
+    assert all(r["ci_low"] <= r["ratio"] <= r["ci_high"] and r["wall_s"] > 0 and r["peak_rss_mib"] > 0 for r in new)
+    assert new[0]["ppl"] != new[1]["ppl"] and new[0]["fp"] == new[1]["fp"]  # the windows change the model only
+    assert "train_lowrank" in new[1]["stages_s"] and "calibrate" in new[1]["stages_s"]  # each size its own stages
     assert (tmp_path / "calib_size.png").stat().st_size > 0
     assert "| lrc | 2 × 32 | 64 |" in (tmp_path / "calib_size.md").read_text()
-    again = subprocess.run([*args, "--sizes=4", "--seq-lens=32"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    rerun = json.loads((tmp_path / "calib_size.json").read_text())["rows"]
-    assert [r["n_samples"] for r in rerun] == [2, 4] and rerun[1]["ppl"] == rows[1]["ppl"]  # cached: the same number
     bad = subprocess.run([sys.executable, "benchmarks/calib_size.py", "--sizes=8,8"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --sizes='8,8' must be distinct positive integers"
