@@ -28,12 +28,19 @@ def test_the_float_copy_loads_the_same_model_and_tokenizer(tmp_path, monkeypatch
         copy = gguf_copy.existing(identity)
         assert copy is not None and (copy / "config.json").is_file()
         assert [p.name for p in (tmp_path / "copies").iterdir()] == [copy.name]  # no temporary left
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        def no_gguf(*args, **kwargs):
+            raise AssertionError("the GGUF file was parsed although its copy exists")
+
+        monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", no_gguf)
+        config = ml.load_config(SOURCE)  # config, weights and tokenizer: all from the copy
         from_copy, tok_copy = fresh_load()
     finally:
         ml._load_model.cache_clear()
         ml._load_tokenizer.cache_clear()
-    config = lambda m: {k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"}  # noqa: E731
-    assert from_copy is not from_gguf and config(from_copy) == config(from_gguf)
+    settings = lambda c: {k: v for k, v in c.to_dict().items() if k != "_name_or_path"}  # noqa: E731
+    assert from_copy is not from_gguf and settings(from_copy.config) == settings(from_gguf.config) == settings(config)
     a, b = from_gguf.state_dict(), from_copy.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert from_copy.lm_head.weight.data_ptr() == from_copy.model.embed_tokens.weight.data_ptr()  # still tied

@@ -108,9 +108,9 @@ def _assembled_gguf(package: str, gguf_file: str, name: str) -> Path:
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
-    # a GGUF file's own metadata even when a float copy exists: finding the copy needs the file's digest, and the
-    # config is checked before anything else is read
     where, kwargs = source.location()
+    if kwargs.get("gguf_file"):  # the float copy's config when there is one: no GGUF parse (hashing the file is cheap)
+        where, kwargs = _read_from(source, _identity(source))
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
     except OSError as exc:
