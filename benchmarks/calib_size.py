@@ -25,8 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
 from _cli import CliError, Parser, add_run_options, code_commit, logger, run_benchmark  # noqa: E402
+from qllm_pipeline.core.config import CalibrateConfig  # noqa: E402
+from qllm_pipeline.evaluation.intervals import difference_interval, verdict  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SIZE = CalibrateConfig().n_samples  # the default job's number of calibration windows
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
 DATASET = "wiki_sample"
 TINY = ["model.name=tiny", "model.package=null", "model.gguf_file=null", "model.hub_id=null", "eval.seq_len=32",
@@ -95,7 +98,7 @@ def row_from_results(results: dict, method: str, seq_len: int, commit: str) -> d
             "ci_high": ci[label][1], "windows": results["windows"][DATASET],
             "wall_s": round(results["meta"]["wall_seconds"], 1), "peak_rss_mib": round(results["meta"]["peak_rss_mib"]),
             "stages_s": {s["stage"]: round(s["seconds"], 1) for s in results["stages"] if s["computed"]},
-            "commit": commit}
+            "window_nll": results["window_nll"][DATASET][label], "commit": commit}
 
 
 def merged(args, rows: list[dict]) -> dict:
@@ -165,15 +168,27 @@ def markdown(result: dict) -> str:
              "`calib_size.png`.", "",
              "quantize (s): the stages computed for that size other than evaluate (the first size of a method also "
              "computes what later sizes share); wall (s): the whole run, evaluation included.", "",
-             "| method | windows × length | tokens | ppl | × FP (95 % CI) | quantize (s) | wall (s) | peak RSS (MiB) | "
-             "commit |",
-             "|---|---|---:|---:|---|---:|---:|---:|---|"]
+             f"ppl − default: the 95 % paired interval of the difference to the same method at the default job's "
+             f"{DEFAULT_SIZE} windows, on the same evaluation windows (below zero: better than the default size).", "",
+             "| method | windows × length | tokens | ppl | × FP (95 % CI) | ppl − default (95 % paired) | quantize (s) | "
+             "wall (s) | peak RSS (MiB) | commit |",
+             "|---|---|---:|---:|---|---|---:|---:|---:|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['variant']} | {r['n_samples']} × {r['seq_len']} | {r['tokens']} | {r['ppl']:.3f} | "
-                     f"{r['ratio']:.3f} ({r['ci_low']:.3f}–{r['ci_high']:.3f}) | {quantize_seconds(r):.0f} | "
-                     f"{r['wall_s']:.0f} | {r['peak_rss_mib']} | {r['commit']} |")
+                     f"{r['ratio']:.3f} ({r['ci_low']:.3f}–{r['ci_high']:.3f}) | {against_default(r, result['rows'])} | "
+                     f"{quantize_seconds(r):.0f} | {r['wall_s']:.0f} | {r['peak_rss_mib']} | {r['commit']} |")
     lines += ["", "Published anchors:", "", *[f"* {a}" for a in ANCHORS]]
     return "\n".join(lines) + "\n"
+
+
+def against_default(row: dict, rows: list[dict]) -> str:
+    """The paired interval of ppl(row) − ppl(the same method at DEFAULT_SIZE windows of the same length)."""
+    base = next((r for r in rows if (r["method"], r["seq_len"], r["n_samples"]) == (row["method"], row["seq_len"],
+                                                                                   DEFAULT_SIZE)), None)
+    if base is None or base is row or not row.get("window_nll") or not base.get("window_nll"):
+        return "-"
+    low, high = difference_interval(row["window_nll"], base["window_nll"], row["windows"]["seq_len"] - 1)
+    return f"{low:+.2f} to {high:+.2f} ({verdict(low, high).replace('lead', 'better').replace('behind', 'worse')})"
 
 
 def quantize_seconds(row: dict) -> float:

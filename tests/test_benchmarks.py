@@ -209,6 +209,21 @@ def test_calib_size_benchmark_tiny(tiny_model_dir, tmp_path):
     assert "train_lowrank" in new[1]["stages_s"] and "calibrate" in new[1]["stages_s"]  # each size its own stages
     assert (tmp_path / "calib_size.png").stat().st_size > 0
     assert "| lrc | 2 × 32 | 64 |" in (tmp_path / "calib_size.md").read_text()
+    assert all(len(r["window_nll"]) == 4 for r in new)
     bad = subprocess.run([sys.executable, "benchmarks/calib_size.py", "--sizes=8,8"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --sizes='8,8' must be distinct positive integers"
+
+
+def test_calib_size_compares_each_size_with_the_default_size_paired():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import calib_size
+
+    base = [20.0, 30.0, 25.0, 40.0, 22.0, 35.0]
+    row = lambda n, nll: {"method": "qllm", "seq_len": 512, "n_samples": n, "window_nll": nll,  # noqa: E731
+                          "windows": {"seq_len": 11}}
+    rows = [row(8, [x + 3 for x in base]), row(calib_size.DEFAULT_SIZE, base), row(64, [x - 0.5 for x in base])]
+    assert calib_size.against_default(rows[0], rows).endswith("(worse)")
+    assert calib_size.against_default(rows[2], rows).endswith("(better)")
+    assert calib_size.against_default(rows[1], rows) == "-"  # the default size itself
+    assert calib_size.against_default({**rows[0], "method": "lrc"}, rows) == "-"  # no default-size row of its method
