@@ -59,3 +59,15 @@ def test_no_copy_when_off_and_a_half_written_copy_is_not_used(tmp_path, monkeypa
     (half / "config.json").write_text("{}")  # a copy killed before its completion mark
     assert gguf_copy.existing("some identity") is None
     assert ml._read_from(SOURCE, "some identity") == SOURCE.location()
+
+
+def test_a_copy_that_cannot_be_written_costs_nothing_but_the_next_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLLM_GGUF_CACHE", str(tmp_path))
+
+    class FullDisk:
+        def save_pretrained(self, path):
+            (path / "model.safetensors").write_bytes(b"half")
+            raise RuntimeError("No space left on device")  # safetensors raises its own error type, not OSError
+
+    assert gguf_copy.write("id", FullDisk(), FullDisk(), "m") is None
+    assert list(tmp_path.iterdir()) == [] and gguf_copy.existing("id") is None  # nothing half-written left

@@ -71,7 +71,7 @@ def write(identity: str, model, tokenizer, source_name: str) -> Path | None:
         log.info("model %s: its float copy written to %s (later runs read it instead of the GGUF file)", source_name,
                  directory)
         return directory
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - a full disk (safetensors' own error type too) must not end the run
         log.warning("model %s: could not write its float copy under %s (%s); the GGUF file is read each time",
                     source_name, directory.parent, exc)
         return None
