@@ -45,6 +45,13 @@ def listed(option: str, value: str, known, noun: str) -> list[str]:
     return items
 
 
+def own_variant(ppl: dict) -> str:
+    """A run's own row among its perplexities (fp, rtn, and the method's variants): the longest `a+b+...` label that
+    is not fp (rtn when the method is rtn)."""
+    names = [v for v in ppl if v != "fp"]
+    return max(names, key=lambda v: (v != "rtn", v.count("+"), len(v)))
+
+
 def code_commit() -> str:
     """The commit of the code that measures (`+dirty` when it has uncommitted changes), stored with each row."""
     repo = Path(__file__).resolve().parent.parent

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import CliError, Parser, add_run_options, code_commit, logger, run_benchmark  # noqa: E402
+from _cli import CliError, Parser, add_run_options, code_commit, logger, own_variant, run_benchmark  # noqa: E402
 from qllm_pipeline.core.config import CalibrateConfig  # noqa: E402
 from qllm_pipeline.evaluation.intervals import difference_interval, verdict  # noqa: E402
 
@@ -92,7 +92,7 @@ def row_from_results(results: dict, method: str, seq_len: int, commit: str) -> d
     """A calib_size row from one run's results.json: its most complete variant against FP on DATASET."""
     n = int(dict(o.split("=", 1) for o in results["meta"]["overrides"])["calibrate.n_samples"])
     ppl, ci = results["ppl"][DATASET], results["ppl_ci"][DATASET]
-    label = max((v for v in ppl if v not in ("fp", "rtn")), key=lambda v: v.count("+"))
+    label = own_variant(ppl)
     return {"method": method, "variant": label, "n_samples": n, "seq_len": seq_len, "tokens": n * seq_len,
             "ppl": ppl[label], "fp": ppl["fp"], "ratio": ppl[label] / ppl["fp"], "ci_low": ci[label][0],
             "ci_high": ci[label][1], "windows": results["windows"][DATASET],

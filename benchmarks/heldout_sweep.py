@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
-from _cli import CliError, Parser, add_run_options, logger  # noqa: E402
+from _cli import CliError, Parser, add_run_options, logger, own_variant  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CHOOSE_BY = "calib_heldout"
@@ -71,12 +71,6 @@ def parse_args(argv: list[str]):
     return args
 
 
-def method_row(ppl: dict) -> str:
-    """The run's own variant: the longest `a+b+...` label that is not fp (rtn when the method is rtn)."""
-    names = [v for v in ppl if v != "fp"]
-    return max(names, key=lambda v: (v != "rtn", v.count("+"), len(v)))
-
-
 def run_sweep(args, cache: Path, sweep_dir: Path) -> list[dict]:
     model = [f"model.path={args.tiny_model_dir}", "model.package=null", "model.gguf_file=null", "model.hub_id=null",
              "model.name=tiny",
@@ -96,7 +90,7 @@ def run_sweep(args, cache: Path, sweep_dir: Path) -> list[dict]:
                "overrides": [o for o in args.overrides], "wall_s": round(results["meta"]["wall_seconds"], 1),
                "stages_s": {s["stage"]: round(s["seconds"], 1) for s in results["stages"] if s["status"] != "disabled"}}
         ppl = results["ppl"][CHOOSE_BY]
-        label = method_row(ppl)
+        label = own_variant(ppl)
         windows = results["windows"][CHOOSE_BY]
         # the windows' NLLs: two values of a sweep are compared paired, on the same windows (heldout_rule.py)
         row[CHOOSE_BY] = {"variant": label, "ppl": round(ppl[label], 3), "fp": round(ppl["fp"], 3),
