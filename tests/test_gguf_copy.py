@@ -22,18 +22,25 @@ def fresh_load():
 def test_the_float_copy_loads_the_same_model_and_tokenizer(tmp_path, monkeypatch):
     monkeypatch.setenv("QLLM_GGUF_CACHE", str(tmp_path / "copies"))
     identity = ml._identity(SOURCE)
-    assert gguf_copy.existing(identity) is None
+    assert gguf_copy.existing(identity) is None and ml.writes_float_copy(SOURCE)  # the plan counts the write
     try:
         from_gguf, tok_gguf = fresh_load()
         copy = gguf_copy.existing(identity)
-        assert copy is not None and (copy / "config.json").is_file()
-        assert [p.name for p in (tmp_path / "copies").iterdir()] == [copy.name]  # no temporary left
+        assert copy is not None and (copy / "config.json").is_file() and not ml.writes_float_copy(SOURCE)
+        # no temporary left; the file's digest is remembered beside the copies
+        assert sorted(p.name for p in (tmp_path / "copies").iterdir()) == [".file_digests", copy.name]
         import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        import qllm_pipeline.core.cache as cache
 
         def no_gguf(*args, **kwargs):
             raise AssertionError("the GGUF file was parsed although its copy exists")
 
+        def no_hash(*args, **kwargs):
+            raise AssertionError("the GGUF file was hashed again although its digest is remembered")
+
         monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", no_gguf)
+        monkeypatch.setattr(cache, "sha256_file", no_hash)
         config = ml.load_config(SOURCE)  # config, weights and tokenizer: all from the copy
         from_copy, tok_copy = fresh_load()
     finally:

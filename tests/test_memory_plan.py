@@ -66,6 +66,30 @@ def test_tuning_keeps_the_fused_blocks_when_the_host_has_room_and_spills_inputs_
     assert e2e_execution(cfg, arch, "cuda", peak[False, False] - 1) == {"keep_blocks": False, "spill_inputs": True}
 
 
+def test_the_first_load_of_a_gguf_file_counts_its_float_copy_and_a_plan_it_breaks_names_the_switch():
+    """Writing a GGUF file's float copy serializes the weights once more (qllm_pipeline.model.gguf_copy): the plan
+    holds them twice at stage `load`, only for a whole load that writes a copy, and a host too small for it is told
+    how to skip the copy."""
+    from qllm_pipeline.core.plan import RUNTIME_BYTES
+    from qllm_pipeline.core.working_sets import skeleton_params
+
+    cfg = config("model=llama2_7b", "method=qllm")
+    arch = dict(cfg["model"]["arch"])
+    plain, copying = (run_plan(cfg, arch, "cpu", streamed=False, float_copy=c) for c in (False, True))
+    model_bytes = skeleton_params(arch) * 2 + arch["num_hidden_layers"] * copying["block_bytes"]
+    assert "load" not in plain["host_per_stage"] and "load" not in run_plan(cfg, arch, "cpu", float_copy=True)["host_per_stage"]
+    assert copying["host_per_stage"]["load"] == RUNTIME_BYTES + 2 * model_bytes == copying["host_peak_bytes"]
+    assert {k: v for k, v in copying["host_per_stage"].items() if k != "load"} == plain["host_per_stage"]
+    budget = copying["host_peak_bytes"] - 1
+    with pytest.raises(PipelineError) as err:
+        check_fits(copying, {"device": None, "host": budget, "device_source": "", "host_source": "this host has available"})
+    assert str(err.value) == (
+        f"the memory plan needs {copying['host_peak_bytes'] / 2**30:.1f} GiB of host memory at stage load, above the "
+        f"{budget / 2**30:.1f} GiB this host has available; set QLLM_GGUF_CACHE=off (the GGUF file is then read on "
+        "every run instead of a float copy), or set pipeline.memory_check=false to run anyway")
+    check_fits(plain, {"device": None, "host": budget, "device_source": "", "host_source": ""})  # fits without it
+
+
 def test_gptq_at_70b_needs_well_under_20_gib_of_the_device():
     cfg = config("model=llama2_70b", "method=gptq", *PAPER)
     plan = run_plan(cfg, dict(cfg["model"]["arch"]), "cuda")

@@ -109,7 +109,7 @@ def load_config(source: ModelSource):
     from transformers import AutoConfig
 
     where, kwargs = source.location()
-    if kwargs.get("gguf_file"):  # the float copy's config when there is one: no GGUF parse (hashing the file is cheap)
+    if kwargs.get("gguf_file"):  # the float copy's config when there is one: no GGUF parse (the file's hash is memoized)
         where, kwargs = _read_from(source, _identity(source))
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
@@ -176,7 +176,17 @@ def load_model(source: ModelSource, identity: str | None = None):
 def _identity(source: ModelSource) -> str:
     from qllm_pipeline.core.identity import model_key
 
-    return model_key(source)
+    # A GGUF file's digest is remembered beside its float copies: finding the copy costs no hash on later runs.
+    root = gguf_copy.cache_root() if source.gguf_file else None
+    return model_key(source, root / ".file_digests" if root is not None else None)
+
+
+def writes_float_copy(source: ModelSource) -> bool:
+    """Whether loading this source will write its GGUF float copy (a GGUF file loaded whole, copies enabled, none
+    written yet): the memory plan counts the copy's serialization then."""
+    if not source.gguf_file or streams(source) or gguf_copy.cache_root() is None:
+        return False
+    return gguf_copy.existing(_identity(source)) is None
 
 
 @functools.lru_cache(maxsize=1)
