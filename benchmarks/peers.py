@@ -89,6 +89,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
+from _cli import code_commit  # noqa: E402
 from peers_report import (  # noqa: E402
     ACT_CHECK_WINDOWS,
     CALIB_CORPUS,
@@ -419,7 +420,7 @@ def run(args, command: str) -> dict:
     for i, (quant, recipe) in enumerate(runs, 1):
         log(f"run {i}/{len(runs)}: {recipe} {quant}")
         base = {"tool": TOOL, "tool_version": llmcompressor.__version__, "model": args.model, "method": recipe, "quant": quant,
-                "calib": f"{settings['calib_samples']}x{settings['calib_seq_len']}"}
+                "calib": f"{settings['calib_samples']}x{settings['calib_seq_len']}", "commit": code_commit()}
         try:
             out = run_one(pristine, tokenizer, recipe, quant, calib, evals)
         except Exception as exc:  # one recipe failing must not stop the grid
