@@ -89,7 +89,6 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
-from _cli import code_commit  # noqa: E402
 from peers_report import (  # noqa: E402
     ACT_CHECK_WINDOWS,
     CALIB_CORPUS,
@@ -102,7 +101,12 @@ from peers_report import (  # noqa: E402
     write_reports,
 )
 
-from _cli import CliError, Parser, logger  # noqa: E402
+from _cli import (  # noqa: E402
+    CliError,
+    Parser,
+    code_commit,  # noqa: E402
+    logger,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 QUANTS = ("w4a4", "w4a8", "w6a6")  # the default grid

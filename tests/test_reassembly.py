@@ -8,10 +8,10 @@ import torch
 from torch.nn import functional as F
 
 from qllm_pipeline.methods.theta_search import search_theta, theta_grid
+from qllm_pipeline.quantized.channel_map import ChannelReassembly
 from qllm_pipeline.quantized.quantizer import QuantSpec, quantize_activation, quantize_weight
 from qllm_pipeline.quantized.reassembly import (
     ChannelPairScorer,
-    ChannelReassembly,
     assemble,
     build_reassembly,
     copies_per_channel,

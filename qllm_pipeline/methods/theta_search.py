@@ -10,9 +10,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from qllm_pipeline.quantized.channel_map import ChannelReassembly
 from qllm_pipeline.quantized.reassembly import (
     ChannelPairScorer,
-    ChannelReassembly,
     build_reassembly,
     checked_channel_max,
     copies_per_channel,

@@ -31,7 +31,7 @@ def make_quant_block(
 
 def load_reassemblies(tensors: dict) -> dict:
     """Inverse of `reassembly_tensors`: {point: ChannelReassembly} from flat `<point>.<name>` tensors."""
-    from qllm_pipeline.quantized.reassembly import ChannelReassembly
+    from qllm_pipeline.quantized.channel_map import ChannelReassembly
 
     points: dict[str, dict] = {}
     for key, value in tensors.items():

@@ -1,6 +1,6 @@
 """The input-transform kinds: what a kind provides (:class:`InputTransform`) and the registry of kinds by tag.
 
-Its own module, importing none of the kinds, so the kinds (hadamard.py, reassembly.py) register here and
+Its own module, importing none of the kinds, so the kinds (hadamard.py, channel_map.py) register here and
 transforms.py, which stores and reads lists of them, imports the kinds without an import cycle.
 """
 from __future__ import annotations

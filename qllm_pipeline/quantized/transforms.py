@@ -3,7 +3,7 @@ quantizer, and folds into its weight columns so the product is unchanged (or nea
 
 A transform maps ``x [..., in] -> x' [..., out]`` and ``W [o, in] -> W' [o, out]`` with ``x' W'ᵀ ≈ x Wᵀ``. Kinds:
 
-* ``reassembly`` — QLLM channel disassembly/assembly (:class:`qllm_pipeline.quantized.reassembly.ChannelReassembly`);
+* ``reassembly`` — QLLM channel disassembly/assembly (:class:`qllm_pipeline.quantized.channel_map.ChannelReassembly`);
 * ``hadamard`` — an online (run-time) Hadamard rotation (:class:`qllm_pipeline.quantized.hadamard.OnlineHadamard`), QuaRot's R4.
 
 Every kind registers under its tag (transform_kinds.py), so a fused block, the export and its loader can store the
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from qllm_pipeline.quantized import hadamard, reassembly  # noqa: F401 - the kinds register themselves on import
+from qllm_pipeline.quantized import channel_map, hadamard  # noqa: F401 - the kinds register themselves on import
 from qllm_pipeline.quantized.transform_kinds import TRANSFORM_KINDS
 
 
