@@ -12,7 +12,8 @@ window is evaluated, so no evaluation number is printed while the defaults are c
     python benchmarks/heldout_rule.py --tiny --tiny-model-dir DIR --rule FILE --out DIR   # smoke mode (the tests)
 
 Writes <out>/heldout_rule.{md,json} (the candidates' table and the verdicts, keeping other entries' rows) and, per
-key, the usual heldout_<key>.{md,json}. All sweeps of one entry share one artifact cache, so the stages a key does
+key, the usual heldout_<key>.{md,json} under <out>/heldout_rule/ (apart from the earlier hand-run sweeps' files of
+the same names, which the README quotes). All sweeps of one entry share one artifact cache, so the stages a key does
 not touch are computed once.
 """
 from __future__ import annotations
@@ -122,7 +123,7 @@ def sweep_key(args, entry: dict, key: str, default) -> list[dict]:
         values.append(str(default))  # the default always competes
     cache = args.cache or args.out / "runs" / "heldout_rule" / f"cache_{entry['model']}_{entry['method']}_{entry['quant']}"
     argv = ["--sweep", f"{key}={','.join(values)}", f"--method={entry['method']}", f"--quant={entry['quant']}",
-            f"--model={entry['model']}", f"--out={args.out}", f"--cache={cache}"]
+            f"--model={entry['model']}", f"--out={args.out / 'heldout_rule'}", f"--cache={cache}"]
     if args.tiny:
         argv += ["--tiny", f"--tiny-model-dir={args.tiny_model_dir}"]
     _, rows = heldout_sweep.sweep_and_write(heldout_sweep.parse_args(argv))

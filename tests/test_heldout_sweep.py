@@ -26,13 +26,16 @@ def test_heldout_rule_tiny_chooses_on_heldout_windows(tiny_model_dir, tmp_path):
     other = {"method": "rotation", "quant": "w4a4", "model": "tiny", "value": "1.0", "overrides": [], "key": "quant.a_clip_ratio",
              "wall_s": 1.0, "calib_heldout": {"variant": "rotation", "ppl": 2.0, "fp": 1.0, "ratio": 2.0},
              "wiki_sample": {"variant": "rotation", "ppl": 2.0, "fp": 1.0, "ratio": 2.0}}
-    (tmp_path / "heldout_quant_a_clip_ratio.json").write_text(json.dumps({"key": "quant.a_clip_ratio", "rows": [other]}))
+    per_key = tmp_path / "heldout_rule"  # the rule's own sweep files, apart from the hand-run sweeps' files
+    per_key.mkdir()
+    (per_key / "heldout_quant_a_clip_ratio.json").write_text(json.dumps({"key": "quant.a_clip_ratio", "rows": [other]}))
     rule = tmp_path / "rule.yaml"
     rule.write_text("- {model: smollm2_135m, method: rtn, quant: w4a4, sweeps: {quant.a_clip_ratio: [0.5]}}\n")
     proc = subprocess.run([sys.executable, str(RULE), "--tiny", f"--tiny-model-dir={tiny_model_dir}", f"--out={tmp_path}",
                            f"--rule={rule}"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    data = json.loads((tmp_path / "heldout_quant_a_clip_ratio.json").read_text())
+    assert not (tmp_path / "heldout_quant_a_clip_ratio.json").exists()
+    data = json.loads((per_key / "heldout_quant_a_clip_ratio.json").read_text())
     assert data["rows"][0] == other
     rows = data["rows"][1:]
     # the default (1.0: rtn clips nothing) competes although the rule file lists only 0.5
@@ -45,7 +48,7 @@ def test_heldout_rule_tiny_chooses_on_heldout_windows(tiny_model_dir, tmp_path):
     assert rows[0]["calib_heldout"]["fp"] == rows[1]["calib_heldout"]["fp"]
     assert rows[0]["calib_heldout"]["ppl"] != rows[1]["calib_heldout"]["ppl"]
     best = min(rows, key=lambda r: r["calib_heldout"]["ratio"])
-    md = (tmp_path / "heldout_quant_a_clip_ratio.md").read_text()
+    md = (per_key / "heldout_quant_a_clip_ratio.md").read_text()
     # the header's "**bold**" note, the other method's only row (chosen within its group) and this sweep's choice
     assert f"| **{best['value']}** |" in md and md.count("**") == 6
     assert "wiki_sample" not in md and "| **1.0** ‡ |" in md  # the old row (no windows recorded) is marked
