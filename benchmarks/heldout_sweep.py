@@ -82,6 +82,11 @@ def run_sweep(args, cache: Path, sweep_dir: Path) -> list[dict]:
     env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
         raise SystemExit("error: the sweep failed; see the log above")
+    return sweep_rows(args, sweep_dir)
+
+
+def sweep_rows(args, sweep_dir: Path) -> list[dict]:
+    """One row per finished run of a multirun directory (a stopped sweep's finished runs too)."""
     rows = []
     for results_file in sorted(sweep_dir.glob("*/results.json"), key=lambda f: int(f.parent.name)):
         results = json.loads(results_file.read_text())
@@ -102,12 +107,18 @@ def run_sweep(args, cache: Path, sweep_dir: Path) -> list[dict]:
 
 def merge(path: Path, rows: list[dict], args) -> dict:
     old = json.loads(path.read_text()) if path.is_file() else {"rows": []}
-    same = lambda r: (r["method"], r["quant"], r["model"], r["value"], tuple(r["overrides"]))  # noqa: E731
+    # rows written before extra overrides were recorded have no "overrides": they had none
+    same = lambda r: (r["method"], r["quant"], r["model"], r["value"], tuple(r.get("overrides", [])))  # noqa: E731
     for r in rows:
         r["model"] = "tiny" if args.tiny else args.model
     new_keys = {same(r) for r in rows}
     kept = [r for r in old["rows"] if same(r) not in new_keys]
     return {"key": args.key, "host": platform.node(), "cpus": os.cpu_count(), "rows": kept + rows}
+
+
+def held_out_ratio(row: dict) -> float:
+    # the earliest rows (before 2026-11) kept the ratio as a flat "calib_heldout_x_fp"
+    return row[CHOOSE_BY]["ratio"] if CHOOSE_BY in row else row["calib_heldout_x_fp"]
 
 
 def markdown(data: dict) -> str:
@@ -119,14 +130,15 @@ def markdown(data: dict) -> str:
              "|---|---|---|---|---|---:|---:|"]
     groups: dict[tuple, list[dict]] = {}
     for r in data["rows"]:
-        groups.setdefault((r["model"], r["method"], r["quant"], tuple(r["overrides"])), []).append(r)
+        groups.setdefault((r["model"], r["method"], r["quant"], tuple(r.get("overrides", []))), []).append(r)
     for (model, method, quant, extra), rows in groups.items():
-        best = min(rows, key=lambda r: r[CHOOSE_BY]["ratio"])
+        best = min(rows, key=held_out_ratio)
         for r in rows:
             value = f"**{r['value']}**" if r is best else r["value"]
-            old = "" if r[CHOOSE_BY].get("windows") else " ‡"
+            old = "" if r.get(CHOOSE_BY, {}).get("windows") else " ‡"
+            wall = f"{r['wall_s']:.0f}" if "wall_s" in r else "-"
             lines.append(f"| {model} | {method} | {quant} | {' '.join(extra) or '-'} | {value}{old} | "
-                         f"{r[CHOOSE_BY]['ratio']:.3f} | {r['wall_s']:.0f} |")
+                         f"{held_out_ratio(r):.3f} | {wall} |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ SCRIPT = REPO / "benchmarks" / "heldout_sweep.py"
 RULE = REPO / "benchmarks" / "heldout_rule.py"
 sys.path.insert(0, str(REPO / "benchmarks"))
 import heldout_rule  # noqa: E402
+import heldout_sweep  # noqa: E402
 
 
 def run(args, **kwargs):
@@ -108,3 +109,23 @@ def test_heldout_rule_bad_input_is_one_error_line(args, needle):
     proc = subprocess.run([sys.executable, str(RULE), *args], cwd=REPO, capture_output=True, text=True, timeout=60)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+
+
+def test_a_sweep_merges_into_and_renders_a_results_file_of_the_oldest_format(tmp_path):
+    """Rows from before extra overrides and per-window NLLs were recorded (no "overrides", a flat
+    "calib_heldout_x_fp") stay beside a new sweep's rows: the merge and its table read them, marked ‡ (a sweep once
+    finished its runs and then failed here, losing them)."""
+    import argparse
+
+    legacy = {"model": "smollm2_135m", "method": "rotation_lrc_gptq", "quant": "w4a4", "key": "train_lowrank.rank",
+              "value": 16, "calib_heldout_x_fp": 2.2539}
+    path = tmp_path / "heldout_train_lowrank_rank.json"
+    path.write_text(json.dumps({"rows": [legacy]}))
+    new = {"method": "qllm", "quant": "w4a4", "key": "train_lowrank.rank", "value": "4", "overrides": [], "wall_s": 9.0,
+           "calib_heldout": {"variant": "cra+lrc", "ppl": 61.0, "fp": 15.8, "ratio": 3.8596, "windows": {"count": 32}}}
+    args = argparse.Namespace(tiny=False, model="smollm2_135m", key="train_lowrank.rank")
+    data = heldout_sweep.merge(path, [new], args)
+    assert data["rows"] == [legacy, {**new, "model": "smollm2_135m"}]
+    md = heldout_sweep.markdown(data)
+    assert "| smollm2_135m | rotation_lrc_gptq | w4a4 | - | **16** ‡ | 2.254 | - |" in md
+    assert "| smollm2_135m | qllm | w4a4 | - | **4** | 3.860 | 9 |" in md
