@@ -136,3 +136,12 @@ def test_plan_only_writes_the_budget_it_was_checked_against(tmp_path):
     plan = json.loads((Path(tmp_path) / "run" / "plan.json").read_text())
     assert plan["fits"] and plan["budget"] == {"device": GPU_BYTES, "host": HOST_BUDGET_BYTES}
     assert "tune_e2e (streamed): fused blocks rebuilt on each pass" in proc.stdout
+
+
+def test_a_plan_made_before_the_gguf_package_is_installed_counts_the_copy_its_first_load_writes():
+    """plan_only works from the config group's `arch` alone (no package installed): the copy's write is counted,
+    since the first load after installing will write it."""
+    from qllm_pipeline.model.model_loading import ModelSource, writes_float_copy
+
+    assert writes_float_copy(ModelSource(name="m", package="no_such_gguf_package", gguf_file="m.gguf"))
+    assert not writes_float_copy(ModelSource(name="m", hub_id="org/m"))  # safetensors: streamed, no copy

@@ -186,7 +186,11 @@ def writes_float_copy(source: ModelSource) -> bool:
     written yet): the memory plan counts the copy's serialization then."""
     if not source.gguf_file or streams(source) or gguf_copy.cache_root() is None:
         return False
-    return gguf_copy.existing(_identity(source)) is None
+    try:
+        identity = _identity(source)
+    except PipelineError:  # the file is not there yet (a plan made before installing it): its first load will copy
+        return True
+    return gguf_copy.existing(identity) is None
 
 
 @functools.lru_cache(maxsize=1)
