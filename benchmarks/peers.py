@@ -101,12 +101,7 @@ from peers_report import (  # noqa: E402
     write_reports,
 )
 
-from _cli import (  # noqa: E402
-    CliError,
-    Parser,
-    code_commit,  # noqa: E402
-    logger,
-)
+from _cli import CliError, Parser, code_commit, logger  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 QUANTS = ("w4a4", "w4a8", "w6a6")  # the default grid

@@ -156,7 +156,7 @@ def run_plan(cfg: dict, arch: dict, device_type: str, streamed: bool = True, hos
              float_copy: bool = False) -> dict:
     """Host and device peaks of a run (bytes), from config and architecture numbers (see the module doc), with every
     selected stage's working set and host peak. `float_copy`: the load writes a GGUF file's float copy
-    (qllm_pipeline.model.gguf_copy), whose serialization holds the weights once more (measured: +501 MiB for
+    (qllm_pipeline.model.gguf_copy), whose serialization holds the weights once more (checked by hand with psutil: +501 MiB for
     SmolLM2-135M's 513 MiB of fp32 weights)."""
     nbytes = dtype_bytes(cfg)
     stages = list(cfg["pipeline"]["stages"])
