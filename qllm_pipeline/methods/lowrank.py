@@ -37,7 +37,8 @@ class LowRankConfig:
 
     The reference trains 10 epochs × 128 samples (1280 AdamW steps per block) at lr 5e-4; the CPU default trains 2
     epochs × 16 samples (32 steps), so it takes a 4× larger lr (measured on SmolLM2 block 3: MSE -12 % at 5e-4, -24 %
-    at 2e-3). Paper setting: train_lowrank.lr=5e-4 train_lowrank.epochs=10 calibrate.n_samples=128."""
+    at 2e-3). The default job (conf/method/qllm.yaml) trains 6 epochs, the held-out rule's choice; the recipes that
+    refine GPTQ weights keep 2. Paper setting: train_lowrank.lr=5e-4 train_lowrank.epochs=10 calibrate.n_samples=128."""
 
     rank: int = setting(4, lo=1)
     lr: float = setting(2e-3, lo=0, lo_open=True, hint="a finite number > 0")
