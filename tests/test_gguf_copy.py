@@ -42,6 +42,11 @@ def test_the_float_copy_loads_the_same_model_and_tokenizer(tmp_path, monkeypatch
         monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", no_gguf)
         monkeypatch.setattr(cache, "sha256_file", no_hash)
         config = ml.load_config(SOURCE)  # config, weights and tokenizer: all from the copy
+        # a run's cache keys on a fresh artifact cache read the same memo: no second hash of the file
+        from qllm_pipeline.core.identity import model_key
+
+        assert model_key(SOURCE, ml.digest_memo_dir(SOURCE, tmp_path / "fresh_cache" / ".file_digests")) == identity
+        assert not (tmp_path / "fresh_cache").exists()
         from_copy, tok_copy = fresh_load()
     finally:
         ml._load_model.cache_clear()
@@ -78,3 +83,12 @@ def test_a_copy_that_cannot_be_written_costs_nothing_but_the_next_read(tmp_path,
 
     assert gguf_copy.write("id", FullDisk(), FullDisk(), "m") is None
     assert list(tmp_path.iterdir()) == [] and gguf_copy.existing("id") is None  # nothing half-written left
+
+
+def test_digests_are_remembered_beside_the_copies_unless_copies_are_off(tmp_path, monkeypatch):
+    fallback = tmp_path / "run_cache" / ".file_digests"
+    monkeypatch.setenv("QLLM_GGUF_CACHE", str(tmp_path / "copies"))
+    assert ml.digest_memo_dir(SOURCE, fallback) == tmp_path / "copies" / ".file_digests"
+    assert ml.digest_memo_dir(ml.ModelSource(name="m", path=str(tmp_path)), fallback) == fallback  # not a GGUF file
+    monkeypatch.setenv("QLLM_GGUF_CACHE", "off")
+    assert ml.digest_memo_dir(SOURCE, fallback) == fallback

@@ -33,7 +33,7 @@ from qllm_pipeline.core.schema import check_overrides, validate_schema
 from qllm_pipeline.core.tracking import make_tracker
 from qllm_pipeline.export.packed import specs_from_quant_cfg
 from qllm_pipeline.model.arch import check_config, family_of
-from qllm_pipeline.model.model_loading import ModelSource, load_config, load_model, load_tokenizer
+from qllm_pipeline.model.model_loading import ModelSource, digest_memo_dir, load_config, load_model, load_tokenizer
 from qllm_pipeline.quantized.attention import attention_spec
 
 log = logging.getLogger("qllm_pipeline")
@@ -155,7 +155,7 @@ def check_before_loading(c: dict) -> Checked:
     budget = check_memory(c, source, config, device)
     check_ranks(c)
     cache = ArtifactCache(c["pipeline"]["cache_dir"])  # refuses an unwritable directory
-    model_id = model_key(source, cache.root / ".file_digests")
+    model_id = model_key(source, digest_memo_dir(source, cache.root / ".file_digests"))
     return Checked(source, specs, device, config, cache, model_id, budget)
 
 

@@ -173,12 +173,18 @@ def load_model(source: ModelSource, identity: str | None = None):
     return _load_model(source, identity or _identity(source))
 
 
+def digest_memo_dir(source: ModelSource, fallback: Path | None = None) -> Path | None:
+    """Where the digests of the source's weight files are remembered. A GGUF file's go beside its float copies, one
+    place for the copy's lookup and for every run's cache keys, so a fresh artifact cache costs no hash; other files'
+    (and a GGUF file's with copies off) go to `fallback`."""
+    root = gguf_copy.cache_root() if source.gguf_file else None
+    return root / ".file_digests" if root is not None else fallback
+
+
 def _identity(source: ModelSource) -> str:
     from qllm_pipeline.core.identity import model_key
 
-    # A GGUF file's digest is remembered beside its float copies: finding the copy costs no hash on later runs.
-    root = gguf_copy.cache_root() if source.gguf_file else None
-    return model_key(source, root / ".file_digests" if root is not None else None)
+    return model_key(source, digest_memo_dir(source))
 
 
 def writes_float_copy(source: ModelSource) -> bool:
