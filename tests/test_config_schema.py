@@ -89,12 +89,15 @@ def test_the_methods_configs_are_the_groups_schemas():
     added = {f.name for f in dataclasses.fields(TrainLowRankConfig)} - {f.name for f in dataclasses.fields(LowRankConfig)}
     assert added == {"enabled"}
     assert set(TuneE2EConfig.__dataclass_fields__) == set(E2EConfig.__dataclass_fields__)
-    # the code's default is the default the pipeline runs with
+    # the code's default is the default a recipe that sets nothing runs with (method=lrc); the default job's recipe
+    # changes exactly the LRC epochs (conf/method/qllm.yaml, the held-out rule's choice)
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = OmegaConf.to_container(compose("config"), resolve=False)
-    assert {k: cfg["train_lowrank"][k] for k in declared("train_lowrank") if k != "enabled"} \
-        == dataclasses.asdict(LowRankConfig())
-    assert cfg["gptq"] == dataclasses.asdict(GPTQConfig())
+        plain = OmegaConf.to_container(compose("config", overrides=["method=lrc"]), resolve=False)
+        default_job = OmegaConf.to_container(compose("config"), resolve=False)
+    lowrank = lambda cfg: {k: cfg["train_lowrank"][k] for k in declared("train_lowrank") if k != "enabled"}  # noqa: E731
+    assert lowrank(plain) == dataclasses.asdict(LowRankConfig())
+    assert lowrank(default_job) == {**dataclasses.asdict(LowRankConfig()), "epochs": 6}
+    assert plain["gptq"] == default_job["gptq"] == dataclasses.asdict(GPTQConfig())
 
 
 def test_group_config_is_what_the_group_composes_to():
