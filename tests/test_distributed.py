@@ -82,7 +82,9 @@ def test_killed_rank_ends_the_job_and_the_same_command_resumes(tiny_model_dir, t
 
     cache = tmp_path / "cache"
     cmd = torchrun("-m", "qllm_pipeline", *tiny_overrides(tiny_model_dir, cache, tmp_path / "run"), *args)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    scratch = tmp_path / "tmp"  # the ranks' temporary directory: where rank 1 keeps its Hydra output
+    scratch.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
     job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     fused = lambda: [p for p in (cache / "fuse").iterdir() if ".tmp-" not in p.name] if (cache / "fuse").exists() else []  # noqa: E731
     deadline = time.time() + 300
@@ -96,6 +98,8 @@ def test_killed_rank_ends_the_job_and_the_same_command_resumes(tiny_model_dir, t
     assert job.wait(timeout=120) != 0
     done = len(fused())
     assert 1 <= done < 3
+    # SIGKILL runs no exit handler: the killed rank's folder stays until the next rank starts
+    assert [p.name.split("-")[2] for p in scratch.glob("qllm-rank1-*")] == [str(ranks[-1].pid)]
 
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -103,6 +107,7 @@ def test_killed_rank_ends_the_job_and_the_same_command_resumes(tiny_model_dir, t
     stages = {row["stage"]: row for row in results["stages"]}
     assert stages["fuse"]["cached"] == done and stages["fuse"]["computed"] == 3 - done
     assert not list(cache.glob("*/*.tmp-*")), "partial artifacts left behind"
+    assert not list(scratch.glob("qllm-rank*")), "a rank's scratch folder left behind"
     for row, (ppl, _) in ppl_rows(tmp_path / "ref").items():
         assert ppl_rows(tmp_path / "run")[row][0] == pytest.approx(ppl, rel=1e-5)
 

@@ -321,12 +321,15 @@ def main() -> None:
         fail(str(exc))
     place = env_world()
     if not place.is_writer:
-        # Rank 0 owns the run directory; the others' Hydra output goes to a folder of their own, removed at exit.
+        # Rank 0 owns the run directory; the others' Hydra output goes to a folder of their own, removed at exit (or,
+        # after a SIGKILL, by the next rank that starts on this machine).
         import atexit
         import shutil
         import tempfile
 
-        scratch = tempfile.mkdtemp(prefix=f"qllm-rank{place.rank}-")
+        from qllm_pipeline.core.scratch import scratch_prefix
+
+        scratch = tempfile.mkdtemp(prefix=scratch_prefix(str(place.rank)))
         atexit.register(shutil.rmtree, scratch, True)
         sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
     hydra_main()

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from qllm_pipeline.core.cache import Artifact, ArtifactCache, ArtifactWriter
+from qllm_pipeline.core.scratch import scratch_prefix
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ class SharedCache(ArtifactCache):
 
 def _scratch(compute: Callable[[ArtifactWriter], Any]) -> None:
     """Run `compute` into a throwaway writer (a rank that is not rank 0 computes its part; rank 0 writes)."""
-    with tempfile.TemporaryDirectory(prefix="qllm-rank-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix()) as tmp:
         writer = ArtifactWriter(Path(tmp) / "artifact")
         try:
             compute(writer)
