@@ -83,7 +83,8 @@ def test_qllm_pipeline_has_no_import_cycle():
 # The subpackages in layers (each subpackage's docstring says the same): a module imports from its own layer or the
 # layers below, never above, and methods, data, evaluation and export do not import one another. The foundation is
 # the part of core that everything uses; the rest of core (the stage contract, runner, plan, CLI) sits on top.
-FOUNDATION = {"core.errors", "core.settings", "core.identity", "core.cache", "core.memory", "core.distributed"}
+FOUNDATION = {"core.errors", "core.settings", "core.identity", "core.cache", "core.memory", "core.distributed",
+              "core.scratch"}
 LAYERS = [{"foundation"}, {"model"}, {"quantized"}, {"methods", "data", "evaluation", "export"}, {"core"}]
 
 
