@@ -120,6 +120,8 @@ def row_from(run: dict, dataset: str, tag: str = "") -> dict:
         "commit": code_commit(),
         "act_quantizer": ACTIVATION_QUANTIZER_VERSION,
         "cpu_capability": results["meta"].get("cpu_capability"),  # quantized numbers move with the CPU's kernels
+        "cpu_model": results["meta"].get("cpu_model"),  # ... with the CPU itself and the thread count
+        "threads": results["meta"].get("threads"),
         # the written checkpoint's size on disk (fuse.format, fuse.export_dtype) and the same model's in FP16
         **{k: checkpoint[k] for k in ("checkpoint_bytes", "fp16_bytes", "format", "dtype") if k in checkpoint},
     }

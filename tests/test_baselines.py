@@ -7,6 +7,7 @@ import torch
 
 from conftest import read_results, run_cli, tiny_model, tiny_overrides
 from qllm_pipeline.core.cache import ArtifactCache
+from qllm_pipeline.core.cli import cpu_model
 from qllm_pipeline.methods.reassembly_inputs import channel_max as search_channel_max
 from qllm_pipeline.model.arch import LLAMA
 from qllm_pipeline.quantized.blocks import BlockRunner, decoder_layers
@@ -103,6 +104,10 @@ def test_smoothquant_and_rotation_qllm_run_cache_and_export(tiny_model_dir, tmp_
     rows = stage_rows(r_rot)
     assert rows["rotate"]["computed"] == 1 and rows["train_lowrank"]["computed"] == 3 and rows["search_theta"]["computed"] == 3
     assert r_rot["meta"]["keys"]["rotate"]
+    # what quantized numbers depend on beyond the code: the CPU's kernels, the CPU, the thread count
+    assert r_rot["meta"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert r_rot["meta"]["cpu_model"] == cpu_model() and r_rot["meta"]["threads"] >= 1
+    assert f"on {cpu_model()}, {r_rot['meta']['threads']} threads" in (tmp_path / "rot" / "results.md").read_text()
 
     # The exported model carries the rotated embeddings and untied head: its HF forward gives the pipeline's number.
     from qllm_pipeline.data.corpora import corpus_windows, load_corpus

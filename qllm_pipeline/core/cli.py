@@ -273,6 +273,10 @@ def run(cfg: DictConfig) -> dict:
         # The CPU kernels' instruction set: quantized numbers move with it (RTN W4A4 on SmolLM2: 1198.662 with
         # AVX2 kernels, 1216.387 with AVX-512 ones, FP the same), so a run is compared on the same kind of CPU
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # ... and with the CPU itself (MKL and oneDNN pick kernels per vendor and model: the default job's rows moved
+        # by 2 % between two AVX-512 machines) and with the thread count (summation order)
+        "cpu_model": cpu_model(),
+        "threads": torch.get_num_threads(),
         "ranks": world.size,
         "collective_seconds": collective_seconds(),  # rank 0's: data moved and waits for the other ranks
     }
@@ -296,6 +300,19 @@ def run(cfg: DictConfig) -> dict:
 def _sweep_group() -> str | None:
     hc = HydraConfig.get()
     return Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it ("" when it does not)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -59,6 +59,8 @@ def write_results(run_dir: Path, results: dict) -> str:
                f"{c['checkpoint_bytes'] / c['fp16_bytes']:.2f}× the same model in FP16 ({c['fp16_bytes'] / 1e6:.1f} MB).", ""]
     md += ["## Stages", "", *stage_lines(results["stages"]), ""]
     cpu = f" (CPU kernels: {meta['cpu_capability']})" if meta.get("cpu_capability") else ""
+    if meta.get("cpu_model"):
+        cpu += f" on {meta['cpu_model']}, {meta.get('threads', '?')} threads"
     ranks = f"; {meta['ranks']} data-parallel ranks" if meta.get("ranks", 1) > 1 else ""
     md += [f"Total wall time: {meta.get('wall_seconds', 0):.1f} s; peak RSS {meta.get('peak_rss_mib', 0):.0f} MiB; "
            f"device {meta.get('device', '?')}{cpu}{ranks}.", ""]
