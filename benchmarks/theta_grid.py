@@ -262,17 +262,11 @@ def detail(thetas: list[dict], block: int, point: str) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------------------------- report
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    from qllm_pipeline.core.report import cpu_model
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "os": platform.platform(), "nice": os.nice(0), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import read_results, run_cli, tiny_model, tiny_overrides
 from qllm_pipeline.core.cache import ArtifactCache
-from qllm_pipeline.core.cli import cpu_model
+from qllm_pipeline.core.report import cpu_model
 from qllm_pipeline.methods.reassembly_inputs import channel_max as search_channel_max
 from qllm_pipeline.model.arch import LLAMA
 from qllm_pipeline.quantized.blocks import BlockRunner, decoder_layers

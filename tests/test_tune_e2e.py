@@ -46,7 +46,7 @@ def _windows(n=8, seq=32, seed=0):
 
 
 class Setup:
-    """A tiny teacher, its fused W4A4 blocks, calibration windows and the teacher's final hidden states on them."""
+    """A tiny teacher, its fused blocks (W4A4 unless told), calibration windows and the teacher's final hidden states."""
 
     def __init__(self, layers=2, n=8, w_spec=W4, a_spec=A4, seq=32):
         self.w_spec, self.a_spec = w_spec, a_spec

@@ -27,7 +27,7 @@ from qllm_pipeline.core.distributed import (
 from qllm_pipeline.core.errors import PipelineError
 from qllm_pipeline.core.identity import model_key
 from qllm_pipeline.core.memory import release_freed_memory
-from qllm_pipeline.core.report import write_results
+from qllm_pipeline.core.report import cpu_model, write_results
 from qllm_pipeline.core.runner import RunContext, Runner, peak_rss_mib, validate_config
 from qllm_pipeline.core.schema import check_overrides, validate_schema
 from qllm_pipeline.core.tracking import make_tracker
@@ -300,19 +300,6 @@ def run(cfg: DictConfig) -> dict:
 def _sweep_group() -> str | None:
     hc = HydraConfig.get()
     return Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None
-
-
-def cpu_model() -> str:
-    """The CPU's model name as the OS reports it ("" when it does not)."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

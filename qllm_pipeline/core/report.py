@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 
@@ -39,6 +40,17 @@ def stage_lines(stages: list[dict]) -> list[str]:
             f"| {s['stage']} | {s['status']} | {s['computed']} | {s['cached']} | {s['seconds']:.1f} | {s['peak_rss_mib']:.0f} | {s['peak_device_mib']:.0f} |"
         )
     return lines
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it (else what `platform` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_results(run_dir: Path, results: dict) -> str:
