@@ -13,7 +13,6 @@ each epoch the state is saved (`tune_e2e_epoch`), so a killed run resumes at the
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 
 import torch
 
@@ -25,17 +24,15 @@ from qllm_pipeline.core.stage import FINAL, FinalStage, StageSpec
 from qllm_pipeline.evaluation.perplexity import blockwise_hidden
 from qllm_pipeline.export.model_writer import write_model
 from qllm_pipeline.methods.e2e_streaming import EXECUTORS, FusedBlocks, InputStore
-from qllm_pipeline.methods.e2e_tuning import Checkpoints, E2EConfig, Head, TunedParams, tune
+from qllm_pipeline.methods.e2e_tuning import Checkpoints, E2EConfig, Head, TunedParams, resolved_settings, tune
 from qllm_pipeline.model.arch import decoder_layers, family_of, final_norm
 from qllm_pipeline.quantized.fused import build_fused_block
-from qllm_pipeline.quantized.quantizer import per_bit_width
 
 log = logging.getLogger(__name__)
 
 # What changes the tuned values. `mode` (streamed or whole) only changes where the arithmetic runs: it gives the
 # same gradients (tests/test_tune_e2e.py), so both share one artifact.
 # what the tuning computes from (its key); `mode` changes how (the same gradients), not what
-CONFIG_FIELDS = tuple(f.name for f in fields(E2EConfig) if f.name != "mode")
 TEACHER_VERSION = 1
 EPOCH_STAGE = "tune_e2e_epoch"
 
@@ -149,16 +146,6 @@ class EpochCheckpoints(Checkpoints):
 
     def save(self, state: dict) -> None:
         self.cache.put(EPOCH_STAGE, self.key, lambda writer: torch.save(state, writer.path("state.pt")), replace=True)
-
-
-def resolved_settings(cfg: dict) -> dict:
-    """The stage's settings as they act: `scale_lr` may be a map {weight bits: rate} (a recipe's rate per bit width,
-    each chosen on held-out windows); here it is the rate of this run's weight bit width."""
-    settings = {k: cfg["tune_e2e"][k] for k in CONFIG_FIELDS if k in cfg["tune_e2e"]}
-    scale_lr, wbits = settings.get("scale_lr"), cfg["quant"].get("wbits")
-    if isinstance(scale_lr, dict):  # a width it does not list takes the nearest listed width's rate
-        settings["scale_lr"] = 0.0 if wbits is None else per_bit_width(scale_lr, wbits)  # no weight grid: no scales
-    return settings
 
 
 def e2e_config(cfg: dict) -> E2EConfig:

@@ -52,6 +52,9 @@ BAD = [
      "are weight bit widths, e.g. {{4: 0.004}}"),
     ("quant.a_clip_ratio={{x:0.9}}", "quant.a_clip_ratio has the key 'x'; its keys are activation bit widths, e.g. "
      "{{4: 0.85}}"),
+    ("method=rotation_lrc_gptq tune_e2e.batch_size={{4:0}}", "tune_e2e.batch_size.4=0 is out of range: >= 1"),
+    ("method=rotation_lrc_gptq +tune_e2e.batch_size.six=4", "tune_e2e.batch_size has the key 'six'; its keys are "
+     "weight bit widths, e.g. {{4: 1}}"),
     ("method=rotation_lrc_gptq tune_e2e.scale_lr={{4:-1}}", "tune_e2e.scale_lr.4=-1 is out of range: a finite number "
      ">= 0 (0: scales not tuned)"),
     ("quant.wbits=1", "quant.wbits=1 is out of range: an integer in 2..16, or null for full precision"),

@@ -61,6 +61,7 @@ NO_EFFECT = {
     # likewise tune_e2e keys the scale rate of the run's weight width (4 here): other entries of its map change nothing
     "tune_e2e.scale_lr.6": "the scale rate of another weight bit width",
     "tune_e2e.scale_lr.8": "the scale rate of another weight bit width",
+    "tune_e2e.batch_size.6": "the batch size of another weight bit width",
 }
 
 

@@ -54,6 +54,20 @@ def test_streamed_tuning_holds_one_block_and_the_whole_model_path_all_of_them():
         "device has; set tune_e2e.mode=streamed, or set pipeline.memory_check=false to run anyway")
 
 
+def test_the_tuning_plan_takes_the_batch_size_of_the_runs_weight_width():
+    """The recipe's tune_e2e.batch_size {4: 1, 6: 16} is planned as the size its run trains with."""
+    by_width = {}
+    for quant, size in (("w4a4", 1), ("w6a6", 16)):
+        recipe = config("model=llama2_7b", "method=rotation_lrc_gptq", f"quant={quant}")
+        assert isinstance(recipe["tune_e2e"]["batch_size"], dict)
+        plans = [run_plan(c, dict(c["model"]["arch"]), "cuda", host_budget=HOST_BUDGET_BYTES)["stage_working_sets"]
+                 for c in (recipe, config("model=llama2_7b", "method=rotation_lrc_gptq", f"quant={quant}",
+                                          f"tune_e2e.batch_size={size}"))]
+        assert plans[0]["tune_e2e"] == plans[1]["tune_e2e"]
+        by_width[quant] = plans[0]["tune_e2e"]
+    assert by_width["w6a6"] > by_width["w4a4"]
+
+
 def test_tuning_keeps_the_fused_blocks_when_the_host_has_room_and_spills_inputs_only_when_it_has_none():
     cfg = config("model=llama2_7b", "method=rotation_lrc_gptq", "quant=w4a4", "calibrate.n_samples=128",
                  "calibrate.seq_len=2048", "tune_e2e.batch_size=4")

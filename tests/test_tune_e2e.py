@@ -313,6 +313,25 @@ def test_scale_lr_per_weight_bit_width_keys_by_the_rate_it_resolves_to():
     assert e2e_config(cfg(by_bits, None)).scale_lr == 0.0
 
 
+def test_batch_size_per_weight_bit_width_keys_by_the_size_it_resolves_to():
+    """The recipe's {weight bits: windows per step} acts as the size of the run's weight width, keyed as that number;
+    a width it does not list takes the nearest listed one's; with no weight grid, the smallest listed width's."""
+    from qllm_pipeline.stages.tune_e2e import TuneE2E, e2e_config
+
+    settings = {"epochs": 2, "batch_size": 1, "scale_lr": 0.004, "act_clip_lr": 0.005, "norm_lr": 0.0, "seed": 0,
+                "mode": "streamed"}
+    stage = TuneE2E()
+
+    def cfg(batch_size, wbits):
+        return {"tune_e2e": {**settings, "batch_size": batch_size}, "quant": {"wbits": wbits, "abits": 6}}
+
+    by_bits = {4: 1, 6: 16}
+    assert stage.key_config(cfg(by_bits, 6)) == stage.key_config(cfg(16, 6)) != stage.key_config(cfg(by_bits, 4))
+    assert stage.key_config(cfg(by_bits, 4)) == stage.key_config(cfg(1, 4))
+    sizes = [e2e_config(cfg(by_bits, b)).batch_size for b in (2, 4, 5, 6, 8, None)]
+    assert sizes == [1, 1, 1, 16, 16, 1] and all(type(s) is int for s in sizes)
+
+
 def test_the_stage_is_cached_evaluated_and_exported(tiny_model_dir, tmp_path):
     """A pipeline run with tune_e2e: its own row, a cache hit on the re-run, the written model holds the tuned
     blocks (it reloads to the same perplexity), and the blocks before it are shared with the run without it."""

@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from qllm_pipeline.core.settings import Check, checks, setting
+from qllm_pipeline.core.settings import INT, Check, checks, setting
 from qllm_pipeline.data.corpora import CORPORA
 from qllm_pipeline.export.export_ct import EXPORT_DTYPES, MODEL_FORMATS
 from qllm_pipeline.methods.e2e_tuning import SCALE_LR, E2EConfig
@@ -143,6 +143,8 @@ class TuneE2EConfig(E2EConfig):
 
     # one rate, or one per weight bit width (SCALE_LR); 0 = scales fixed
     scale_lr: Any = setting(SCALE_LR, lo=0, hint="a finite number >= 0 (0: scales not tuned)", per_bit_width="weight")
+    # one size, or one per weight bit width (a recipe's choice per width, e.g. {4: 1, 6: 16})
+    batch_size: Any = setting(1, lo=1, per_bit_width="weight", kind=INT)
 
 
 @dataclass

@@ -43,6 +43,7 @@ from qllm_pipeline.core.working_sets import (
     search_theta_working_set,
     skeleton_params,
 )
+from qllm_pipeline.methods.e2e_tuning import resolved_settings
 from qllm_pipeline.methods.weight_rounding import weight_rounding
 from qllm_pipeline.model.model_loading import ModelSource, load_config, streams, writes_float_copy
 
@@ -107,7 +108,7 @@ def dtype_bytes(cfg: dict) -> int:
 
 
 def _e2e_settings(cfg: dict) -> dict:
-    e2e = cfg.get("tune_e2e") or {}
+    e2e = {**(cfg.get("tune_e2e") or {}), **resolved_settings(cfg)} if cfg.get("tune_e2e") else {}
     scale_lr = e2e.get("scale_lr", 0)
     quant = cfg["quant"]
     return {"mode": e2e.get("mode", "streamed"), "batch_tokens": int(e2e.get("batch_size", 1)) * int(cfg["calibrate"]["seq_len"]),

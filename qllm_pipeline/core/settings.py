@@ -36,7 +36,8 @@ class Check:
 
     def check(self, key: str, value: Any) -> None:
         if self.per_bit_width and isinstance(value, dict):
-            example = "{4: 0.004}" if self.per_bit_width == "weight" else "{4: 0.85}"
+            example = {"activation": "{4: 0.85}", "weight": "{4: 1}" if self.kind == INT else "{4: 0.004}"}
+            example = example[self.per_bit_width]
             for bits, item in value.items():
                 if isinstance(bits, bool) or not str(bits).isdigit():
                     raise PipelineError(f"{key} has the key {bits!r}; its keys are {self.per_bit_width} bit widths, "

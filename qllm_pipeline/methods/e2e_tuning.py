@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ from qllm_pipeline.core.settings import check_settings, setting
 from qllm_pipeline.methods.lowrank import ACT_CLIP_MIN
 from qllm_pipeline.model.arch import Family, block_family
 from qllm_pipeline.quantized.blocks import get_submodule, quant_linears
-from qllm_pipeline.quantized.quantizer import QuantSpec
+from qllm_pipeline.quantized.quantizer import QuantSpec, per_bit_width
 
 E2E_MODES = ("streamed", "whole")
 HEAD_CHUNK_BYTES = 256 * 2**20  # float32 logits of one chunk of tokens (SmolLM2's 49k vocabulary: 1365 tokens)
@@ -66,6 +66,21 @@ class E2EConfig:
         if not (self.scale_lr or self.act_clip_lr or self.norm_lr):
             raise PipelineError("tune_e2e: scale_lr, act_clip_lr and norm_lr are all 0, so nothing would be tuned; "
                                 "set one of them or leave the tune_e2e stage out")
+
+
+def resolved_settings(cfg: dict) -> dict:
+    """The tune_e2e settings of a run's config (a plain dict) as they act, without `mode`: `scale_lr` and `batch_size`
+    may be maps {weight bits: value} (a recipe's value per bit width, each chosen on held-out windows); here each is
+    the value of this run's weight bit width. The stage's key, its run and the memory plan all read them from here."""
+    names = [f.name for f in fields(E2EConfig) if f.name != "mode"]
+    settings = {k: cfg["tune_e2e"][k] for k in names if k in cfg["tune_e2e"]}
+    scale_lr, batch_size, wbits = settings.get("scale_lr"), settings.get("batch_size"), cfg["quant"].get("wbits")
+    if isinstance(scale_lr, dict):  # a width it does not list takes the nearest listed width's rate
+        settings["scale_lr"] = 0.0 if wbits is None else per_bit_width(scale_lr, wbits)  # no weight grid: no scales
+    if isinstance(batch_size, dict):  # no weight grid: the smallest listed width's size
+        width = wbits if wbits is not None else min(map(int, batch_size))
+        settings["batch_size"] = int(per_bit_width(batch_size, width))
+    return settings
 
 
 class TunedParams:
