@@ -101,6 +101,12 @@ def test_checkpoint_with_runtime_parts_reloads_with_its_modeling_code(case, tiny
     # the shipped file imports nothing of ours
     assert "qllm_pipeline" not in "".join(
         line for line in (model_dir / "modeling_qllm.py").read_text().splitlines() if line.startswith(("import", "from")))
+    hadamards = [(p, i) for layer in config["qllm_runtime"]["layers"] for p in layer["projections"].values()
+                 for i, kind in enumerate(p["kinds"]) if kind == "hadamard"]
+    assert bool(hadamards) == (case not in ("cra", "qllm", "qllm_disassembly_only"))
+    for p, i in hadamards:  # the Sylvester factor is rebuilt from its order, never stored (n×n at a power-of-two width)
+        assert p["buffers"][f"t{i}_sylvester_order"] == [1]
+        assert all(shape[0] < p["in_features"] for name, shape in p["buffers"].items() if name.startswith(f"t{i}_"))
     if "train_lowrank.learn_act_clip=true" in extra:  # each projection carries its own learned (and tuned) ratio
         clips = [p["clip"] for layer in config["qllm_runtime"]["layers"] for p in layer["projections"].values()]
         assert len(clips) == 7 * len(config["qllm_runtime"]["layers"]) and len(set(clips)) > 1

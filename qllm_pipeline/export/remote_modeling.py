@@ -13,6 +13,9 @@ it needs is in `config.json` (`qllm_runtime`) and in the weights file (`model.la
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 from torch import nn
 from transformers import (
@@ -73,9 +76,20 @@ class InputTransforms(nn.Module):
         return x
 
 
+@functools.lru_cache(maxsize=16)
+def sylvester_factor(order: int, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The Sylvester factor S/√n of order `order` (a power of two) of an n-wide Hadamard, built in float64 as the
+    pipeline builds it, once per order, device and dtype (every layer shares it)."""
+    h, h2 = torch.ones(1, 1, dtype=torch.float64), torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    while h.shape[0] < order:
+        h = torch.kron(h2, h)
+    return (h * (1.0 / math.sqrt(n))).to(torch.float32).to(device=device, dtype=dtype)
+
+
 def apply_hadamard(x: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
     paley = buffers.get("paley")
-    return hadamard(x, buffers["sylvester"].to(x.dtype), None if paley is None else paley.to(x.dtype))
+    sylvester = sylvester_factor(int(buffers["sylvester_order"].reshape(-1)[0]), x.shape[-1], x.device, x.dtype)
+    return hadamard(x, sylvester, None if paley is None else paley.to(x.dtype))
 
 
 def apply_reassembly(x: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
