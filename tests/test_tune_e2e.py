@@ -292,21 +292,24 @@ def test_bad_settings_are_refused(kwargs, message):
     assert str(err.value) == message
 
 
+E2E_SETTINGS = {"epochs": 2, "batch_size": 1, "scale_lr": 0.004, "act_clip_lr": 0.005, "norm_lr": 0.0, "seed": 0,
+                "mode": "streamed"}
+
+
+def run_config(key: str, value, wbits) -> dict:
+    """A run's config as the tune_e2e stage reads it, with one setting replaced."""
+    return {"tune_e2e": {**E2E_SETTINGS, key: value}, "quant": {"wbits": wbits, "abits": 4}}
+
+
 def test_scale_lr_per_weight_bit_width_keys_by_the_rate_it_resolves_to():
     """A map {weight bits: rate} acts as the rate of the run's weight width: the same cache key as that number, another
     key for another width's rate, and the resolved rate is the one trained with."""
     from qllm_pipeline.stages.tune_e2e import TuneE2E, e2e_config
 
-    settings = {"epochs": 2, "batch_size": 1, "scale_lr": 0.004, "act_clip_lr": 0.005, "norm_lr": 0.0, "seed": 0,
-                "mode": "streamed"}
-    stage = TuneE2E()
-
-    def cfg(scale_lr, wbits):
-        return {"tune_e2e": {**settings, "scale_lr": scale_lr}, "quant": {"wbits": wbits, "abits": 4}}
-
+    key, cfg = TuneE2E().key_config, lambda value, wbits: run_config("scale_lr", value, wbits)
     by_bits = {4: 0.004, 6: 0.001}
-    assert stage.key_config(cfg(by_bits, 4)) == stage.key_config(cfg(0.004, 4))
-    assert stage.key_config(cfg(by_bits, 6)) == stage.key_config(cfg(0.001, 6)) != stage.key_config(cfg(by_bits, 4))
+    assert key(cfg(by_bits, 4)) == key(cfg(0.004, 4))
+    assert key(cfg(by_bits, 6)) == key(cfg(0.001, 6)) != key(cfg(by_bits, 4))
     assert e2e_config(cfg(by_bits, 6)).scale_lr == 0.001 and e2e_config(cfg(0.002, 6)).scale_lr == 0.002
     # A width the map does not list takes the nearest listed width's rate (the smaller on a tie); no weight grid, none.
     assert [e2e_config(cfg(by_bits, b)).scale_lr for b in (2, 3, 5, 8)] == [0.004, 0.004, 0.004, 0.001]
@@ -318,16 +321,10 @@ def test_batch_size_per_weight_bit_width_keys_by_the_size_it_resolves_to():
     a width it does not list takes the nearest listed one's; with no weight grid, the smallest listed width's."""
     from qllm_pipeline.stages.tune_e2e import TuneE2E, e2e_config
 
-    settings = {"epochs": 2, "batch_size": 1, "scale_lr": 0.004, "act_clip_lr": 0.005, "norm_lr": 0.0, "seed": 0,
-                "mode": "streamed"}
-    stage = TuneE2E()
-
-    def cfg(batch_size, wbits):
-        return {"tune_e2e": {**settings, "batch_size": batch_size}, "quant": {"wbits": wbits, "abits": 6}}
-
+    key, cfg = TuneE2E().key_config, lambda value, wbits: run_config("batch_size", value, wbits)
     by_bits = {4: 1, 6: 16}
-    assert stage.key_config(cfg(by_bits, 6)) == stage.key_config(cfg(16, 6)) != stage.key_config(cfg(by_bits, 4))
-    assert stage.key_config(cfg(by_bits, 4)) == stage.key_config(cfg(1, 4))
+    assert key(cfg(by_bits, 6)) == key(cfg(16, 6)) != key(cfg(by_bits, 4))
+    assert key(cfg(by_bits, 4)) == key(cfg(1, 4))
     sizes = [e2e_config(cfg(by_bits, b)).batch_size for b in (2, 4, 5, 6, 8, None)]
     assert sizes == [1, 1, 1, 16, 16, 1] and all(type(s) is int for s in sizes)
 
