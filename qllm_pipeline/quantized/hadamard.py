@@ -205,10 +205,9 @@ class OnlineHadamard:
     def runtime_buffers(self) -> dict[str, Tensor]:
         """What the shipped modeling code (remote_modeling.apply_hadamard) applies: the Sylvester factor's order (it
         rebuilds the factor once per order: stored, a power-of-two width's factor is the whole n×n matrix, 16 MiB per
-        projection at 2048) and the Paley factor, if the order has one (small; an own copy: the cached one is shared)."""
-        power, _ = _hadamard_plan(self.size)
-        _, paley = _factor_matrices(self.size, "cpu", torch.float32)
-        return {"sylvester_order": torch.tensor([power]), **({"paley": paley.clone()} if paley is not None else {})}
+        projection at 2048) and the Paley factor, if the order has one (small)."""
+        power, m = _hadamard_plan(self.size)
+        return {"sylvester_order": torch.tensor([power]), **({"paley": _paley(m).to(torch.float32)} if m > 1 else {})}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> "OnlineHadamard":
