@@ -6,7 +6,9 @@ before the blocks. Each part is switchable:
 * `rotate.value_heads` (R2): each attention head's values by a Hadamard, folded into v_proj and o_proj;
 * `rotate.online_down` (R4): an online Hadamard on the down_proj input, applied at run time before the activation
   quantizer (its transpose folded into down_proj); costs ~25 % of down_proj's multiply-adds on SmolLM2;
-* `rotate.online_o`: an online full-width Hadamard on the o_proj input (the attention output, across heads);
+* `rotate.online_o`: an online Hadamard on the o_proj input (the attention output) across heads; after R2, which
+  rotates within each head, it mixes only the heads, so that both make one full Hadamard (QuaRot's construction,
+  :func:`qllm_pipeline.methods.rotation.o_proj_block`; full width where the head count has no Hadamard order);
 * `rotate.online_qk`: an online per-head Hadamard on Q and K before the attention-input quantizer (`quant.attn_bits`);
 * `rotate.online_inputs`: an online full-width Hadamard on the inputs of the residual stream's readers (q/k/v and
   gate/up), its transpose folded into their weights: what R1 does to those inputs, exact for every family, where R1
@@ -23,7 +25,7 @@ import logging
 
 from qllm_pipeline.core.errors import PipelineError
 from qllm_pipeline.core.stage import ONCE, OnceStage, StageSpec
-from qllm_pipeline.methods.rotation import random_hadamard, rotated_view
+from qllm_pipeline.methods.rotation import o_proj_block, random_hadamard, rotated_view
 from qllm_pipeline.model.arch import family_of
 from qllm_pipeline.quantized.hadamard import hadamard_factors
 
@@ -39,6 +41,13 @@ class Rotate(OnceStage):
         if not part["rotate"]["online_inputs"]:  # off: the keys of runs made before it existed
             part["rotate"] = {k: v for k, v in part["rotate"].items() if k != "online_inputs"}
         return part
+
+    def content_key(self, ctx, artifact, key: str) -> str:
+        # What later stages see also depends on the o_proj transform's form; full width keeps the key as it was
+        # (runs made before the form existed), the cross-head form has its own, so no stale block is ever reused.
+        rot = ctx.cfg["rotate"]
+        block = o_proj_block(ctx.fp_model.config, rot["value_heads"]) if rot["online_o"] else 1
+        return key if block == 1 else f"{key}+o_proj_block{block}"
 
     def validate(self, cfg: dict) -> None:
         rot = cfg["rotate"]  # each key's type: core/config.py (RotateConfig), checked before
@@ -57,7 +66,8 @@ class Rotate(OnceStage):
                 "rotate.residual=false (the per-head and online rotations stay exact; rotate.online_inputs=true rotates the "
                 "inputs R1 would, online)")
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-        sizes = {"online_down": model_config.intermediate_size, "online_o": model_config.num_attention_heads * head_dim,
+        o_width = model_config.num_attention_heads * head_dim // o_proj_block(model_config, rot["value_heads"])
+        sizes = {"online_down": model_config.intermediate_size, "online_o": o_width,
                  "online_inputs": model_config.hidden_size,
                  "value_heads": head_dim, "online_qk": head_dim}
         for part, size in sizes.items():
@@ -80,6 +90,8 @@ class Rotate(OnceStage):
         online = tuple(path for part, paths in (("online_down", (family.point("down").linears[0],)),
                                                 ("online_o", (family.attention_output,)),
                                                 ("online_inputs", readers)) if rot.get(part, False) for path in paths)
+        blocks = {family.attention_output: o_proj_block(ctx.fp_model.config, rot["value_heads"])}
         ctx.model = rotated_view(ctx.fp_model, artifact.tensors("rotation.safetensors")["Q"] if rot["residual"] else None,
-                                 value_heads=rot["value_heads"], online=online, online_qk=rot["online_qk"])
+                                 value_heads=rot["value_heads"], online=online, online_qk=rot["online_qk"],
+                                 blocks=blocks)
         log.info("rotated: %s", ", ".join(p for p in PARTS if rot.get(p)))

@@ -213,3 +213,69 @@ def test_every_transform_kind_runs_in_the_shipped_modeling_code():
         got = RUNTIME_KINDS[kind](x, transform.runtime_buffers())
         torch.testing.assert_close(got, transform.apply_to_activation(x), rtol=1e-5, atol=1e-5)
     assert examples["reassembly"].out_channels == 24 and not examples["reassembly"].is_identity
+
+
+@pytest.mark.parametrize("head_dim, heads", [(16, 4), (64, 8), (12, 4), (16, 12)])
+def test_online_o_after_r2_makes_one_full_hadamard(head_dim, heads):
+    """R2 rotates each head by H_hd (I ⊗ H_hd); the o_proj Hadamard then mixes only the heads (H_heads ⊗ I), so the
+    product at o_proj's input is the full Hadamard H_heads ⊗ H_hd (every entry ±1/√n). A full-width Hadamard after R2
+    would not be: for Sylvester orders its within-head half cancels R2's (H_hd H_hd = I)."""
+    from types import SimpleNamespace
+
+    from qllm_pipeline.methods.rotation import o_proj_block
+
+    n = head_dim * heads
+    config = SimpleNamespace(head_dim=head_dim, hidden_size=n, num_attention_heads=heads)
+    block = o_proj_block(config, value_heads=True)
+    assert block == head_dim and o_proj_block(config, value_heads=False) == 1
+    r2 = torch.block_diag(*[OnlineHadamard(head_dim).matrix()] * heads)
+    product = r2 @ OnlineHadamard(n, block).matrix()
+    assert torch.allclose(product.abs(), torch.full_like(product, 1 / math.sqrt(n)), atol=1e-12)
+    expected = torch.kron(OnlineHadamard(heads).matrix(), torch.eye(head_dim, dtype=torch.float64))
+    assert torch.allclose(OnlineHadamard(n, block).matrix(), expected, atol=1e-12)
+    if hadamard_factors(head_dim) == (head_dim, 1) and hadamard_factors(heads) == (heads, 1):  # both Sylvester
+        old = r2 @ OnlineHadamard(n).matrix()
+        assert torch.allclose(old, torch.kron(OnlineHadamard(heads).matrix(), torch.eye(head_dim, dtype=torch.float64)),
+                              atol=1e-12)  # the cancellation this form avoids
+
+
+def test_online_o_stays_full_width_without_a_hadamard_of_the_head_count():
+    from types import SimpleNamespace
+
+    from qllm_pipeline.methods.rotation import o_proj_block
+
+    smollm2 = SimpleNamespace(head_dim=64, hidden_size=576, num_attention_heads=9)  # 9 heads: no Hadamard of order 9
+    assert o_proj_block(smollm2, value_heads=True) == 1
+
+
+def test_block_hadamard_round_trips_and_runs_in_the_shipped_modeling_code():
+    from qllm_pipeline.export.remote_modeling import RUNTIME_KINDS
+    from qllm_pipeline.quantized.transforms import transforms_from_tensors, transforms_to_tensors
+
+    h = OnlineHadamard(48, block=4)  # 12 blocks of 4: a Paley order across the blocks
+    x = torch.randn(2, 3, 48, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(RUNTIME_KINDS["hadamard"](x, h.runtime_buffers()), h.apply_to_activation(x),
+                               rtol=1e-5, atol=1e-5)
+    (back,) = transforms_from_tensors(transforms_to_tensors([h]))
+    assert (back.size, back.block) == (48, 4)
+    torch.testing.assert_close(back.matrix(), h.matrix())
+    assert "block" not in OnlineHadamard(48).to_tensors()  # a full-width transform stores what it stored before
+    with pytest.raises(ValueError, match="block=5 does not divide"):
+        OnlineHadamard(48, block=5)
+
+
+def test_the_o_proj_form_is_in_what_later_stages_key_on():
+    """Blocks built with the cross-head o_proj Hadamard never come from a cache made with the full-width one (the
+    rotate stage's content key differs), while a model that keeps the full width keeps its earlier keys."""
+    from types import SimpleNamespace
+
+    from qllm_pipeline.stages.rotate import Rotate
+
+    def ctx(heads, value_heads=True, online_o=True):
+        config = SimpleNamespace(head_dim=16, hidden_size=16 * heads, num_attention_heads=heads)
+        rot = {"value_heads": value_heads, "online_o": online_o}
+        return SimpleNamespace(cfg={"rotate": rot}, fp_model=SimpleNamespace(config=config))
+
+    assert Rotate().content_key(ctx(4), None, "k") == "k+o_proj_block16"
+    for unchanged in (ctx(9), ctx(4, value_heads=False), ctx(4, online_o=False)):
+        assert Rotate().content_key(unchanged, None, "k") == "k"

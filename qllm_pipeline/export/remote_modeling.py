@@ -87,9 +87,13 @@ def sylvester_factor(order: int, n: int, device: torch.device, dtype: torch.dtyp
 
 
 def apply_hadamard(x: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
-    paley = buffers.get("paley")
-    sylvester = sylvester_factor(int(buffers["sylvester_order"].reshape(-1)[0]), x.shape[-1], x.device, x.dtype)
-    return hadamard(x, sylvester, None if paley is None else paley.to(x.dtype))
+    """The Hadamard on the last axis, or with a `block` b (o_proj after R2) across its blocks of b channels only."""
+    paley, block = buffers.get("paley"), buffers.get("block")
+    b = 1 if block is None else int(block.reshape(-1)[0])
+    grid = x if b == 1 else x.reshape(*x.shape[:-1], x.shape[-1] // b, b).transpose(-1, -2)
+    sylvester = sylvester_factor(int(buffers["sylvester_order"].reshape(-1)[0]), grid.shape[-1], x.device, x.dtype)
+    out = hadamard(grid, sylvester, None if paley is None else paley.to(x.dtype))
+    return out if b == 1 else out.transpose(-1, -2).reshape(x.shape)
 
 
 def apply_reassembly(x: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:

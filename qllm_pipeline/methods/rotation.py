@@ -32,7 +32,13 @@ from qllm_pipeline.model.arch import (
     final_norm,
     set_decoder_layers,
 )
-from qllm_pipeline.quantized.hadamard import OnlineHadamard, hadamard_matrix, random_hadamard, random_orthogonal  # noqa: F401  (re-exported)
+from qllm_pipeline.quantized.hadamard import (  # noqa: F401  (hadamard_matrix, random_orthogonal: re-exported)
+    OnlineHadamard,
+    hadamard_factors,
+    hadamard_matrix,
+    random_hadamard,
+    random_orthogonal,
+)
 from qllm_pipeline.quantized.qlinear import weight_changed
 
 __all__ = [
@@ -44,6 +50,7 @@ __all__ = [
     "rotate_model",
     "rotate_value_heads",
     "add_online_hadamard",
+    "o_proj_block",
     "add_online_qk_hadamard",
     "rotate_layer",
     "rotate_skeleton",
@@ -210,18 +217,29 @@ def rotate_layer_value_heads(layer: nn.Module, head_dim: int) -> None:
     weight_changed(o)
 
 
-def add_online_hadamard(model: nn.Module, path: str | None = None) -> None:
+def add_online_hadamard(model: nn.Module, path: str | None = None, block: int = 1) -> None:
     """In place: an online Hadamard on the input of projection `path` of every block: QuaRot's R4 for down_proj (the
-    SwiGLU output); for o_proj a full-width one across heads (QuIP#-style incoherence of the attention output, where
-    R2 only mixes within a head). The projection becomes a full-precision QuantLinear whose input transform is the
-    Hadamard, so its weight is used as W H and the output is unchanged; quantized copies of the block keep the
-    transform before their activation quantizer."""
+    SwiGLU output); for o_proj one across heads (the attention output's incoherence, where R2 only mixes within a
+    head: `block` = head_dim after R2, see :func:`o_proj_block`). The projection becomes a full-precision QuantLinear
+    whose input transform is the Hadamard, so its weight is used as W H and the output is unchanged; quantized copies
+    of the block keep the transform before their activation quantizer."""
     path = path or family_of(model).point("down").linears[0]
     for layer in decoder_layers(model):
-        add_layer_online_hadamard(layer, path)
+        add_layer_online_hadamard(layer, path, block)
 
 
-def add_layer_online_hadamard(layer: nn.Module, path: str) -> None:
+def o_proj_block(config, value_heads: bool) -> int:
+    """The block size of the online Hadamard at o_proj's input (`rotate.online_o`): head_dim after R2 when the head
+    count has a Hadamard order, so that R2 (``I ⊗ H_hd``) and it (``H_heads ⊗ I``) make the full Hadamard
+    ``H_heads ⊗ H_hd`` (QuaRot's construction); otherwise 1, the full-width one. A full-width Hadamard after R2 is
+    not a full one: for Sylvester orders it is ``H_heads ⊗ I`` (R2 undoes its within-head half), which left the
+    o_proj input of Gemma-3 and Llama-2 unmixed within each head. Without a Hadamard of the head count (SmolLM2's 9
+    heads) the full-width one stays: its product with R2 is not flat either (largest entry 7.75/√n, against 1/√n)."""
+    head_dim, heads = _head_dim(config), config.num_attention_heads
+    return head_dim if value_heads and heads > 1 and hadamard_factors(heads) is not None else 1
+
+
+def add_layer_online_hadamard(layer: nn.Module, path: str, block: int = 1) -> None:
     """One decoder block's part of :func:`add_online_hadamard`."""
     from qllm_pipeline.quantized.qlinear import QuantLinear
     from qllm_pipeline.quantized.quantizer import QuantSpec
@@ -230,7 +248,7 @@ def add_layer_online_hadamard(layer: nn.Module, path: str) -> None:
     if isinstance(linear, QuantLinear) and any(t.kind == "hadamard" for t in linear.input_transforms):
         return
     online = QuantLinear.from_module(linear, QuantSpec(None), QuantSpec(None))
-    online.set_transforms([OnlineHadamard(online.in_features), *online.input_transforms])
+    online.set_transforms([OnlineHadamard(online.in_features, block), *online.input_transforms])
     parent, _, name = path.rpartition(".")
     setattr(layer.get_submodule(parent), name, online)
 
@@ -249,12 +267,12 @@ def mark_layer_qk_hadamard(layer: nn.Module) -> None:
 
 
 def rotated_view(model: nn.Module, q: Tensor | None = None, value_heads: bool = False, online: tuple[str, ...] = (),
-                 online_qk: bool = False) -> nn.Module:
+                 online_qk: bool = False, blocks: dict[str, int] | None = None) -> nn.Module:
     """The model with the rotations applied, without a rotated copy of its blocks: the skeleton (embeddings, final
     norm, lm_head) is copied and rotated now, and block i is rotated when a stage asks for it
     (:class:`qllm_pipeline.model.streaming.TransformedLayers`), so memory holds one rotated block at a time. The same
     numbers as applying :func:`rotate_model`, :func:`rotate_value_heads`, :func:`add_online_hadamard` (for each
-    path in `online`) and :func:`add_online_qk_hadamard` to a copy of the whole model, in that order."""
+    path in `online`, with its block size in `blocks`, 1 if absent) and :func:`add_online_qk_hadamard` to a copy of the whole model, in that order."""
     from qllm_pipeline.model.streaming import TransformedLayers, skeleton_copy
 
     view = skeleton_copy(model)
@@ -269,7 +287,7 @@ def rotated_view(model: nn.Module, q: Tensor | None = None, value_heads: bool = 
         if value_heads:
             rotate_layer_value_heads(layer, head_dim)
         for path in online:
-            add_layer_online_hadamard(layer, path)
+            add_layer_online_hadamard(layer, path, (blocks or {}).get(path, 1))
         if online_qk:
             mark_layer_qk_hadamard(layer)
         return layer

@@ -159,35 +159,54 @@ def _factor_matrices(n: int, device: str, dtype: torch.dtype) -> tuple[Tensor, T
     return sylvester, paley
 
 
+def _hadamard_last_axis(x: Tensor) -> Tensor:
+    """``x H/√n`` on the last axis (n = its size), through the factors ``S ⊗ P``."""
+    sylvester, paley = _factor_matrices(x.shape[-1], str(x.device), x.dtype)
+    if paley is None:
+        return x @ sylvester
+    s, m = sylvester.shape[0], paley.shape[0]
+    grid = x.reshape(*x.shape[:-1], s, m) @ paley  # P on the last axis: one plain matmul
+    # Sᵀ on the s axis, written as a matmul on the last axis too (a broadcast S @ grid would be a batched
+    # matmul of tiny matrices, ~100x slower on CPU).
+    return (grid.transpose(-1, -2) @ sylvester).transpose(-1, -2).reshape(x.shape)
+
+
 @register_transform
 class OnlineHadamard:
     """``x ↦ x H/√n`` applied at run time to a projection's input; its weight takes ``W ↦ W H/√n`` (exact in FP:
     ``(x H)(W H)ᵀ = x Wᵀ`` as H Hᵀ = n I). QuaRot's R4 before down_proj spreads the SwiGLU output's outliers over all
     channels before the per-token activation quantizer.
+
+    With ``block`` b > 1 the transform is ``H_{n/b} ⊗ I_b``: the channels are n/b blocks of b (attention heads of
+    head_dim), and only blocks are mixed, channel j of each block with channel j of the others. That is QuaRot's
+    online rotation of the o_proj input: after R2 has rotated each head by H_b (``I ⊗ H_b``), the product is the
+    full Hadamard ``H_{n/b} ⊗ H_b``. A full-width H after R2 would instead be ``(I ⊗ H_b)(H_{n/b} ⊗ H_b) =
+    H_{n/b} ⊗ I`` for Sylvester orders (H_b H_b = I): R2 undoes the within-head half, and the o_proj input stays
+    as unmixed within each head as without any rotation.
     """
 
     kind = "hadamard"
 
-    def __init__(self, size: int):
-        size = int(size)
-        if hadamard_factors(size) is None:
+    def __init__(self, size: int, block: int = 1):
+        size, block = int(size), int(block)
+        if block < 1 or size % block:
+            raise ValueError(f"block={block} does not divide the transform's size {size}")
+        if hadamard_factors(size // block) is None:
             raise ValueError(
-                f"no Hadamard matrix of order {size} is built here (needs 2^k times 1 or a Paley order such as 12, 20, "
-                "28, 36, 44, 60); disable the online Hadamard for this model"
+                f"no Hadamard matrix of order {size // block} is built here (needs 2^k times 1 or a Paley order such "
+                "as 12, 20, 28, 36, 44, 60); disable the online Hadamard for this model"
             )
         self.size = self.in_channels = self.out_channels = size
+        self.block = block
 
     def _apply(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.size:
             raise ValueError(f"input has {x.shape[-1]} channels, the Hadamard transform expects {self.size}")
-        sylvester, paley = _factor_matrices(self.size, str(x.device), x.dtype)
-        if paley is None:
-            return x @ sylvester
-        s, m = sylvester.shape[0], paley.shape[0]
-        grid = x.reshape(*x.shape[:-1], s, m) @ paley  # P on the last axis: one plain matmul
-        # Sᵀ on the s axis, written as a matmul on the last axis too (a broadcast S @ grid would be a batched
-        # matmul of tiny matrices, ~100x slower on CPU).
-        return (grid.transpose(-1, -2) @ sylvester).transpose(-1, -2).reshape(x.shape)
+        if self.block == 1:
+            return _hadamard_last_axis(x)
+        # blocks on the last axis (a matmul on the last axis is the fast path), then back
+        grid = x.reshape(*x.shape[:-1], self.size // self.block, self.block).transpose(-1, -2)
+        return _hadamard_last_axis(grid).transpose(-1, -2).reshape(x.shape)
 
     def apply_to_activation(self, x: Tensor) -> Tensor:
         return self._apply(x)
@@ -200,18 +219,21 @@ class OnlineHadamard:
         return self._apply(torch.eye(self.size, dtype=dtype))
 
     def to_tensors(self) -> dict[str, Tensor]:
-        return {"size": torch.tensor([self.size])}
+        # no "block" entry for 1: what a full-width transform stored before blocks existed
+        return {"size": torch.tensor([self.size]), **({"block": torch.tensor([self.block])} if self.block > 1 else {})}
 
     def runtime_buffers(self) -> dict[str, Tensor]:
         """What the shipped modeling code (remote_modeling.apply_hadamard) applies: the Sylvester factor's order (it
         rebuilds the factor once per order: stored, a power-of-two width's factor is the whole n×n matrix, 16 MiB per
-        projection at 2048) and the Paley factor, if the order has one (small)."""
-        power, m = _hadamard_plan(self.size)
-        return {"sylvester_order": torch.tensor([power]), **({"paley": _paley(m).to(torch.float32)} if m > 1 else {})}
+        projection at 2048), the Paley factor, if the order has one (small), and the block size when above 1."""
+        power, m = _hadamard_plan(self.size // self.block)
+        return {"sylvester_order": torch.tensor([power]), **({"paley": _paley(m).to(torch.float32)} if m > 1 else {}),
+                **({"block": torch.tensor([self.block])} if self.block > 1 else {})}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> "OnlineHadamard":
-        return cls(int(tensors["size"].reshape(-1)[0]))
+        block = tensors.get("block")
+        return cls(int(tensors["size"].reshape(-1)[0]), 1 if block is None else int(block.reshape(-1)[0]))
 
     def __repr__(self) -> str:
-        return f"OnlineHadamard(size={self.size})"
+        return f"OnlineHadamard(size={self.size}" + (f", block={self.block})" if self.block > 1 else ")")
