@@ -339,7 +339,7 @@ def test_the_stage_is_cached_evaluated_and_exported(tiny_model_dir, tmp_path):
 
     cache = tmp_path / "cache"
     base = [*tiny_overrides(tiny_model_dir, cache, tmp_path / "run"), "method=rotation_lrc_gptq", "fuse.format=qllm-packed",
-            "tune_e2e.epochs=1"]
+            "tune_e2e.epochs=2"]  # one epoch may not lower the KL, and then the untuned state is kept (the same ppl)
     without = run_cli([*base, "pipeline.stages=[calibrate,rotate,train_lowrank,fuse,evaluate]",
                        f"hydra.run.dir={tmp_path / 'plain'}"])
     assert without.returncode == 0, without.stderr[-3000:]
