@@ -272,7 +272,8 @@ def rotated_view(model: nn.Module, q: Tensor | None = None, value_heads: bool = 
     norm, lm_head) is copied and rotated now, and block i is rotated when a stage asks for it
     (:class:`qllm_pipeline.model.streaming.TransformedLayers`), so memory holds one rotated block at a time. The same
     numbers as applying :func:`rotate_model`, :func:`rotate_value_heads`, :func:`add_online_hadamard` (for each
-    path in `online`, with its block size in `blocks`, 1 if absent) and :func:`add_online_qk_hadamard` to a copy of the whole model, in that order."""
+    path in `online`, with its block size in `blocks`, 1 if absent) and :func:`add_online_qk_hadamard` to a copy of
+    the whole model, in that order."""
     from qllm_pipeline.model.streaming import TransformedLayers, skeleton_copy
 
     view = skeleton_copy(model)
