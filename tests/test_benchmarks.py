@@ -227,3 +227,6 @@ def test_calib_size_compares_each_size_with_the_default_size_paired():
     assert calib_size.against_default(rows[2], rows).endswith("(better)")
     assert calib_size.against_default(rows[1], rows) == "-"  # the default size itself
     assert calib_size.against_default({**rows[0], "method": "lrc"}, rows) == "-"  # no default-size row of its method
+    longer = {**row(4, [x - 0.5 for x in base]), "seq_len": 4 * calib_size.DEFAULT_SEQ_LEN}  # the same tokens
+    assert calib_size.against_default(longer, rows).endswith("(better)")  # compared with the default 16 × 512
+    assert calib_size.against_default({**rows[1], "seq_len": 2048}, rows).endswith("(tie)")  # 16 × 2048: a row itself
