@@ -182,12 +182,12 @@ def run(args) -> dict:
             log(f"{label} {quant} {variant}: {row['tokens_per_s']:.0f} tok/s, blocks {row['block_weight_mib']:.0f} MiB, "
                 f"peak RSS {row['peak_rss_mib']:.0f} MiB" + (f", ppl {row['ppl']:.3f}" if "ppl" in row else ""))
             rows.append(row)
-            del m
+            m = None  # drop the variant before the next is built (rebinding, not del: `m` is read by a lambda above)
             gc.collect()
 
         for variant, quant, build in variants:
             measure(variant, quant, build)
-        del model
+        model = None  # as above: the variants' builders close over `model`
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return {"command": " ".join(["python benchmarks/int_speed.py", *sys.argv[1:]]),
             "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__, "tokens": args.tokens,
