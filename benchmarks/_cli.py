@@ -73,18 +73,28 @@ def merged_rows(previous: Path, rows: list[dict], same: dict, order: list[str]) 
     return sorted(kept + rows, key=lambda r: order.index(r["case"]))
 
 
-def run_benchmark(name, parse_args, run, markdown, argv=None) -> None:
+def write_whole(path: Path, text: str) -> None:
+    """Replace `path` by `text` in one step (a stopped run never leaves a half-written results file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def run_benchmark(name, parse_args, run, markdown, argv=None, write=None) -> None:
     """A benchmark's main: parse its arguments (bad input: one `error: ...` line, exit code 2, before any work), run
-    it, write `name`.json and `name`.md under args.out, and print the markdown (`name`: a string, or a function of
-    the parsed arguments that gives it)."""
+    it, write `name`.json and `name`.md under args.out (or call `write(args, result)`, for a benchmark that writes more,
+    e.g. a plot), and print the markdown (`name`: a string, or a function of the parsed arguments that gives it)."""
     try:
         args = parse_args(argv)
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     result = run(args)
-    name = name(args) if callable(name) else name
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"{name}.md").write_text(markdown(result))
+    if write is not None:
+        write(args, result)
+    else:
+        name = name(args) if callable(name) else name
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_whole(args.out / f"{name}.json", json.dumps(result, indent=2))
+        write_whole(args.out / f"{name}.md", markdown(result))
     print(markdown(result))

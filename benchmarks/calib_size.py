@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import CliError, Parser, add_run_options, code_commit, logger, own_variant, run_benchmark  # noqa: E402
+from _cli import CliError, Parser, add_run_options, code_commit, logger, own_variant, run_benchmark, write_whole  # noqa: E402
 from qllm_pipeline.core.config import CalibrateConfig  # noqa: E402
 from qllm_pipeline.evaluation.intervals import difference_interval, verdict  # noqa: E402
 
@@ -118,10 +118,8 @@ def merged(args, rows: list[dict]) -> dict:
 def write(args, result: dict) -> None:
     """The json, markdown and plot, each replaced whole (a stopped run leaves the rows of its finished sizes)."""
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("calib_size.json", json.dumps(result, indent=2)), ("calib_size.md", markdown(result))):
-        tmp = args.out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(args.out / name)
+    write_whole(args.out / "calib_size.json", json.dumps(result, indent=2))
+    write_whole(args.out / "calib_size.md", markdown(result))
     plot(result, args.out / "calib_size.png")
 
 
@@ -199,7 +197,8 @@ def quantize_seconds(row: dict) -> float:
 
 
 def main(argv=None) -> None:
-    run_benchmark("calib_size", parse_args, run, markdown, argv)
+    # run() has written json, markdown and plot after every size, its last included: nothing is left to write
+    run_benchmark("calib_size", parse_args, run, markdown, argv, write=lambda args, result: None)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,34 @@ def test_benchmark_rows_of_cases_not_rerun_are_kept(tmp_path):
     assert merged_rows(tmp_path / "missing.json", fresh, {"model": "m"}, ["a", "b", "c"]) == fresh
 
 
+def test_benchmark_results_are_replaced_whole_or_not_at_all(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from types import SimpleNamespace
+
+    import pytest
+
+    from _cli import run_benchmark
+
+    (tmp_path / "check.md").write_text("old table\n")
+    args = lambda argv: SimpleNamespace(out=tmp_path)  # noqa: E731
+
+    def failing_markdown(result):
+        raise RuntimeError("markdown failed")
+
+    with pytest.raises(RuntimeError):
+        run_benchmark("check", args, lambda a: {"rows": [1]}, failing_markdown)
+    assert json.loads((tmp_path / "check.json").read_text()) == {"rows": [1]}
+    assert (tmp_path / "check.md").read_text() == "old table\n"  # the old file untouched, not truncated
+    run_benchmark("check", args, lambda a: {"rows": [2]}, lambda r: f"rows {r['rows']}")
+    assert (tmp_path / "check.md").read_text() == "rows [2]"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.json", "check.md"]  # no temporary left behind
+    # a benchmark with its own writer: run_benchmark writes nothing itself
+    written = []
+    run_benchmark("other", args, lambda a: {"rows": [3]}, lambda r: "md", write=lambda a, r: written.append(r))
+    assert written == [{"rows": [3]}] and not (tmp_path / "other.json").exists()
+    assert capsys.readouterr().out.endswith("md\n")
+
+
 def test_e2e_streaming_benchmark_tiny(tiny_model_dir, tmp_path):
     """Both modes of tune_e2e side by side on the tiny model: the same tuned values, a time ratio, one error line
     for bad arguments."""
