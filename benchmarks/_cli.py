@@ -60,17 +60,19 @@ def code_commit() -> str:
     return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def merged_rows(previous: Path, rows: list[dict], same: dict, order: list[str]) -> list[dict]:
-    """`rows` (keyed by "case") beside the rows of the other cases in the results file `previous`, when that file
-    measured the same thing (its values of `same`'s keys equal): re-running some cases keeps the rest."""
-    if not previous.is_file():
-        return rows
-    old = json.loads(previous.read_text())
-    if any(old.get(k) != v for k, v in same.items()):
-        return rows
-    fresh = {r["case"] for r in rows}
-    kept = [r for r in old.get("rows", []) if r["case"] not in fresh and r["case"] in order]
-    return sorted(kept + rows, key=lambda r: order.index(r["case"]))
+def merged_rows(previous: Path, rows: list[dict], same: dict, order: list | None = None,
+                key=lambda row: row["case"]) -> list[dict]:
+    """`rows` beside the rows of the other keys in the results file `previous`, when that file measured the same thing
+    (its values of `same`'s keys equal): re-running some cases keeps the rest. A row's identity is `key(row)` (its
+    "case" unless told); with `order` (the known keys, in order) rows of other keys are dropped and the rest sorted in
+    that order, otherwise rows sort by key."""
+    kept = []
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        if all(old.get(k) == v for k, v in same.items()):
+            fresh = {key(r) for r in rows}
+            kept = [r for r in old.get("rows", []) if key(r) not in fresh and (order is None or key(r) in order)]
+    return sorted(kept + rows, key=key if order is None else lambda r: order.index(key(r)))
 
 
 def write_whole(path: Path, text: str) -> None:

@@ -24,7 +24,17 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import CliError, Parser, add_run_options, code_commit, logger, own_variant, run_benchmark, write_whole  # noqa: E402
+from _cli import (  # noqa: E402
+    CliError,
+    Parser,
+    add_run_options,
+    code_commit,
+    logger,
+    merged_rows,
+    own_variant,
+    run_benchmark,
+    write_whole,
+)
 from qllm_pipeline.core.config import CalibrateConfig  # noqa: E402
 from qllm_pipeline.evaluation.intervals import difference_interval, verdict  # noqa: E402
 
@@ -104,15 +114,10 @@ def row_from_results(results: dict, method: str, seq_len: int, commit: str) -> d
 
 def merged(args, rows: list[dict]) -> dict:
     """`rows` beside the rows already in <out>/calib_size.json of the sizes, lengths and methods not re-run."""
-    model = "tiny" if args.tiny else "smollm2_135m"
-    old = args.out / "calib_size.json"
-    if old.is_file():
-        previous = json.loads(old.read_text())
-        fresh = {(r["method"], r["n_samples"], r["seq_len"]) for r in rows}
-        if previous.get("model") == model and previous.get("quant") == args.quant:
-            rows = [r for r in previous["rows"] if (r["method"], r["n_samples"], r["seq_len"]) not in fresh] + rows
-    rows = sorted(rows, key=lambda r: (r["method"], r["seq_len"], r["n_samples"]))
-    return {"model": model, "quant": args.quant, "dataset": DATASET, "rows": rows}
+    head = {"model": "tiny" if args.tiny else "smollm2_135m", "quant": args.quant}
+    rows = merged_rows(args.out / "calib_size.json", rows, head,
+                       key=lambda r: (r["method"], r["seq_len"], r["n_samples"]))
+    return {**head, "dataset": DATASET, "rows": rows}
 
 
 def write(args, result: dict) -> None:
