@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -75,9 +76,10 @@ def merged_rows(previous: Path, rows: list[dict], same: dict, order: list | None
     return sorted(kept + rows, key=key if order is None else lambda r: order.index(key(r)))
 
 
-def write_whole(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Replace `path` by `text` in one step (a stopped run never leaves a half-written results file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     tmp.replace(path)
 
@@ -96,7 +98,6 @@ def run_benchmark(name, parse_args, run, markdown, argv=None, write=None) -> Non
         write(args, result)
     else:
         name = name(args) if callable(name) else name
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_whole(args.out / f"{name}.json", json.dumps(result, indent=2))
-        write_whole(args.out / f"{name}.md", markdown(result))
+        write_atomic(args.out / f"{name}.json", json.dumps(result, indent=2))
+        write_atomic(args.out / f"{name}.md", markdown(result))
     print(markdown(result))

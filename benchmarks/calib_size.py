@@ -33,7 +33,7 @@ from _cli import (  # noqa: E402
     merged_rows,
     own_variant,
     run_benchmark,
-    write_whole,
+    write_atomic,
 )
 from qllm_pipeline.core.config import CalibrateConfig  # noqa: E402
 from qllm_pipeline.evaluation.intervals import difference_interval, verdict  # noqa: E402
@@ -122,9 +122,8 @@ def merged(args, rows: list[dict]) -> dict:
 
 def write(args, result: dict) -> None:
     """The json, markdown and plot, each replaced whole (a stopped run leaves the rows of its finished sizes)."""
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_whole(args.out / "calib_size.json", json.dumps(result, indent=2))
-    write_whole(args.out / "calib_size.md", markdown(result))
+    write_atomic(args.out / "calib_size.json", json.dumps(result, indent=2))
+    write_atomic(args.out / "calib_size.md", markdown(result))
     plot(result, args.out / "calib_size.png")
 
 

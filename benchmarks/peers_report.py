@@ -3,10 +3,9 @@ a run's result. Nothing here needs llm-compressor."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from _cli import CliError, logger
+from _cli import CliError, logger, write_atomic
 
 TOOL = "llm-compressor"
 CALIB_CORPUS = "wiki_sample"  # every run is calibrated on it, as the pipeline's benchmark rows
@@ -53,13 +52,6 @@ def upsert_rows(data: dict, rows: list[dict]) -> tuple[dict, int, int]:
     added = [r for r in rows if row_key(r) in new]
     data["rows"] = out + added
     return data, replaced, len(added)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def merge_into(path: Path, rows: list[dict]) -> None:
