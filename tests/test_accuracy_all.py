@@ -1,0 +1,72 @@
+"""benchmarks/accuracy_all.py: every row of the accuracy table from one commit, resumable."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import accuracy_all  # noqa: E402
+
+
+def write_case(work: Path, name: str, commit: str, n: int | None = None, ppl: float = 10.0) -> None:
+    rows = [{"tool": "t", "model": name, "method": f"m{i}", "quant": "w4a4", "dataset": "wiki_sample", "ppl": ppl,
+             "fp": 5.0, "commit": commit} for i in range(accuracy_all.CASES[name][2] if n is None else n)]
+    (work / name).mkdir(parents=True, exist_ok=True)
+    (work / name / "accuracy.json").write_text(json.dumps({"rows": rows}))
+
+
+def test_a_case_is_done_only_with_all_its_rows_from_this_commit(tmp_path):
+    write_case(tmp_path, "smollm2-best-w4a4", "abc1234")
+    assert accuracy_all.done(tmp_path, "smollm2-best-w4a4", "abc1234")
+    assert not accuracy_all.done(tmp_path, "smollm2-best-w4a4", "def5678")  # another commit: run again
+    write_case(tmp_path, "smollm2-peers", "abc1234", n=11)  # one of its 12 rows missing (a failed oneshot)
+    assert not accuracy_all.done(tmp_path, "smollm2-peers", "abc1234")
+    write_case(tmp_path, "gemma-peers", "abc1234", ppl=None)
+    assert not accuracy_all.done(tmp_path, "gemma-peers", "abc1234")
+    assert not accuracy_all.done(tmp_path, "gemma-best-w4a4", "abc1234")  # never run
+
+
+def test_all_cases_done_writes_the_table_in_case_order_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(accuracy_all, "code_commit", lambda: "abc1234")
+    work, out = tmp_path / "work", tmp_path / "out"
+    out.mkdir()
+    for name in reversed(list(accuracy_all.CASES)):
+        write_case(work, name, "abc1234")
+    assert accuracy_all.main([f"--work={work}", f"--out={out}", "--peers-python=/nonexistent"]) == 0
+    rows = json.loads((out / "accuracy.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == [n for n, (_, _, count) in accuracy_all.CASES.items() for _ in range(count)]
+    assert {r["commit"] for r in rows} == {"abc1234"}
+    assert "0 case(s) to run" in capsys.readouterr().out
+    assert (out / "accuracy.md").read_text().startswith("# Accuracy")
+
+
+def test_the_table_is_not_written_while_cases_are_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(accuracy_all, "code_commit", lambda: "abc1234")
+    work, out = tmp_path / "work", tmp_path / "out"
+    write_case(work, "smollm2-default-w4a4", "abc1234")
+    assert accuracy_all.main([f"--work={work}", f"--out={out}", "--only=smollm2-default-w4a4"]) == 0
+    assert not (out / "accuracy.json").exists()
+    assert "cases still to run: smollm2-best-w4a4" in capsys.readouterr().out
+    assert accuracy_all.main([f"--work={work}", "--list"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split()[:2] == ["smollm2-default-w4a4", "done"]
+    assert [line.split()[1] for line in listing[1:]] == ["pending"] * (len(accuracy_all.CASES) - 1)
+
+
+@pytest.mark.parametrize("argv, commit, message", [
+    ([], "abc1234+dirty", "error: the working tree has uncommitted changes; every row must come from one commit: "
+                          "commit or stash them, then run again"),
+    (["--only=smollm2-peers", "--peers-python=/nonexistent/python"], "abc1234",
+     "error: --peers-python /nonexistent/python does not exist; install llm-compressor's environment "
+     "(benchmarks/peers.py says how) or leave the peers' cases out with --only"),
+    (["--only=smollm2-best-w8a8"], "abc1234", "error: --only: unknown case 'smollm2-best-w8a8'; choose from "
+                                              + ", ".join(accuracy_all.CASES)),
+])
+def test_bad_settings_end_in_one_error_line_before_any_run(tmp_path, monkeypatch, capsys, argv, commit, message):
+    monkeypatch.setattr(accuracy_all, "code_commit", lambda: commit)
+    ran = []
+    monkeypatch.setattr(accuracy_all.subprocess, "run", lambda *a, **k: ran.append(a))
+    assert accuracy_all.main([f"--work={tmp_path}", *argv]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [message]
+    assert ran == []
