@@ -33,18 +33,18 @@ quantization scheme is ours):
     quip_gptq         QuIPModifier() (rotations ["v"], transform_type "random-hadamard", full size: its defaults, which
                       its docs recommend) + the GPTQ above
 
-Install (a virtual environment outside the main install: llmcompressor 0.14.0.1 pins transformers<=5.17, which the
-venv gets for itself; torch stays the system's 2.13.0):
+Install (a virtual environment of its own: llmcompressor 0.14.0.1 pins transformers<=5.17, the pipeline needs >=5.24;
+torch stays the local CPU build 2.13.0), from the repository root:
 
-    python -m venv --system-site-packages .venv-peers
-    .venv-peers/bin/pip install llmcompressor==0.14.0.1 -c <(echo torch==2.13.0)   # bash; the constraint is a guard
+    python -m venv .venv-peers && .venv-peers/bin/pip install -r benchmarks/peers-requirements.txt \
+        && .venv-peers/bin/pip install --no-deps -e .
     .venv-peers/bin/python benchmarks/peers.py
 
-llmcompressor 0.14.0.1 asks for torch>=2.10,<=2.14, so pip keeps the system's 2.13.0 even without the constraint. It
-installed llmcompressor 0.14.0.1, compressed-tensors 0.19.0, transformers 5.17.0 (plus auto-round 0.15.1, loguru,
-nvidia-ml-py, huggingface_hub 1.33.0) into the venv; the system keeps transformers 5.24.0 and torch 2.13.0+cpu. Our
-package (installed editable in the system python) and its data come through --system-site-packages. An in-repo
-`.venv-peers` is not git-ignored; `echo '*' > .venv-peers/.gitignore` keeps it out of `git status`.
+`--no-deps -e .` puts our package (its loaders, corpora and windows) in that venv without its own transformers range;
+peers-requirements.txt lists what peers.py needs of its dependencies. On 2026-12-06 this gave llmcompressor 0.14.0.1,
+compressed-tensors 0.19.0, transformers 5.17.0 and torch 2.13.0+cpu. (A `--system-site-packages` venv, as here
+before, sees the base interpreter's packages, not the main venv's: it works only where the package and torch are
+installed in the base interpreter.) `.venv-peers/` is git-ignored.
 
 The full grid (15 runs, --fp-check) took 70.9 min with one torch thread under `nice -n 10` on the 2-core CPU machine
 (benchmarks/results/peers.md).
@@ -463,8 +463,8 @@ def main(argv: list[str] | None = None) -> int:
             import llmcompressor  # noqa: F401
         except ImportError:
             raise CliError("llmcompressor is not installed in this python; see the install commands at the top of "
-                           "benchmarks/peers.py (python -m venv --system-site-packages .venv-peers && "
-                           ".venv-peers/bin/pip install llmcompressor==0.14.0.1)") from None
+                           "benchmarks/peers.py (python -m venv .venv-peers && .venv-peers/bin/pip install -r "
+                           "benchmarks/peers-requirements.txt && .venv-peers/bin/pip install --no-deps -e .)") from None
         args.out.mkdir(parents=True, exist_ok=True)
         command = " ".join([*invocation(), "benchmarks/peers.py", *argv])
         result = run(args, command)
