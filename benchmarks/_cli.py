@@ -61,6 +61,11 @@ def code_commit() -> str:
     return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def rows_in(path: Path) -> list[dict]:
+    """The rows of an accuracy.json-style results file ({"rows": [...]}); none when the file does not exist yet."""
+    return json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+
+
 def merged_rows(previous: Path, rows: list[dict], same: dict, order: list | None = None,
                 key=lambda row: row["case"]) -> list[dict]:
     """`rows` beside the rows of the other keys in the results file `previous`, when that file measured the same thing

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import add_run_options, code_commit  # noqa: E402
+from _cli import add_run_options, code_commit, rows_in  # noqa: E402
 from qllm_pipeline.evaluation.intervals import difference_interval, verdict  # noqa: E402
 from qllm_pipeline.quantized.quantizer import ACTIVATION_QUANTIZER_VERSION  # noqa: E402
 
@@ -143,7 +143,7 @@ def dataset_of(row: dict) -> str:
 def merge(path: Path, rows: list[dict]) -> list[dict]:
     """Upsert `rows` into the json file's rows, keyed by (tool, model, dataset, method, quant); other rows are kept in
     order."""
-    old = json.loads(path.read_text()).get("rows", []) if path.exists() else []
+    old = rows_in(path)
     key = lambda r: (r.get("tool", TOOL), model_of(r), dataset_of(r), r["method"], r["quant"])  # noqa: E731
     new = {key(r): r for r in rows}
     kept = [r for r in old if key(r) not in new and "tool" in r]  # rows without a tool predate this format

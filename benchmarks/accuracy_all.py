@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import CliError, Parser, code_commit, listed, logger, write_atomic  # noqa: E402
+from _cli import CliError, Parser, code_commit, listed, logger, rows_in, write_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 log = logger("accuracy_all")
@@ -58,8 +58,7 @@ CASES: dict[str, tuple[str, list[str], int]] = {
 
 
 def rows_of(work: Path, name: str) -> list[dict]:
-    path = work / name / "accuracy.json"
-    return json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+    return rows_in(work / name / "accuracy.json")
 
 
 def done(work: Path, name: str, commit: str) -> bool:
@@ -106,8 +105,9 @@ def parse_args(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse_args(argv)
         commit = code_commit()
         pending = [n for n in args.only if not done(args.work, n, commit)]
         if args.list:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    command = " ".join(["python benchmarks/accuracy_all.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python benchmarks/accuracy_all.py", *argv])
     cache, gemma_dir = args.work / "cache", args.work / "gemma3_270m_model"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per case: the rows' numbers depend on the thread count
     log(f"commit {commit}: {len(pending)} case(s) to run: {', '.join(pending) or 'none'}")
