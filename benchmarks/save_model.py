@@ -7,6 +7,8 @@ run this with the main install, then `peers.py --model MODEL --model-path DIR` i
 """
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +17,22 @@ from _cli import CliError, Parser, logger  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 log = logger("save_model")
+
+
+def save_whole(model, tokenizer, out: Path) -> None:
+    """Write the model and its tokenizer to a temporary folder beside `out`, renamed onto `out` only once both are
+    written: a failed or interrupted save leaves no half-written `out` (accuracy_all takes one with a config.json as
+    finished). `out` is new or an empty folder."""
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     source = ModelSource.from_config({**cfg, "load": "whole"})
     log(f"loading {args.model}")
     model, tokenizer = load_model(source), load_tokenizer(source)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    save_whole(model, tokenizer, args.out)
     log(f"saved to {args.out}")
     return 0
 

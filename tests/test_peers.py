@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, tiny_model
 
 SCRIPT = REPO / "benchmarks" / "peers.py"
 
@@ -218,3 +218,40 @@ def test_save_model_bad_input_is_one_error_line(args, line, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "save_model.py"), *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line]
+
+
+def load_save_model():
+    spec = importlib.util.spec_from_file_location("save_model_under_test", REPO / "benchmarks" / "save_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FailingTokenizer:
+    def save_pretrained(self, directory):
+        raise OSError("disk went away")
+
+
+def test_save_model_writes_all_or_nothing(tmp_path):
+    """A save that fails after the weights are written leaves no `out` and no temporary folder (accuracy_all takes an
+    `out` with a config.json as finished); a save that succeeds fills an empty `out` with a model that loads the same."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    save_whole, model = load_save_model().save_whole, tiny_model(layers=1)
+    out = tmp_path / "model"
+    with pytest.raises(OSError, match="disk went away"):
+        save_whole(model, FailingTokenizer(), out)
+    assert list(tmp_path.iterdir()) == []
+
+    class TokenizerFile:
+        def save_pretrained(self, directory):
+            (directory / "tokenizer.json").write_text("{}")
+
+    out.mkdir()  # an empty folder is taken, as the error line's check allows
+    save_whole(model, TokenizerFile(), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    again = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.arange(8)[None]
+    assert torch.equal(again(ids).logits, model(ids).logits)
