@@ -6,7 +6,7 @@ import logging
 from qllm_pipeline.core.errors import PipelineError
 from qllm_pipeline.core.identity import tensor_digest, text_digest
 from qllm_pipeline.core.stage import ONCE, OnceStage, StageSpec
-from qllm_pipeline.data.corpora import TOKENS_DIR, load_corpus, tokenize
+from qllm_pipeline.data.corpora import load_corpus, token_cache_dir, tokenize
 from qllm_pipeline.data.windows import calibration_windows, start_with, window_bos
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class Calibrate(OnceStage):
         if max_len and cfg["seq_len"] > max_len:
             raise PipelineError(f"calibrate.seq_len={cfg['seq_len']} exceeds the model's context of {max_len} tokens; lower it")
         corpus = load_corpus(ctx.cfg["data"]["name"], ctx.cfg["data"])
-        tokens = tokenize(ctx.tokenizer, corpus.calib_text, ctx.cache.root / TOKENS_DIR)
+        tokens = tokenize(ctx.tokenizer, corpus.calib_text, token_cache_dir())
         windows = start_with(calibration_windows(tokens, cfg["n_samples"], cfg["seq_len"], cfg["seed"]),
                              window_bos(ctx.model.config, ctx.tokenizer))
         log.info("calibration: %d windows × %d tokens from %s (%d tokens available)", *windows.shape, corpus.name, tokens.numel())

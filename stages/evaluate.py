@@ -9,7 +9,7 @@ import logging
 
 from qllm_pipeline.core.identity import tensor_digest
 from qllm_pipeline.core.stage import FINAL, FinalStage, StageSpec
-from qllm_pipeline.data.corpora import TOKENS_DIR, corpus_windows, document_token_starts, load_corpus, tokenize
+from qllm_pipeline.data.corpora import corpus_windows, document_token_starts, load_corpus, token_cache_dir, tokenize
 from qllm_pipeline.data.windows import (
     HELDOUT,
     WINDOWS_RULE,
@@ -183,11 +183,11 @@ def _windows(ctx, dataset: str, cfg: dict):
 
 def _text_windows(ctx, dataset: str, cfg: dict):
     if dataset == HELDOUT:  # the calibration split's windows that calibrate did not draw
-        cal, cache_dir = ctx.cfg["calibrate"], ctx.cache.root / TOKENS_DIR
+        cal, cache_dir = ctx.cfg["calibrate"], token_cache_dir()
         corpus = load_corpus(ctx.cfg["data"]["name"], ctx.cfg["data"])
         tokens = tokenize(ctx.tokenizer, corpus.calib_text, cache_dir)
         starts = calibration_starts(tokens.numel(), cal["n_samples"], cal["seq_len"], cal["seed"])
         docs = document_token_starts(ctx.tokenizer, corpus.calib_text, corpus.calib_docs, cache_dir)
         return heldout_windows(tokens, starts, cal["seq_len"], cfg["seq_len"], cfg["max_windows"], docs)
     corpus = load_corpus(dataset, ctx.cfg["data"])
-    return corpus_windows(ctx.tokenizer, corpus, cfg["seq_len"], cfg["max_windows"], ctx.cache.root / TOKENS_DIR)
+    return corpus_windows(ctx.tokenizer, corpus, cfg["seq_len"], cfg["max_windows"], token_cache_dir())

@@ -92,3 +92,22 @@ def test_token_ids_are_cached_by_the_texts_and_the_tokenizers_content(tiny_model
     assert len(calls) == 2 and not changed.equal(plain) and len(list((tmp_path / "tokens").iterdir())) == 3
     entry.write_bytes(b"damaged")
     assert data.tokenize(tokenizer, text, tmp_path / "tokens").equal(plain) and len(calls) == 3
+
+
+def test_a_new_artifact_cache_reuses_the_token_ids(tiny_model_dir, tmp_path, corpus_cache, monkeypatch):
+    """Token ids depend on the text and the tokenizer only, so they live beside the parsed corpora: a run with another
+    `pipeline.cache_dir` tokenizes nothing again (and the artifact cache holds no token ids)."""
+    from conftest import read_results, run_cli, tiny_overrides
+
+    calls = []
+    real = data._tokenize
+    monkeypatch.setattr(data, "_tokenize", lambda tok, t: calls.append(len(t)) or real(tok, t))
+    settings = ["method=rtn", "eval.datasets=[wiki_sample,calib_heldout]"]
+    first = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache_a", tmp_path / "a"), *settings])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(calls) == 2  # the calibration text (calibrate, calib_heldout) and wiki_sample's held-out articles
+    second = run_cli([*tiny_overrides(tiny_model_dir, tmp_path / "cache_b", tmp_path / "b"), *settings])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert len(calls) == 2 and read_results(tmp_path / "b")["ppl"] == read_results(tmp_path / "a")["ppl"]
+    assert len(list((corpus_cache / "tokens").glob("*.safetensors"))) == 4  # each text's ids and its documents' token starts
+    assert not any("tokens" in p.name for p in (tmp_path / "cache_b").rglob("*"))

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 WIKI_FIXTURE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 LEE_FIXTURE = "lee_background.cor"
 EVAL_EVERY = 5  # every fifth article (story) of an offline corpus is held out for evaluation
-TOKENS_DIR = ".tokens"  # token ids kept in the artifact cache (hidden: not a stage's artifacts)
 
 
 @dataclass
@@ -67,6 +66,13 @@ def corpus_cache_dir() -> Path:
     if explicit:
         return Path(explicit)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qllm_pipeline" / "corpora"
+
+
+def token_cache_dir() -> Path:
+    """Where a text's token ids (and its documents' token starts) are kept: beside the parsed corpora, not in an
+    artifact cache, because they are keyed by the text's and the tokenizer's content alone; every run and every
+    `pipeline.cache_dir` then shares them (a new cache directory would otherwise tokenize the corpus again)."""
+    return corpus_cache_dir() / "tokens"
 
 
 def _gensim_fixture(name: str, corpus: str) -> tuple[Path, str]:
