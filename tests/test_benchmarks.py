@@ -121,7 +121,9 @@ def test_memory_benchmark_tiny(tmp_path):
     rows = {r["stage"]: r for r in result["block70b"]["rows"]}
     assert set(rows) == {"search_theta", "train_lowrank", "fuse", "tune_e2e"}  # fuse rounds with GPTQ in the second run
     for r in rows.values():
-        assert r["predicted_mib"] > 500 and r["measured_mib"] > 500  # both include the Python process
+        # both include the Python process (torch and transformers imported: about 245 MiB); a stage's own memory on
+        # the tiny model is a few MiB, so a peak measured as a difference would fail this
+        assert r["predicted_mib"] > 300 and r["measured_mib"] > 300
         assert abs(r["error"] - (r["measured_mib"] / r["predicted_mib"] - 1)) < 1e-3
     assert "| search_theta |" in (tmp_path / "memory.md").read_text()
     bad = subprocess.run([sys.executable, "benchmarks/memory.py", "--part", "nope"], cwd=REPO, capture_output=True, text=True)
