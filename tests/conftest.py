@@ -29,14 +29,19 @@ if WORKERS > 1:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def first(item) -> bool:
+    return item.get_closest_marker("slow") is not None or item.get_closest_marker("long") is not None
+
+
 def pytest_collection_modifyitems(config, items):
-    """With N workers, the `slow` tests (the real embedded model) go to the head of each worker's share, so they start
-    at once on different workers instead of ending the run one after another (xdist's worksteal splits the
-    collected list into N equal parts, in order)."""
+    """With N workers, the `slow` tests (the real embedded model) and the `long` ones (20 s or more) go to the head of
+    each worker's share, dealt in turn, so they start early on different workers instead of one of them ending the run
+    while the others wait (xdist's worksteal splits the collected list into N equal parts, in order, and steals only
+    tests not yet started)."""
     if WORKERS <= 1:
         return
-    slow = [item for item in items if item.get_closest_marker("slow")]
-    rest = [item for item in items if not item.get_closest_marker("slow")]
+    slow = [item for item in items if first(item)]
+    rest = [item for item in items if not first(item)]
     ordered, remaining = [], len(items)
     for w in range(WORKERS):
         size = remaining // (WORKERS - w)  # the share worksteal sends this worker first

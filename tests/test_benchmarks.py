@@ -3,9 +3,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
+@pytest.mark.long
 def test_accuracy_benchmark_tiny(tiny_model_dir, tmp_path):
     # a peer's row already in the file must survive our merge
     peer = {"tool": "llm-compressor", "method": "gptq", "quant": "w4a4", "ppl": 1.0, "fp": 1.0}
@@ -111,6 +114,7 @@ def test_accuracy_benchmark_refuses_a_second_writer(tmp_path):
                                                     "wait for it to finish or give this one its own --out")
 
 
+@pytest.mark.long
 def test_memory_benchmark_tiny(tmp_path):
     """The block check end to end on a tiny model: a plan-only run and a real run with the same overrides, both
     stage peaks reported against the plan; bad arguments are one error line."""
@@ -203,6 +207,7 @@ def test_benchmark_results_are_replaced_whole_or_not_at_all(tmp_path, capsys):
     assert capsys.readouterr().out.endswith("md\n")
 
 
+@pytest.mark.long
 def test_e2e_streaming_benchmark_tiny(tiny_model_dir, tmp_path):
     """Both modes of tune_e2e side by side on the tiny model: the same tuned values, a time ratio, one error line
     for bad arguments."""
@@ -220,6 +225,7 @@ def test_e2e_streaming_benchmark_tiny(tiny_model_dir, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --quant=w3a3 is not in conf/quant"
 
 
+@pytest.mark.long
 def test_calib_size_benchmark_tiny(tiny_model_dir, tmp_path):
     """Two calibration sizes of one method: a row each with its interval, cost and the plot; the rows of a size not
     re-run (here one from an earlier invocation) stay, a re-run size's row is replaced."""

@@ -47,6 +47,7 @@ def test_ownership_maps_a_steps_windows_to_this_ranks_rows():
     assert Ownership.of(World(), slice(0, 8), 8).local(torch.tensor([3, 1])).tolist() == [3, 1]
 
 
+@pytest.mark.long
 def test_two_processes_give_the_one_process_numbers_for_every_method(tiny_model_dir, tmp_path):
     """Every conf/method on the tiny model: `torchrun --nproc_per_node=2` (gloo, 2 real processes) against one
     process, perplexity and every window's NLL to 1e-5 relative; rank 0 alone writes the run's results."""
@@ -72,6 +73,7 @@ def test_two_processes_give_the_one_process_numbers_for_every_method(tiny_model_
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == METHODS  # no second rank's run directory
 
 
+@pytest.mark.long
 def test_killed_rank_ends_the_job_and_the_same_command_resumes(tiny_model_dir, tmp_path):
     """SIGKILL one of the two ranks after the first block: torchrun ends the job (the other rank does not hang);
     the same command resumes from the cache and reaches the one-process numbers. (One window per training step, so
@@ -124,6 +126,7 @@ def test_more_ranks_than_batches_is_refused_before_loading(tiny_model_dir, tmp_p
     assert not (tmp_path / "cache" / "calibrate").exists()
 
 
+@pytest.mark.long
 def test_submitit_local_sweep_of_data_parallel_jobs_on_one_cache(tiny_model_dir, tmp_path):
     """Hydra's submitit launcher (the SLURM one's local twin, conf/hydra/launcher/local.yaml): 2 sweep jobs at once,
     each a 2-task job whose tasks are its ranks, on one cache: the shared artifacts are computed once, every job
@@ -151,6 +154,7 @@ def test_submitit_local_sweep_of_data_parallel_jobs_on_one_cache(tiny_model_dir,
         assert jobs[1]["ppl"][dataset][variant] == pytest.approx(ppl, rel=1e-5)
 
 
+@pytest.mark.long
 def test_distributed_benchmark_tiny(tiny_model_dir, tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/distributed.py", "--methods", "qllm", "--tiny-model-dir",
                            str(tiny_model_dir), "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -158,6 +158,7 @@ def test_rows_of_one_sign_export_and_reload(tiny_model_dir, tmp_path, eval_windo
     assert reload(run / "quantized_model", eval_windows, tmp_path)["ppl"] == pytest.approx(rows["rotation+cra+lrc+gptq"], rel=1e-5)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("method", ["rtn", "qllm"])  # stock, and with the shipped modeling code
 def test_export_dtype_writes_the_float_tensors_smaller_and_reloads_near(method, tiny_model_dir, tmp_path, eval_windows):
     """fuse.export_dtype (default float16): the tensors beside the integer codes are written in it, config.json loads the

@@ -102,6 +102,7 @@ def stage_rows(results):
     return {row["stage"]: row for row in results["stages"]}
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_method_runs_exports_reloads_and_resumes(family, tiny_family_dir, family_windows, tmp_path):
     from transformers import AutoModelForCausalLM

@@ -1,6 +1,8 @@
 """Hydra multirun reuses cached stages and writes a sweep summary; W&B offline mode records the metrics."""
 import json
 
+import pytest
+
 from conftest import run_cli, tiny_overrides
 
 
@@ -55,6 +57,7 @@ def test_zeroshot_smoke_task_through_the_pipeline(tiny_model_dir, tmp_path):
     assert json.loads((tmp_path / "run2" / "results.json").read_text())["zeroshot"] == results["zeroshot"]  # cached, same
 
 
+@pytest.mark.long
 def test_parallel_multirun_on_one_cache_computes_each_artifact_once(tiny_model_dir, tmp_path):
     """Hydra's joblib launcher runs three jobs at once on one cache; per-key locks make the shared artifacts
     (calibration, block 0's stages up to train_lowrank, the fp and rtn rows) computed by one job and read by the others."""

@@ -10,6 +10,7 @@ from conftest import REPO
 SCRIPT = REPO / "benchmarks" / "theta_grid.py"
 
 
+@pytest.mark.long
 def test_theta_grid_benchmark_tiny(tiny_model_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--tiny", f"--tiny-model-dir={tiny_model_dir}", f"--out={tmp_path}",

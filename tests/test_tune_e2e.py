@@ -386,6 +386,7 @@ def test_the_best_recipe_tunes_end_to_end_and_the_default_job_does_not():
         assert not any("tune_e2e" in p for p in parts)
 
 
+@pytest.mark.long
 def test_a_killed_tuning_resumes_after_its_last_epoch_to_the_same_numbers(tiny_model_dir, tmp_path):
     """kill -9 during the streamed tune_e2e, once an epoch's state is saved; the same command resumes after that epoch
     and reaches the numbers of a run that was never killed, leaving nothing half-written."""
