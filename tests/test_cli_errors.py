@@ -71,6 +71,27 @@ def test_unsupported_family_is_refused(tmp_path):
     assert len(lines) == 1 and "'gpt2' model" in lines[0] and "(model_type in ['llama', 'mistral', 'qwen2', 'qwen3', 'gemma3_text'])" in lines[0]
 
 
+@pytest.mark.parametrize("weights, gguf, expected", [
+    (None, "null", "model.path={model} holds no weight files (*.safetensors, *.bin, *.gguf, *.pt, *.pth); point it at "
+     "a whole checkpoint directory (config.json and its weights)"),
+    ("model.safetensors", "model.gguf", "model.gguf_file=model.gguf is not a file in {model}; check model.gguf_file, or "
+     "set it to null for a safetensors checkpoint"),
+])
+def test_a_model_directory_without_its_weights_is_one_error_line(tiny_model_dir, tmp_path, weights, gguf, expected):
+    """A checkpoint directory with its config and tokenizer but not the weight file asked for: one line, before any
+    artifact (transformers' own OSError and traceback otherwise)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model, ignore=lambda d, names: [n for n in names if n.endswith(".safetensors")])
+    if weights:
+        shutil.copy(tiny_model_dir / weights, model / weights)
+    proc = run_cli([*tiny_overrides(model, tmp_path / "cache", tmp_path / "run"), f"model.gguf_file={gguf}"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert error_lines(proc) == [f"error: {expected.format(model=model)}"] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "cache" / "calibrate").exists()
+
+
 def test_too_short_corpus_leaves_no_artifact(tiny_model_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Only a handful of words here.")

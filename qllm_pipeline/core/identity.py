@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from qllm_pipeline.core.errors import PipelineError
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
@@ -67,8 +69,14 @@ def model_identity(source, memo_dir: Path | None = None) -> dict:
     if local.exists():
         if kwargs.get("gguf_file"):
             files = [local / kwargs["gguf_file"]]
+            if not files[0].is_file():
+                raise PipelineError(f"model.gguf_file={kwargs['gguf_file']} is not a file in {local}; check "
+                                    "model.gguf_file, or set it to null for a safetensors checkpoint")
         else:
             files = sorted(p for p in local.iterdir() if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"))
+            if not any(p.suffix in WEIGHT_SUFFIXES for p in files):  # caught here, before the keys and any load
+                raise PipelineError(f"model.path={where} holds no weight files ({', '.join('*' + s for s in WEIGHT_SUFFIXES)}); "
+                                    "point it at a whole checkpoint directory (config.json and its weights)")
         return {"files": {p.name: file_digest(p, memo_dir) for p in files}, "dtype": source.dtype}
     return {"hub_id": where, "revision": source.revision or "main", "commit": _hub_commit(where, source.revision),
             "dtype": source.dtype}
