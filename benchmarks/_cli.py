@@ -9,6 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+# Smoke mode (--tiny, the tests): a few short windows on the tiny random model. The runs' own plots are off because
+# what a smoke run checks is the benchmark's table, and matplotlib is a third of a tiny run.
+TINY_WINDOWS = [
+    "calibrate.n_samples=2", "calibrate.seq_len=32", "eval.seq_len=32", "eval.max_windows=4", "search_theta.n_samples=1",
+    "pipeline.plots=false",
+]
+TINY_OVERRIDES = [*TINY_WINDOWS, "search_theta.steps=5", "train_lowrank.epochs=1"]
+
 
 class CliError(Exception):
     """Bad command-line input: printed as one `error: ...` line, exit code 2."""

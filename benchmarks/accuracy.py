@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import add_run_options, code_commit, rows_in  # noqa: E402
+from _cli import TINY_OVERRIDES, add_run_options, code_commit, rows_in  # noqa: E402
 from qllm_pipeline.evaluation.intervals import difference_interval, verdict  # noqa: E402
 from qllm_pipeline.quantized.quantizer import ACTIVATION_QUANTIZER_VERSION  # noqa: E402
 
@@ -43,10 +43,6 @@ QUANTS = sorted(p.stem for p in (REPO / "conf" / "quant").glob("*.yaml"))
 # which the best recipe is chosen: never on the evaluation windows.
 EVAL_DATASETS = ("wiki_sample", "lee_news")
 BENCH_OVERRIDES = ["pipeline.progress=false", f"eval.datasets=[{','.join(EVAL_DATASETS)},calib_heldout]"]
-TINY_OVERRIDES = [
-    "calibrate.n_samples=2", "calibrate.seq_len=32", "eval.seq_len=32", "eval.max_windows=4",
-    "search_theta.steps=5", "search_theta.n_samples=1", "train_lowrank.epochs=1",
-]
 
 
 def abits(quant: str) -> int | None:

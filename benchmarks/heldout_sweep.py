@@ -27,15 +27,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
-from _cli import CliError, Parser, add_run_options, logger, own_variant  # noqa: E402
+from _cli import TINY_OVERRIDES, CliError, Parser, add_run_options, logger, own_variant  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CHOOSE_BY = "calib_heldout"
 BENCH_OVERRIDES = [f"eval.datasets=[{CHOOSE_BY}]", "pipeline.progress=false", "fuse.save_model=false"]
-TINY_OVERRIDES = [
-    "calibrate.n_samples=2", "calibrate.seq_len=32", "eval.seq_len=32", "eval.max_windows=4", "search_theta.steps=5",
-    "search_theta.n_samples=1", "train_lowrank.epochs=1",
-]
 CONTROLLED = ("pipeline.cache_dir", "hydra.run.dir", "hydra.sweep.dir", "method", "quant", "eval.datasets")
 
 log = logger("heldout_sweep")

@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
 from theta_grid_report import CHOOSE_BY, POINTS, REPORTED, f, machine, write  # noqa: E402
 
-from _cli import CliError, Parser, logger  # noqa: E402
+from _cli import TINY_WINDOWS, CliError, Parser, logger  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SPACINGS = ("linear", "log")  # qllm_pipeline.methods.theta_search.GRID_SPACINGS (not imported: --help stays fast)
@@ -55,9 +55,6 @@ DEFAULT_GRIDS = "linear/100,linear/null,log/100,log/null"
 # (nothing here reads it; it changes no number).
 BENCH_OVERRIDES = [
     "method=cra", "quant=w4a4", f"eval.datasets=[{CHOOSE_BY},{REPORTED}]", "pipeline.progress=false", "fuse.save_model=false",
-]
-TINY_OVERRIDES = [
-    "calibrate.n_samples=2", "calibrate.seq_len=32", "eval.seq_len=32", "eval.max_windows=4", "search_theta.n_samples=1",
 ]
 # Keys the benchmark sets itself: overriding them would silently break what the table claims.
 CONTROLLED = {
@@ -272,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     model = ["model=smollm2_135m" if args.tiny else f"model={args.model}"]
     if args.tiny:
         model += ["model.name=tiny", f"model.path={args.tiny_model_dir.resolve()}", "model.package=null",
-                  "model.gguf_file=null", "model.hub_id=null", *TINY_OVERRIDES]
+                  "model.gguf_file=null", "model.hub_id=null", *TINY_WINDOWS]
     args.pipeline_overrides = merge_overrides(BENCH_OVERRIDES, model, extra)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = args.out / "runs" / (RUNS_NAME + ("_tiny" if args.tiny else ""))
