@@ -16,6 +16,7 @@ SMALL = [
     "search_theta.steps=16",
     "train_lowrank.epochs=1",
     "pipeline.progress=false",
+    "pipeline.plots=false",  # drawn and tested in test_pipeline.py
 ]
 
 

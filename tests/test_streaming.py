@@ -125,7 +125,8 @@ def test_embedded_model_streamed_from_safetensors_equals_the_gguf_run(tmp_path):
     load_tokenizer(source).save_pretrained(out)
     assert (out / INDEX_FILE).exists()
     small = ["calibrate.n_samples=2", "calibrate.seq_len=32", "eval.seq_len=64", "eval.max_windows=1",
-             "train_lowrank.epochs=1", "pipeline.progress=false", "method=rotation_lrc", "fuse.save_model=false"]
+             "train_lowrank.epochs=1", "pipeline.progress=false", "pipeline.plots=false", "method=rotation_lrc",
+             "fuse.save_model=false"]
     gguf = run_cli([*small, f"pipeline.cache_dir={tmp_path}/c1", f"hydra.run.dir={tmp_path}/gguf"])
     assert gguf.returncode == 0, gguf.stderr[-3000:]
     streamed = run_cli([*small, f"model.path={out}", "model.package=null", "model.gguf_file=null",
