@@ -18,6 +18,12 @@ TINY_WINDOWS = [
 TINY_OVERRIDES = [*TINY_WINDOWS, "search_theta.steps=5", "train_lowrank.epochs=1"]
 
 
+def tiny_model(model_dir) -> list[str]:
+    """The overrides that run the pipeline on a saved tiny model (the SmolLM2 entry's other settings kept), plots off."""
+    return ["model.name=tiny", f"model.path={model_dir}", "model.package=null", "model.gguf_file=null", "model.hub_id=null",
+            "pipeline.plots=false"]
+
+
 class CliError(Exception):
     """Bad command-line input: printed as one `error: ...` line, exit code 2."""
 

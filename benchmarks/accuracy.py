@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import TINY_OVERRIDES, add_run_options, code_commit, rows_in  # noqa: E402
+from _cli import TINY_OVERRIDES, add_run_options, code_commit, rows_in, tiny_model  # noqa: E402
 from qllm_pipeline.evaluation.intervals import difference_interval, verdict  # noqa: E402
 from qllm_pipeline.quantized.quantizer import ACTIVATION_QUANTIZER_VERSION  # noqa: E402
 
@@ -246,8 +246,7 @@ def main() -> None:
     if args.tiny:
         if not args.tiny_model_dir:
             raise SystemExit("error: --tiny needs --tiny-model-dir (a saved tiny LLaMA)")
-        args.overrides = ["model.name=tiny", f"model.path={args.tiny_model_dir}", "model.package=null", "model.gguf_file=null",
-                          "model.hub_id=null", *TINY_OVERRIDES, *args.overrides]
+        args.overrides = [*tiny_model(args.tiny_model_dir), *TINY_OVERRIDES, *args.overrides]
     args.out.mkdir(parents=True, exist_ok=True)
     # One invocation per results folder at a time: each one clears its run folder and merges into accuracy.json.
     from filelock import FileLock, Timeout

@@ -33,6 +33,7 @@ from _cli import (  # noqa: E402
     merged_rows,
     own_variant,
     run_benchmark,
+    tiny_model,
     write_atomic,
 )
 from qllm_pipeline.core.config import CalibrateConfig  # noqa: E402
@@ -43,8 +44,7 @@ DEFAULT_SIZE = CalibrateConfig().n_samples  # the default job's number of calibr
 DEFAULT_SEQ_LEN = CalibrateConfig().seq_len  # and their length
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
 DATASET = "wiki_sample"
-TINY = ["model.name=tiny", "model.package=null", "model.gguf_file=null", "model.hub_id=null", "eval.seq_len=32",
-        "eval.max_windows=4", "search_theta.steps=5", "search_theta.n_samples=1", "train_lowrank.epochs=1",
+TINY = ["eval.seq_len=32", "eval.max_windows=4", "search_theta.steps=5", "search_theta.n_samples=1", "train_lowrank.epochs=1",
         "tune_e2e.epochs=1"]
 ANCHORS = [
     "QLLM (arXiv 2310.08041, Table F; error correction alone, LLaMA-1-7B W4A4, WikiText2): 128 / 256 / 512 samples "
@@ -86,7 +86,7 @@ def positive_ints(option: str, value: str) -> list[int]:
 
 def run_one(args, method: str, seq_len: int, n: int, cache: Path, run_dir: Path) -> dict:
     """One pipeline run at `n` calibration windows of `seq_len` tokens; its row."""
-    model = [f"model.path={args.tiny_model_dir}", *TINY] if args.tiny else []
+    model = [*tiny_model(args.tiny_model_dir), *TINY] if args.tiny else []
     cmd = [sys.executable, "-m", "qllm_pipeline", f"method={method}", f"quant={args.quant}", *model,
            f"calibrate.seq_len={seq_len}", f"calibrate.n_samples={n}", f"eval.datasets=[{DATASET}]",
            "fuse.save_model=false", "pipeline.progress=false", f"pipeline.cache_dir={cache}",

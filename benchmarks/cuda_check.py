@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
-from _cli import CliError, Parser, listed, logger  # noqa: E402
+from _cli import CliError, Parser, listed, logger, tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICE = "cuda"  # --device cpu: a dry run of the same code where no GPU is lent
@@ -130,8 +130,7 @@ def tiny_model_dir(tokenizer_dir: Path | None, out: Path, hidden: int = 64, head
 def pipeline_overrides(model_dir: Path, run_dir: Path, text_dir: Path | None) -> list[str]:
     data = (["data=text_files", f"data.calib_path={text_dir / 'calib.txt'}", f"data.eval_path={text_dir / 'eval.txt'}",
              "eval.datasets=[text_files]"] if text_dir else [])
-    return ["model=smollm2_135m", "model.name=tiny", f"model.path={model_dir}", "model.package=null",
-            "model.gguf_file=null", "model.hub_id=null", "calibrate.n_samples=4", "calibrate.seq_len=32", "eval.seq_len=32",
+    return ["model=smollm2_135m", *tiny_model(model_dir), "calibrate.n_samples=4", "calibrate.seq_len=32", "eval.seq_len=32",
             "eval.max_windows=8", "search_theta.steps=10", "search_theta.n_samples=2", "train_lowrank.epochs=1",
             "pipeline.progress=false", f"pipeline.device={DEVICE}", f"pipeline.cache_dir={run_dir.parent / 'cache'}",
             f"hydra.run.dir={run_dir}", "fuse.format=compressed-tensors",

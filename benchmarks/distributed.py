@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import Parser, code_commit, listed, logger, run_benchmark  # noqa: E402
+from _cli import Parser, code_commit, listed, logger, run_benchmark, tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
@@ -55,8 +55,7 @@ def run_once(args, method: str, ranks: int, tmp: Path) -> dict:
     overrides = [f"model={args.model}", f"quant={args.quant}", f"method={method}", f"pipeline.cache_dir={cache}",
                  f"hydra.run.dir={run_dir}", "pipeline.progress=false"]
     if args.tiny_model_dir:
-        overrides += ["model.name=tiny", f"model.path={args.tiny_model_dir}", "model.package=null", "model.gguf_file=null",
-                      "model.hub_id=null", *TINY]
+        overrides += [*tiny_model(args.tiny_model_dir), *TINY]
     overrides += args.overrides
     launcher = [sys.executable, "-m", "qllm_pipeline"] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "qllm_pipeline"]

@@ -22,15 +22,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import CliError, Parser, code_commit, logger, run_benchmark  # noqa: E402
+from _cli import CliError, Parser, code_commit, logger, run_benchmark, tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("whole", "streamed")
 TARGET = 1.5  # the streamed stage's wall time against the whole-model stage's
 BLOCKS = "[calibrate,rotate,train_lowrank,fuse]"
 TUNED = "[calibrate,rotate,train_lowrank,fuse,tune_e2e]"
-TINY = ["model.name=tiny", "model.package=null", "model.gguf_file=null", "model.hub_id=null", "calibrate.n_samples=4",
-        "calibrate.seq_len=32", "eval.seq_len=32", "train_lowrank.epochs=1", "tune_e2e.epochs=2"]
+TINY = ["calibrate.n_samples=4", "calibrate.seq_len=32", "eval.seq_len=32", "train_lowrank.epochs=1", "tune_e2e.epochs=2"]
 log = logger("e2e_streaming")
 
 
@@ -50,7 +49,7 @@ def parse(argv):
 
 
 def pipeline(args, cache: Path, run_dir: Path, *overrides: str) -> dict:
-    extra = [f"model.path={args.tiny_model_dir}", *TINY] if args.tiny else []
+    extra = [*tiny_model(args.tiny_model_dir), *TINY] if args.tiny else []
     cmd = [sys.executable, "-m", "qllm_pipeline", f"model={args.model}", f"quant={args.quant}", "method=rotation_lrc_gptq",
            "fuse.save_model=false", "pipeline.progress=false", f"pipeline.cache_dir={cache}", f"hydra.run.dir={run_dir}",
            *extra, *overrides]

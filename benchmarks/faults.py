@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
-from _cli import CliError, Parser, logger  # noqa: E402
+from _cli import CliError, Parser, logger, tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -98,8 +98,7 @@ class Job:
         self.dir = work / name
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
-        self.cmd = [sys.executable, "-m", "qllm_pipeline", "model.name=tiny", f"model.path={model}", "model.package=null",
-                    "model.gguf_file=null", "model.hub_id=null", *TINY, f"pipeline.cache_dir={cache}",
+        self.cmd = [sys.executable, "-m", "qllm_pipeline", *tiny_model(model), *TINY, f"pipeline.cache_dir={cache}",
                     f"hydra.run.dir={self.dir / 'run'}"]
         self.proc = None
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
-from _cli import TINY_OVERRIDES, CliError, Parser, add_run_options, logger, own_variant  # noqa: E402
+from _cli import TINY_OVERRIDES, CliError, Parser, add_run_options, logger, own_variant, tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CHOOSE_BY = "calib_heldout"
@@ -68,9 +68,7 @@ def parse_args(argv: list[str]):
 
 
 def run_sweep(args, cache: Path, sweep_dir: Path) -> list[dict]:
-    model = [f"model.path={args.tiny_model_dir}", "model.package=null", "model.gguf_file=null", "model.hub_id=null",
-             "model.name=tiny",
-             *TINY_OVERRIDES] if args.tiny else [f"model={args.model}"]
+    model = [*tiny_model(args.tiny_model_dir), *TINY_OVERRIDES] if args.tiny else [f"model={args.model}"]
     cmd = [sys.executable, "-m", "qllm_pipeline", "-m", f"method={args.method}", f"quant={args.quant}", *model,
            *BENCH_OVERRIDES, *args.overrides, f"{args.key}={','.join(args.values)}",
            f"pipeline.cache_dir={cache}", f"hydra.sweep.dir={sweep_dir}"]

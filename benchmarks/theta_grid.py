@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared CLI helpers beside this script
 from theta_grid_report import CHOOSE_BY, POINTS, REPORTED, f, machine, write  # noqa: E402
 
-from _cli import TINY_WINDOWS, CliError, Parser, logger  # noqa: E402
+from _cli import TINY_WINDOWS, CliError, Parser, logger, tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SPACINGS = ("linear", "log")  # qllm_pipeline.methods.theta_search.GRID_SPACINGS (not imported: --help stays fast)
@@ -268,8 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = list(args.overrides)
     model = ["model=smollm2_135m" if args.tiny else f"model={args.model}"]
     if args.tiny:
-        model += ["model.name=tiny", f"model.path={args.tiny_model_dir.resolve()}", "model.package=null",
-                  "model.gguf_file=null", "model.hub_id=null", *TINY_WINDOWS]
+        model += [*tiny_model(args.tiny_model_dir.resolve()), *TINY_WINDOWS]
     args.pipeline_overrides = merge_overrides(BENCH_OVERRIDES, model, extra)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = args.out / "runs" / (RUNS_NAME + ("_tiny" if args.tiny else ""))

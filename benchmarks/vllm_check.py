@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import CliError, Parser, code_commit, listed, logger, merged_rows, run_benchmark  # noqa: E402
+from _cli import CliError, Parser, code_commit, listed, logger, merged_rows, run_benchmark, tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SYMMETRIC = ["quant.w_symmetric=true", "quant.a_symmetric=true"]
@@ -45,8 +45,7 @@ CASES = {
     # our default weights at 4 bits: packed, one block a row (compressed-tensors' block strategy)
     "rtn_w4a8_asym": (["method=rtn", "quant=w4a8"], "rtn"),
 }
-TINY = ["model.name=tiny", "model.package=null", "model.gguf_file=null", "model.hub_id=null", "calibrate.n_samples=4",
-        "calibrate.seq_len=32", "eval.seq_len=32", "eval.max_windows=8", "train_lowrank.epochs=1", "tune_e2e.epochs=1"]
+TINY = ["calibrate.n_samples=4", "calibrate.seq_len=32", "eval.seq_len=32", "eval.max_windows=8", "train_lowrank.epochs=1", "tune_e2e.epochs=1"]
 log = logger("vllm_check")
 
 
@@ -142,7 +141,7 @@ def run(args) -> dict:
             from cuda_check import tiny_model_dir
 
             # head_dim 64: vLLM's CPU attention has no kernel for the 16 of cuda_check's tiny model
-            model = ["model=smollm2_135m", *TINY, f"model.path={tiny_model_dir(None, work / 'tiny_llama', 128, 2)}"]
+            model = ["model=smollm2_135m", *tiny_model(tiny_model_dir(None, work / 'tiny_llama', 128, 2)), *TINY]
             seq_len, max_windows = 32, 8
         else:
             model, seq_len, max_windows = [], 512, 32
