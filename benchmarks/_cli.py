@@ -9,17 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-# Smoke mode (--tiny, the tests): a few short windows on the tiny random model. The runs' own plots are off because
-# what a smoke run checks is the benchmark's table, and matplotlib is a third of a tiny run.
+# Smoke mode (--tiny, the tests): a few short windows on the tiny random model (with `tiny_model`'s overrides).
 TINY_WINDOWS = [
     "calibrate.n_samples=2", "calibrate.seq_len=32", "eval.seq_len=32", "eval.max_windows=4", "search_theta.n_samples=1",
-    "pipeline.plots=false",
 ]
 TINY_OVERRIDES = [*TINY_WINDOWS, "search_theta.steps=5", "train_lowrank.epochs=1"]
 
 
 def tiny_model(model_dir) -> list[str]:
-    """The overrides that run the pipeline on a saved tiny model (the SmolLM2 entry's other settings kept), plots off."""
+    """The overrides that run the pipeline on a saved tiny model (the SmolLM2 entry's other settings kept). Its runs
+    draw no plots: a smoke run checks the benchmark's table, and matplotlib is a third of a tiny run."""
     return ["model.name=tiny", f"model.path={model_dir}", "model.package=null", "model.gguf_file=null", "model.hub_id=null",
             "pipeline.plots=false"]
 

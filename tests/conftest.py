@@ -29,7 +29,7 @@ if WORKERS > 1:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def first(item) -> bool:
+def starts_early(item) -> bool:
     return item.get_closest_marker("slow") is not None or item.get_closest_marker("long") is not None
 
 
@@ -40,12 +40,12 @@ def pytest_collection_modifyitems(config, items):
     tests not yet started)."""
     if WORKERS <= 1:
         return
-    slow = [item for item in items if first(item)]
-    rest = [item for item in items if not first(item)]
+    early = [item for item in items if starts_early(item)]
+    rest = [item for item in items if not starts_early(item)]
     ordered, remaining = [], len(items)
     for w in range(WORKERS):
         size = remaining // (WORKERS - w)  # the share worksteal sends this worker first
-        mine = slow[w::WORKERS]
+        mine = early[w::WORKERS]
         ordered += mine + rest[: size - len(mine)]
         rest = rest[size - len(mine):]
         remaining -= size

@@ -63,7 +63,8 @@ def _hub_commit(hub_id: str, revision: str | None) -> str | None:
 
 
 def model_identity(source, memo_dir: Path | None = None) -> dict:
-    """What the loaded model is: its weight files' digests (local) or its hub commit, and the dtype."""
+    """What the loaded model is: its weight files' digests (local) or its hub commit, and the dtype. A local source
+    without the weight files it names is refused here, the first place that lists them."""
     where, kwargs = source.location()
     local = Path(where)
     if local.exists():
