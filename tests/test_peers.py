@@ -15,11 +15,16 @@ from conftest import REPO, tiny_model
 SCRIPT = REPO / "benchmarks" / "peers.py"
 
 
-def load_peers():
-    spec = importlib.util.spec_from_file_location("peers_under_test", SCRIPT)
+def load_script(path, name: str):
+    """A benchmark script imported as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_peers():
+    return load_script(SCRIPT, "peers_under_test")
 
 
 def load_report():
@@ -220,13 +225,6 @@ def test_save_model_bad_input_is_one_error_line(args, line, tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line]
 
 
-def load_save_model():
-    spec = importlib.util.spec_from_file_location("save_model_under_test", REPO / "benchmarks" / "save_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class FailingTokenizer:
     def save_pretrained(self, directory):
         raise OSError("disk went away")
@@ -238,7 +236,7 @@ def test_save_model_writes_all_or_nothing(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    save_whole, model = load_save_model().save_whole, tiny_model(layers=1)
+    save_whole, model = load_script(REPO / "benchmarks" / "save_model.py", "save_model_under_test").save_whole, tiny_model(layers=1)
     out = tmp_path / "model"
     with pytest.raises(OSError, match="disk went away"):
         save_whole(model, FailingTokenizer(), out)
