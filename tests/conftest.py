@@ -129,6 +129,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny_llama"), smollm2_tokenizer(), "llama")
 
 
+def load_script(path, name: str):
+    """A benchmark script imported as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def smollm2_tokenizer():
     """The embedded model's tokenizer, as the pipeline loads it (from the GGUF file's float copy once one exists)."""
     import importlib.util

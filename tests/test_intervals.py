@@ -57,13 +57,9 @@ def test_results_carry_the_interval_of_each_ratio_to_fp(tiny_model_dir, tmp_path
 
 def test_accuracy_table_calls_a_lead_only_outside_the_interval():
     """benchmarks/accuracy.py pairs our row with the best peer row of its bit width on the windows' NLLs."""
-    import importlib.util
+    from conftest import REPO, load_script
 
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("accuracy_under_test", REPO / "benchmarks" / "accuracy.py")
-    accuracy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(accuracy)
+    accuracy = load_script(REPO / "benchmarks" / "accuracy.py", "accuracy_under_test")
     gen = torch.Generator().manual_seed(2)
     base = (torch.rand(32, generator=gen) * 3 + 2) * T
     peer = {"tool": "llm-compressor", "method": "quip_gptq", "quant": "w4a4", "fp": 10.0, "ppl": 20.0,

@@ -2,7 +2,6 @@
 
 The llm-compressor runs themselves need their own virtual environment (see the script's docstring) and take about an
 hour on 2 CPU cores, so they are not part of the test suite."""
-import importlib.util
 import json
 import math
 import subprocess
@@ -10,17 +9,9 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_model
+from conftest import REPO, load_script, tiny_model
 
 SCRIPT = REPO / "benchmarks" / "peers.py"
-
-
-def load_script(path, name: str):
-    """A benchmark script imported as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def load_peers():
