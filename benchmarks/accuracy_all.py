@@ -13,6 +13,10 @@ resumes after a kill; rows from another commit are run again. Only when every ca
     python benchmarks/accuracy_all.py --list                 # the cases, and which are done at this commit
     python benchmarks/accuracy_all.py                        # run what is missing (one torch thread per case)
     python benchmarks/accuracy_all.py --only smollm2-best-w4a8,gemma-best-w4a8    # a subset, e.g. one per core
+    python benchmarks/accuracy_all.py --choose               # which of our Gemma rows the held-out rule chooses
+
+With the table it writes <out>/accuracy_choice.{md,json}: for Gemma, which has no one best recipe for every width, the
+held-out rule (benchmarks/heldout_rule.py) along rotation + GPTQ → + LRC → + `tune_e2e`, on calib_heldout alone.
 
 Two processes may run disjoint `--only` subsets on one --work (each case has its own folder; the cache locks per key).
 The peers' cases need llm-compressor's environment (--peers-python; see benchmarks/peers.py for its install).
@@ -26,7 +30,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import CliError, Parser, code_commit, listed, logger, rows_in, write_atomic  # noqa: E402
+from _cli import CliError, Parser, code_commit, listed, logger, own_variant, rows_in, write_atomic  # noqa: E402
+from qllm_pipeline.evaluation.intervals import difference_interval  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 log = logger("accuracy_all")
@@ -55,6 +60,14 @@ CASES: dict[str, tuple[str, list[str], int]] = {
     "gemma-peers": ("peers", ["benchmarks/peers.py", "--model", "gemma3_270m", "--quants", ",".join(QUANTS),
                               "--recipes", "quip_gptq", "--fp-check"], 6),
 }
+
+
+# Which of our Gemma rows is chosen at each width, on held-out calibration windows only: each rung replaces the one
+# chosen so far only when the paired interval of ppl(rung) - ppl(chosen) on calib_heldout lies below zero (the held-out
+# rule of benchmarks/heldout_rule.py; a tie is no reason to change). Gemma has no one best recipe for every width.
+CHOOSE_BY = "calib_heldout"
+LADDERS = {"gemma3_270m": [("rotation + GPTQ", "gemma-rotation-{}"), ("+ LRC, no e2e", "gemma-best-no-e2e-{}"),
+                           ("full recipe", "gemma-best-{}")]}
 
 
 def rows_of(work: Path, name: str) -> list[dict]:
@@ -89,6 +102,56 @@ def write_table(path: Path, rows: list[dict], command: str) -> None:
     write_atomic(path / "accuracy.md", markdown(rows, command))
 
 
+def held_out(work: Path, name: str) -> dict:
+    """A finished case's own row on calib_heldout: × FP and the window NLLs (from the run's results.json)."""
+    found = sorted((work / name / "runs").glob("**/results.json"))
+    if len(found) != 1:
+        raise CliError(f"case {name} has {len(found)} results.json under {work / name / 'runs'}, not 1; run it first")
+    result = json.loads(found[0].read_text())
+    ppl, nll = result["ppl"][CHOOSE_BY], result["window_nll"][CHOOSE_BY]
+    label = own_variant(ppl)
+    commit = {r.get("commit") for r in rows_of(work, name)}
+    return {"ratio": ppl[label] / ppl["fp"], "window_nll": nll[label], "tokens_per_window": result["windows"][CHOOSE_BY][
+        "seq_len"] - 1, "commit": ",".join(sorted(c for c in commit if c))}
+
+
+def choose(work: Path) -> list[dict]:
+    """The held-out rule along each model's ladder, per width: one step per rung after the first."""
+    steps = []
+    for model, ladder in LADDERS.items():
+        for quant in QUANTS:
+            chosen_name, chosen = ladder[0][0], held_out(work, ladder[0][1].format(quant))
+            for name, case in ladder[1:]:
+                row = held_out(work, case.format(quant))
+                low, high = difference_interval(row["window_nll"], chosen["window_nll"], row["tokens_per_window"])
+                adopt = high < 0
+                steps.append({"model": model, "quant": quant, "candidate": name, "candidate_ratio": row["ratio"],
+                              "against": chosen_name, "against_ratio": chosen["ratio"], "ci": [low, high],
+                              "chosen": name if adopt else chosen_name, "commit": row["commit"]})
+                if adopt:
+                    chosen_name, chosen = name, row
+    return steps
+
+
+def choice_markdown(steps: list[dict], command: str) -> str:
+    lines = [f"# Which of our rows is chosen, on `{CHOOSE_BY}` only", "", f"Command: `{command}`. Each candidate "
+             "replaces the row chosen so far only when the 95 % paired interval of ppl(candidate) − ppl(chosen) on the "
+             "held-out calibration windows lies below zero. No evaluation window is read.", "",
+             "| model | quant | candidate (× FP) | against (× FP) | candidate − against (95 % paired) | chosen | commit |",
+             "|---|---|---|---|---|---|---|"]
+    for s in steps:
+        lines.append(f"| {s['model']} | {s['quant']} | {s['candidate']} ({s['candidate_ratio']:.4f}×) | {s['against']} "
+                     f"({s['against_ratio']:.4f}×) | {s['ci'][0]:+.3f} to {s['ci'][1]:+.3f} | **{s['chosen']}** | "
+                     f"{s['commit']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_choice(work: Path, out: Path, command: str) -> None:
+    steps = choose(work)
+    write_atomic(out / "accuracy_choice.json", json.dumps({"command": command, "steps": steps}, indent=2))
+    write_atomic(out / "accuracy_choice.md", choice_markdown(steps, command))
+
+
 def parse_args(argv: list[str]):
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=REPO / "outputs" / "accuracy_all",
@@ -99,6 +162,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--peers-python", type=Path, default=REPO / ".venv-peers" / "bin" / "python",
                    help="the python of llm-compressor's environment (benchmarks/peers.py)")
     p.add_argument("--list", action="store_true", help="print the cases and which are done at this commit; run nothing")
+    p.add_argument("--choose", action="store_true", help=f"from the finished cases, write which of our Gemma rows the "
+                   f"held-out rule chooses per width (<out>/accuracy_choice.md and .json; {CHOOSE_BY} only); run nothing")
     args = p.parse_args(argv)
     args.only = listed("--only", args.only, list(CASES), "case") or list(CASES)
     return args
@@ -114,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             for name in CASES:
                 state = "done" if done(args.work, name, commit) else "pending"
                 print(f"{name:28s} {state:8s} {' '.join(CASES[name][1])}")
+            return 0
+        if args.choose:
+            write_choice(args.work, args.out, " ".join(["python benchmarks/accuracy_all.py", *argv]))
+            print((args.out / "accuracy_choice.md").read_text())
             return 0
         if commit.endswith("+dirty"):
             raise CliError("the working tree has uncommitted changes; every row must come from one commit: "
@@ -143,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         write_table(args.work, merged(args.work), command)
     if all(done(args.work, n, commit) for n in CASES):
         write_table(args.out, merged(args.work), command)
-        log(f"every case done at {commit}: {args.out / 'accuracy.json'}")
+        write_choice(args.work, args.out, command)
+        log(f"every case done at {commit}: {args.out / 'accuracy.json'} (and which rows the held-out rule chooses: "
+            f"{args.out / 'accuracy_choice.md'})")
     else:
         log(f"cases still to run: {', '.join(n for n in CASES if not done(args.work, n, commit))}")
     return 0

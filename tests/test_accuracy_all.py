@@ -1,5 +1,6 @@
 """benchmarks/accuracy_all.py: every row of the accuracy table from one commit, resumable."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -14,6 +15,55 @@ def write_case(work: Path, name: str, commit: str, n: int | None = None, ppl: fl
              "fp": 5.0, "commit": commit} for i in range(accuracy_all.CASES[name][2] if n is None else n)]
     (work / name).mkdir(parents=True, exist_ok=True)
     (work / name / "accuracy.json").write_text(json.dumps({"rows": rows}))
+
+
+def write_held_out(work: Path, name: str, label: str, shift: float = 0.0, wobble: float = 0.0) -> None:
+    """A run's results.json with calib_heldout alone (no evaluation window): 32 windows of 512 tokens whose mean NLL
+    per token is `shift` above a common base; `wobble` alternates ± per window (a tie when shift is 0)."""
+    base = [511 * (3.0 + 0.05 * (i % 7)) for i in range(32)]
+    nll = [b + 511 * shift + (wobble if i % 2 else -wobble) for i, b in enumerate(base)]
+    ppl = lambda v: math.exp(sum(v) / (511 * len(v)))  # noqa: E731
+    fp = [b - 511 * 0.5 for b in base]
+    quant = name.rsplit("-", 1)[1]
+    run = work / name / "runs" / "sweep" / quant / "0"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "results.json").write_text(json.dumps({
+        "ppl": {"calib_heldout": {"fp": ppl(fp), "rtn": 1e4, label: ppl(nll)}},
+        "window_nll": {"calib_heldout": {"fp": fp, "rtn": fp, label: nll}},
+        "windows": {"calib_heldout": {"count": 32, "rule": "spread over documents v1", "seq_len": 512}}}))
+
+
+def write_ladders(work: Path) -> None:
+    """W4A4: + LRC ties with rotation + GPTQ, the full recipe is better; W4A8: + LRC better, the full recipe ties with
+    it; W6A6: every rung ties."""
+    for quant, (lrc, full) in {"w4a4": (0.0, -0.2), "w4a8": (-0.2, -0.2), "w6a6": (0.0, 0.0)}.items():
+        write_held_out(work, f"gemma-rotation-{quant}", "rotation+gptq")
+        write_held_out(work, f"gemma-best-no-e2e-{quant}", "rotation+lrc+gptq", lrc, wobble=40)
+        write_held_out(work, f"gemma-best-{quant}", "rotation+lrc+e2e+gptq", full, wobble=40)
+
+
+def test_held_out_rule_along_the_ladder_changes_only_beyond_the_paired_interval(tmp_path, capsys):
+    work, out = tmp_path / "work", tmp_path / "out"
+    write_ladders(work)
+    assert accuracy_all.main([f"--work={work}", f"--out={out}", "--choose"]) == 0
+    steps = json.loads((out / "accuracy_choice.json").read_text())["steps"]
+    assert [(s["quant"], s["candidate"], s["against"], s["chosen"]) for s in steps] == [
+        ("w4a4", "+ LRC, no e2e", "rotation + GPTQ", "rotation + GPTQ"),  # a tie keeps what was chosen
+        ("w4a4", "full recipe", "rotation + GPTQ", "full recipe"),
+        ("w4a8", "+ LRC, no e2e", "rotation + GPTQ", "+ LRC, no e2e"),
+        ("w4a8", "full recipe", "+ LRC, no e2e", "+ LRC, no e2e"),  # compared with the rung chosen so far
+        ("w6a6", "+ LRC, no e2e", "rotation + GPTQ", "rotation + GPTQ"),
+        ("w6a6", "full recipe", "rotation + GPTQ", "rotation + GPTQ"),
+    ]
+    tie, better = steps[0], steps[1]
+    assert tie["ci"][0] < 0 < tie["ci"][1] and better["ci"][1] < 0
+    assert better["candidate_ratio"] == pytest.approx(math.exp(0.5 - 0.2)) and better["against_ratio"] == pytest.approx(
+        math.exp(0.5))
+    assert "| gemma3_270m | w4a4 | full recipe (1.3499×) | rotation + GPTQ (1.6487×) |" in capsys.readouterr().out
+    assert accuracy_all.main([f"--work={tmp_path / 'empty'}", f"--out={out}", "--choose"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: case gemma-rotation-w4a4 has 0 results.json under {tmp_path / 'empty' / 'gemma-rotation-w4a4' / 'runs'}"
+        ", not 1; run it first"]
 
 
 def test_a_case_is_done_only_with_all_its_rows_from_this_commit(tmp_path):
@@ -33,12 +83,17 @@ def test_all_cases_done_writes_the_table_in_case_order_and_runs_nothing(tmp_path
     out.mkdir()
     for name in reversed(list(accuracy_all.CASES)):
         write_case(work, name, "abc1234")
+    write_ladders(work)
     assert accuracy_all.main([f"--work={work}", f"--out={out}", "--peers-python=/nonexistent"]) == 0
     rows = json.loads((out / "accuracy.json").read_text())["rows"]
     assert [r["model"] for r in rows] == [n for n, (_, _, count) in accuracy_all.CASES.items() for _ in range(count)]
     assert {r["commit"] for r in rows} == {"abc1234"}
     assert "0 case(s) to run" in capsys.readouterr().out
     assert (out / "accuracy.md").read_text().startswith("# Accuracy")
+    steps = json.loads((out / "accuracy_choice.json").read_text())["steps"]  # the held-out choice beside the table
+    assert [s["chosen"] for s in steps if s["candidate"] == "full recipe"] == ["full recipe", "+ LRC, no e2e",
+                                                                              "rotation + GPTQ"]
+    assert {s["commit"] for s in steps} == {"abc1234"}
 
 
 def test_the_table_is_not_written_while_cases_are_missing(tmp_path, monkeypatch, capsys):
