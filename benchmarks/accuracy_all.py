@@ -212,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         write_table(args.work, merged(args.work), command)
     if all(done(args.work, n, commit) for n in CASES):
         write_table(args.out, merged(args.work), command)
-        write_choice(args.work, args.out, command)
+        try:
+            write_choice(args.work, args.out, command)
+        except CliError as exc:  # the table stands; only the choice is missing
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         log(f"every case done at {commit}: {args.out / 'accuracy.json'} (and which rows the held-out rule chooses: "
             f"{args.out / 'accuracy_choice.md'})")
     else:
