@@ -125,3 +125,15 @@ def test_bad_settings_end_in_one_error_line_before_any_run(tmp_path, monkeypatch
     assert accuracy_all.main([f"--work={tmp_path}", *argv]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [message]
     assert ran == []
+
+
+def test_all_done_without_a_run_folder_writes_the_table_then_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(accuracy_all, "code_commit", lambda: "abc1234")
+    work, out = tmp_path / "work", tmp_path / "out"
+    for name in accuracy_all.CASES:
+        write_case(work, name, "abc1234")  # rows, but no run's results.json to choose from
+    assert accuracy_all.main([f"--work={work}", f"--out={out}"]) == 1
+    assert (out / "accuracy.json").is_file() and not (out / "accuracy_choice.json").exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: case gemma-rotation-w4a4 has 0 results.json under {work / 'gemma-rotation-w4a4' / 'runs'}, not 1; "
+        "run it first"]
