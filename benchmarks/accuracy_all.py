@@ -30,7 +30,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
-from _cli import CliError, Parser, code_commit, listed, logger, own_variant, rows_in, write_atomic  # noqa: E402
+from heldout_sweep import CHOOSE_BY, held_out_entry  # noqa: E402
+
+from _cli import CliError, Parser, code_commit, listed, logger, rows_in, write_atomic  # noqa: E402
 from qllm_pipeline.evaluation.intervals import difference_interval  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,7 +67,6 @@ CASES: dict[str, tuple[str, list[str], int]] = {
 # Which of our Gemma rows is chosen at each width, on held-out calibration windows only: each rung replaces the one
 # chosen so far only when the paired interval of ppl(rung) - ppl(chosen) on calib_heldout lies below zero (the held-out
 # rule of benchmarks/heldout_rule.py; a tie is no reason to change). Gemma has no one best recipe for every width.
-CHOOSE_BY = "calib_heldout"
 LADDERS = {"gemma3_270m": [("rotation + GPTQ", "gemma-rotation-{}"), ("+ LRC, no e2e", "gemma-best-no-e2e-{}"),
                            ("full recipe", "gemma-best-{}")]}
 
@@ -107,12 +108,8 @@ def held_out(work: Path, name: str) -> dict:
     found = sorted((work / name / "runs").glob("**/results.json"))
     if len(found) != 1:
         raise CliError(f"case {name} has {len(found)} results.json under {work / name / 'runs'}, not 1; run it first")
-    result = json.loads(found[0].read_text())
-    ppl, nll = result["ppl"][CHOOSE_BY], result["window_nll"][CHOOSE_BY]
-    label = own_variant(ppl)
     commit = {r.get("commit") for r in rows_of(work, name)}
-    return {"ratio": ppl[label] / ppl["fp"], "window_nll": nll[label], "tokens_per_window": result["windows"][CHOOSE_BY][
-        "seq_len"] - 1, "commit": ",".join(sorted(c for c in commit if c))}
+    return {**held_out_entry(json.loads(found[0].read_text())), "commit": ",".join(sorted(c for c in commit if c))}
 
 
 def choose(work: Path) -> list[dict]:

@@ -88,15 +88,20 @@ def sweep_rows(args, sweep_dir: Path) -> list[dict]:
         row = {"method": args.method, "quant": args.quant, "key": args.key, "value": value,
                "overrides": [o for o in args.overrides], "wall_s": round(results["meta"]["wall_seconds"], 1),
                "stages_s": {s["stage"]: round(s["seconds"], 1) for s in results["stages"] if s["status"] != "disabled"}}
-        ppl = results["ppl"][CHOOSE_BY]
-        label = own_variant(ppl)
-        windows = results["windows"][CHOOSE_BY]
-        # the windows' NLLs: two values of a sweep are compared paired, on the same windows (heldout_rule.py)
-        row[CHOOSE_BY] = {"variant": label, "ppl": round(ppl[label], 3), "fp": round(ppl["fp"], 3),
-                          "ratio": round(ppl[label] / ppl["fp"], 4), "windows": windows,
-                          "window_nll": results["window_nll"][CHOOSE_BY][label], "tokens_per_window": windows["seq_len"] - 1}
+        row[CHOOSE_BY] = held_out_entry(results)
         rows.append(row)
     return rows
+
+
+def held_out_entry(results: dict) -> dict:
+    """A run's own row on the held-out windows, from its results.json: ppl, × FP, and the windows' NLLs, so that two
+    runs are compared paired, on the same windows (heldout_rule.py, accuracy_all.py --choose)."""
+    ppl = results["ppl"][CHOOSE_BY]
+    label = own_variant(ppl)
+    windows = results["windows"][CHOOSE_BY]
+    return {"variant": label, "ppl": round(ppl[label], 3), "fp": round(ppl["fp"], 3),
+            "ratio": round(ppl[label] / ppl["fp"], 4), "windows": windows,
+            "window_nll": results["window_nll"][CHOOSE_BY][label], "tokens_per_window": windows["seq_len"] - 1}
 
 
 def merge(path: Path, rows: list[dict], args) -> dict:
